@@ -1,0 +1,174 @@
+"""Atomic checkpoints: `checkpoints/step-NNNNNN/`, written under a temporary name, renamed when complete.
+
+A checkpoint folder holds
+    model.safetensors   the model weights (unwrapped)
+    optimizer.pt        the optimizer state, read back with torch.load(weights_only=True): no pickle code
+    state.json          step, epoch, samples seen, world size, config digest, model config, task,
+                        tracker run id, gradient-scaler state: a person can read it
+    COMPLETE            written last: size and sha256 of every file above
+
+Only global rank 0 writes (weights and optimizer state are identical on every rank under DDP);
+every rank reads. Everything else a resume needs is a function of the step: the learning rate
+(a schedule of the step), the data position (the sampler's contract) and the RNG (reseeded from
+(seed, step, rank) each step), so a checkpoint saved on W ranks resumes on any other W.
+
+A folder without a valid COMPLETE marker (a crash mid-save, a truncated or edited file) is never
+loaded: `auto` resume warns and falls back to the previous complete one; an explicit path fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded; the message names the folder and the reason."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write `checkpoints/step-<step>/` atomically and prune to the newest `keep`. Main rank only."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2) + "\n")
+    for name in _FILES:
+        _fsync_file(tmp / name)
+    marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _FILES}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    _fsync_file(tmp / MARKER)
+    if final.exists():  # a re-save of the same step (e.g. a signal right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    prune(run_dir, keep)
+    return final
+
+
+def verify(path: Path) -> Checkpoint:
+    """Check the COMPLETE marker against every file; raise CheckpointError naming what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: not a folder")
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: no {MARKER} marker (an interrupted save?)") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} marker ({exc})") from None
+    for name in _FILES:
+        file = path / name
+        expected = marker.get(name, {})
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has {size} bytes, the marker says {expected.get('bytes')} (truncated?)"
+            )
+        if _sha256(file) != expected.get("sha256"):
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in {MARKER} (corrupt)")
+    return Checkpoint(path, json.loads((path / "state.json").read_text()))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders by step, oldest first (complete or not; temporary folders excluded)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def find_latest(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint; newer broken ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return verify(path)
+        except CheckpointError as exc:
+            log.warning("skipping %s", exc)
+    return None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; never delete the newest complete one."""
+    complete = [p for p in list_checkpoints(run_dir) if (p / MARKER).is_file()]
+    for path in complete[: max(0, len(complete) - max(keep, 1))]:
+        shutil.rmtree(path, ignore_errors=True)
+    for tmp in checkpoint_dir(run_dir).glob(".tmp-step-*"):
+        if time.time() - tmp.stat().st_mtime > 3600:  # left by a crash long ago, not a save in flight
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_compatible(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another model shape or task, naming every mismatched field."""
+    saved = {"task": ckpt.state.get("task"), **ckpt.state.get("model_config", {})}
+    wrong = [
+        f"{k}: checkpoint has {saved.get(k)!r}, this job has {v!r}" for k, v in expected.items() if saved.get(k) != v
+    ]
+    if wrong:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit this job:\n  " + "\n  ".join(wrong))
+
+
+def load_weights(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load model and optimizer state in place (safe loaders only)."""
+    model.load_state_dict(load_file(ckpt.path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(ckpt.path / "optimizer.pt", weights_only=True, map_location="cpu"))

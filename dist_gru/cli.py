@@ -1,0 +1,54 @@
+"""The `dist-gru` command.
+
+    dist-gru train    --config configs/adding.yaml train.max_steps=500
+    dist-gru evaluate --model runs/adding/model --data adding
+    dist-gru predict  --model runs/adding/model --data data/val --out preds.npy
+    dist-gru prepare  --npz arrays.npz --out data/ --task classification --num-classes 3 --val-fraction 0.1
+    dist-gru bench    --compare-bare
+    dist-gru plot     runs/adding
+
+Every subcommand turns a user error (bad config, bad data file, bad checkpoint, bad launch
+environment) into one `error: ...` message on stderr and exit code 2, leaving files on disk alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("dist_gru.train", "main", "train a model"),
+    "evaluate": ("dist_gru.evaluate", "evaluate_main", "print metrics of a saved model as one JSON line"),
+    "predict": ("dist_gru.evaluate", "predict_main", "write a saved model's predictions as .npy"),
+    "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
+    "bench": ("dist_gru.bench", "main", "measure training throughput"),
+    "plot": ("dist_gru.plot", "main", "draw PNG curves from a run's metrics.jsonl"),
+}
+
+USAGE = (
+    "usage: dist-gru {"
+    + ",".join(COMMANDS)
+    + "} [args...]\n\n"
+    + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items())
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    from dist_gru.checkpoint import CheckpointError
+    from dist_gru.config import ConfigError
+    from dist_gru.data.files import DataFormatError
+    from dist_gru.runtime import LaunchError
+
+    module, func, _ = COMMANDS[argv[0]]
+    try:
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    except (ConfigError, DataFormatError, CheckpointError, LaunchError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2

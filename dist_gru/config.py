@@ -1,0 +1,300 @@
+"""The typed config tree: defaults < YAML file < dotted command-line overrides.
+
+    dist-gru train --config configs/adding.yaml train.max_steps=500 optim.lr=3e-3
+
+One pydantic model per concern (model, data, optim, train, checkpoint, log). Every field carries a
+one-line description that doubles as `dist-gru train --help`. Validation happens once, before any
+work starts, and reports every problem at once: unknown keys (with the valid ones), wrong types and
+out-of-range values, each naming the dotted key, the value given and what is allowed.
+
+Derived values (per-rank batch size, micro-batch size) are computed by functions, never written
+back into the config: the saved config is exactly what the user asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem a user must fix; the message lists every problem, one per line."""
+
+
+class _Section(BaseModel):
+    # strict: "3" is not an int, 1 is not a bool; extra keys are errors, not silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    cell: Literal["torch", "seed"] = Field(
+        "torch", description="GRU implementation: torch (nn.GRU, cuDNN/oneDNN) or seed (the seed document's equations)"
+    )
+    hidden_size: int = Field(128, ge=1, le=65536, description="GRU hidden state size")
+    num_layers: int = Field(2, ge=1, le=64, description="stacked GRU layers")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between GRU layers (needs num_layers > 1)")
+
+
+class DataConfig(_Section):
+    name: Literal["adding", "sine", "seed_example", "files"] = Field(
+        "adding", description="dataset: adding | sine | seed_example (synthetic) | files (dist_gru.seq/v1 folders)"
+    )
+    seq_len: int = Field(
+        50, ge=1, le=1_000_000, description="sequence length of synthetic data (max length if variable)"
+    )
+    variable_length: bool = Field(
+        False, description="synthetic data only: draw each sequence length uniformly from [seq_len // 2, seq_len]"
+    )
+    train_size: int = Field(50_000, ge=1, description="number of synthetic training sequences")
+    val_size: int = Field(2_000, ge=1, description="number of synthetic validation sequences")
+    seed: int = Field(
+        1234, ge=0, description="seed of the synthetic data generator (sample i is a function of (seed, i))"
+    )
+    train_path: str | None = Field(None, description="files: training split folder (dist_gru.seq/v1)")
+    val_path: str | None = Field(None, description="files: validation split folder (dist_gru.seq/v1)")
+    normalize: bool = Field(
+        False, description="standardise each input feature with training-split statistics (saved with the model)"
+    )
+    num_workers: int = Field(
+        0, ge=0, le=64, description="DataLoader worker processes per rank (0 = load in the training process)"
+    )
+    bucket_by_length: bool = Field(
+        False, description="group sequences of similar length into the same global batch (less padding; deterministic)"
+    )
+
+    @model_validator(mode="after")
+    def _files_need_paths(self) -> DataConfig:
+        if self.name == "files" and not self.train_path:
+            raise ValueError("data.name is 'files', so data.train_path must name a dist_gru.seq/v1 folder")
+        return self
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "adam"] = Field("adamw", description="optimizer")
+    lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (adamw) or L2 penalty (adam)")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warm-up")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps from 0 to lr")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+    grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = no clipping)")
+
+
+class TrainConfig(_Section):
+    global_batch_size: int = Field(
+        64, ge=1, description="samples per optimizer step, summed over all ranks and micro-batches"
+    )
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (each rank)")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
+    seed: int = Field(
+        0, ge=0, description="seed of model init, dropout and the sample order (order depends on (seed, epoch))"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs a GPU)")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
+    eval_batch_size: int = Field(256, ge=1, description="evaluation batch size per rank")
+    log_every: int = Field(10, ge=1, description="log training metrics every N steps")
+    run_dir: str = Field("runs/default", description="run folder: config, metrics, checkpoints, model, W&B files")
+    resume: str = Field(
+        "auto", description="auto (newest complete checkpoint in run_dir) | none | PATH to a checkpoint"
+    )
+    threads: int = Field(
+        0, ge=0, le=1024, description="intra-op threads per process (0 = cores / processes on this node)"
+    )
+    deterministic: bool = Field(False, description="use deterministic kernels (bit-exact reruns, slower on GPU)")
+    record_samples: bool = Field(
+        False, description="write the sample ids of every step to run_dir/samples/rank-R.jsonl (audits sharding/resume)"
+    )
+
+    @model_validator(mode="after")
+    def _accum_divides_batch(self) -> TrainConfig:
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be divisible by "
+                f"train.grad_accum_steps={self.grad_accum_steps}"
+            )
+        return self
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="save a checkpoint every N steps (0 = only at the end and on a signal)")
+    keep: int = Field(3, ge=1, description="keep the newest K complete checkpoints")
+    signals: list[Literal["SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"]] = Field(
+        default_factory=lambda: ["SIGUSR1", "SIGTERM"],
+        description="signals that make all ranks checkpoint and exit with the preemption code",
+    )
+
+
+class LogConfig(_Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="W&B mode: auto = online if an API key is configured, else offline"
+    )
+    trackers: list[Literal["wandb", "tensorboard"]] = Field(
+        default_factory=lambda: ["wandb"], description="experiment trackers (metrics.jsonl is always written)"
+    )
+    project: str = Field("dist-gru", description="W&B project")
+    entity: str | None = Field(None, description="W&B entity (team or user)")
+    name: str | None = Field(None, description="W&B run name")
+    group: str | None = Field(None, description="W&B run group")
+    tags: list[str] = Field(default_factory=list, description="W&B tags")
+    notes: str | None = Field(None, description="W&B notes")
+    quiet: bool = Field(False, description="no progress bar; periodic one-line summaries instead (batch jobs)")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self, sections: tuple[str, ...] = ("model", "data")) -> str:
+        """A short hash of the sections that decide whether a checkpoint fits this job."""
+        blob = json.dumps({s: self.to_dict()[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `3e-3` as a float (YAML 1.1 wants `3.0e-3`, a classic trap)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """Parse one override value the way YAML would (`3e-3` -> float, `[a, b]` -> list, `null`)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, problems: list[str]) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            problems.append(f"{'.'.join(keys[: depth + 1])}: is a value, not a section; cannot set {dotted}")
+            return
+        node = child
+    node[keys[-1]] = value
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at the parent of `loc`, for 'unknown key' messages."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    dotted = ".".join(str(p) for p in loc) or "<config>"
+    given = err.get("input")
+    if err["type"] == "extra_forbidden":
+        valid = ", ".join(_valid_keys(loc))
+        return f"{dotted}: unknown key (value {given!r}); valid keys here: {valid}"
+    if err["type"] == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    return f"{dotted}: {err['msg']} (got {given!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < YAML file at `path` < `key.sub=value` overrides. Raises ConfigError listing all problems."""
+    problems: list[str] = []
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.load(path.read_text(), Loader=_YamlLoader)
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: cannot read the file ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            problems.append(f"{item!r}: overrides look like section.key=value (e.g. optim.lr=3e-3)")
+            continue
+        try:
+            _set_dotted(tree, key, parse_value(text), problems)
+        except yaml.YAMLError:
+            _set_dotted(tree, key, text, problems)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        problems += [_format_error(e) for e in exc.errors(include_url=False)]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def help_text() -> str:
+    """Every key with its type, default and description (`dist-gru train --help`)."""
+    lines = ["config keys (set in the YAML file or as section.key=value overrides):"]
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        lines.append(f"\n  {section}:")
+        for name, sub in model.model_fields.items():
+            default = sub.get_default(call_default_factory=True)
+            lines.append(f"    {section}.{name} = {json.dumps(default)}")
+            lines.append(f"        {sub.description}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived values: functions of the config and the launch, never written back
+
+
+def micro_batch_size(cfg: Config) -> int:
+    """Samples in one global micro-batch (all ranks together)."""
+    return cfg.train.global_batch_size // cfg.train.grad_accum_steps
+
+
+def per_rank_batch_size(cfg: Config, world_size: int) -> int:
+    """Samples each rank computes per micro-batch; the world size must divide the micro-batch."""
+    micro = micro_batch_size(cfg)
+    if micro % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} with train.grad_accum_steps="
+            f"{cfg.train.grad_accum_steps} gives micro-batches of {micro}, which {world_size} processes cannot "
+            f"split evenly: choose a global_batch_size divisible by grad_accum_steps x world_size = "
+            f"{cfg.train.grad_accum_steps * world_size}"
+        )
+    return micro // world_size

@@ -1,0 +1,385 @@
+"""`dist-gru prepare`: turn arrays or a CSV time series into `dist_gru.seq/v1` datasets.
+
+    # fixed-length arrays: features [N, T, F] (or [N, T], one feature), targets [N] / [N, O]
+    dist-gru prepare --features X.npy --targets Y.npy --task regression --out data/xy
+    # padded arrays cut to per-sequence lengths; 10 % of the sequences (seeded) go to DIR/val
+    dist-gru prepare --npz seqs.npz --task classification --num-classes 10 --out data/seqs \\
+        --val-fraction 0.1 --seed 0
+    # a CSV time series cut into windows of 50 rows; target: `price` 1 row after each window;
+    # the last 20 % of the rows (in time order) become DIR/val
+    dist-gru prepare --csv prices.csv --window 50 --horizon 1 --target-columns price \\
+        --out data/prices --val-fraction 0.2
+    # validate a dataset, features included, and print its meta
+    dist-gru prepare --check data/prices/train
+
+With `--val-fraction` the output is DIR/train and DIR/val, else one dataset at DIR. Success prints
+one JSON line; any error prints one line `error: ...` to stderr and exits 2. Everything is
+validated before the first file is written, and each dataset is written atomically, so a failed
+run loses nothing already on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dist_gru.data.files import (
+    TASKS,
+    DataFormatError,
+    _check_inputs,
+    check_destination,
+    validate,
+    write_sequences,
+)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, not argparse's usage block
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dist-gru prepare",
+        description="Write dist_gru.seq/v1 datasets from .npy/.npz arrays or a CSV time series.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", type=Path, help=".npy features: [N, T, F] or [N, T] (one feature)")
+    source.add_argument(
+        "--npz", type=Path, help=".npz with `features` [N, T_max, F], `targets`, optional `lengths` [N]"
+    )
+    source.add_argument("--csv", type=Path, help="CSV time series with a header row, cut into windows")
+    source.add_argument("--check", type=Path, metavar="DIR", help="validate DIR (features included), print its meta")
+    parser.add_argument("--targets", type=Path, help=".npy targets for --features: [N] or [N, O]")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output dataset directory")
+    parser.add_argument("--task", choices=TASKS, help="required for --features/--npz; --csv is regression")
+    parser.add_argument("--num-classes", type=int, help="classification: number of classes (default: max label + 1)")
+    parser.add_argument("--val-fraction", type=float, help="write DIR/train and DIR/val, this fraction in val")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val permutation for arrays (default 0)")
+    parser.add_argument("--window", type=int, help="CSV: rows per window (sequence length)")
+    parser.add_argument(
+        "--horizon", type=int, help="CSV: the target is this many rows after the window's end (default 1)"
+    )
+    parser.add_argument("--stride", type=int, help="CSV: rows between window starts (default 1)")
+    parser.add_argument("--target-columns", help="CSV: comma-separated target columns")
+    parser.add_argument("--feature-columns", help="CSV: comma-separated feature columns (default: all columns)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        summary = _run(args)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except (_UsageError, DataFormatError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict:
+    if args.check is not None:
+        return _check(args.check)
+    csv_options = ("window", "horizon", "stride", "target_columns", "feature_columns")
+    if args.csv is None:
+        given = [f"--{name.replace('_', '-')}" for name in csv_options if getattr(args, name) is not None]
+        if given:
+            raise _UsageError(f"{', '.join(given)} {'only applies' if len(given) == 1 else 'only apply'} to --csv")
+    if args.features is None and args.targets is not None:
+        raise _UsageError("--targets goes with --features (an .npz holds its own targets)")
+    if args.out is None:
+        raise _UsageError("--out DIR is required")
+    if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
+        raise _UsageError(f"--val-fraction {args.val_fraction}; expected a number strictly between 0 and 1")
+
+    if args.csv is not None:
+        if args.task not in (None, "regression"):
+            raise _UsageError(f"--task {args.task}: CSV windows have regression targets; expected --task regression")
+        if args.num_classes is not None:
+            raise _UsageError("--num-classes applies to classification; CSV windows are regression")
+        return _write_splits(args.out, _csv_splits(args), "regression", None)
+
+    if args.task is None:
+        raise _UsageError(f"--task is required with --features/--npz; expected one of {', '.join(TASKS)}")
+    if args.task == "regression" and args.num_classes is not None:
+        raise _UsageError("--num-classes applies to --task classification")
+    if args.features is not None:
+        if args.targets is None:
+            raise _UsageError("--features needs --targets")
+        sequences, targets = _load_npy(args.features, args.targets)
+        where, targets_where = str(args.features), str(args.targets)
+    else:
+        sequences, targets = _load_npz(args.npz)
+        where = targets_where = str(args.npz)
+    num_classes = _num_classes(targets, args, targets_where) if args.task == "classification" else None
+    # Everything (finite features included) is checked on the whole input before any split is written.
+    _check_inputs(
+        where,
+        sequences,
+        targets,
+        task=args.task,
+        num_classes=num_classes,
+        scan_features=True,
+        targets_where=targets_where,
+    )
+    if args.val_fraction is None:
+        splits = {"": (sequences, targets)}
+    else:
+        splits = _random_split(sequences, targets, args.val_fraction, args.seed)
+    return _write_splits(args.out, splits, args.task, num_classes)
+
+
+# ---------------------------------------------------------------------------------- array sources
+
+
+def _load(file: Path, mmap: bool):
+    if not file.is_file():
+        raise DataFormatError(f"{file}: no such file")
+    try:
+        return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise DataFormatError(f"{file}: cannot be read with numpy.load: {err}") from None
+
+
+def _as_nt_f(features: np.ndarray, what: str) -> np.ndarray:
+    """[N, T, F] as is, [N, T] as [N, T, 1] (a view either way)."""
+    if features.ndim == 2:
+        return features[:, :, None]
+    if features.ndim != 3:
+        raise DataFormatError(f"{what}: shape {features.shape}; expected [N, T, F] or [N, T] (one feature)")
+    return features
+
+
+def _load_npy(features_file: Path, targets_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    features, targets = _load(features_file, mmap=True), _load(targets_file, mmap=False)
+    for file, array in ((features_file, features), (targets_file, targets)):
+        if not isinstance(array, np.ndarray):
+            raise DataFormatError(f"{file}: is an .npz archive; use --npz for archives")
+    features = _as_nt_f(features, str(features_file))
+    if len(targets) != len(features):
+        raise DataFormatError(
+            f"{targets_file}: {len(targets)} targets (shape {targets.shape}) but {features_file} "
+            f"holds {len(features)} sequences; expected one target per sequence"
+        )
+    return features, targets
+
+
+def _load_npz(file: Path) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+    archive = _load(file, mmap=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataFormatError(f"{file}: is a single .npy array; expected an .npz with `features` and `targets`")
+    with archive:
+        missing = [name for name in ("features", "targets") if name not in archive.files]
+        if missing:
+            found = ", ".join(archive.files) or "nothing"
+            raise DataFormatError(f"{file}: missing array(s) {', '.join(missing)}; found: {found}")
+        try:
+            features = _as_nt_f(archive["features"], f"{file}: features")
+            targets = archive["targets"]
+            lengths = archive["lengths"] if "lengths" in archive.files else None
+        except (ValueError, EOFError, OSError) as err:  # a corrupt member
+            raise DataFormatError(f"{file}: cannot be read with numpy.load: {err}") from None
+    if len(targets) != len(features):
+        raise DataFormatError(
+            f"{file}: {len(targets)} targets (shape {targets.shape}) but {len(features)} sequences in "
+            "features; expected one target per sequence"
+        )
+    if lengths is None:
+        return features, targets
+    n, t_max = features.shape[:2]
+    if lengths.shape != (n,) or lengths.dtype.kind not in "iu":
+        raise DataFormatError(
+            f"{file}: lengths has shape {lengths.shape}, dtype {lengths.dtype}; expected integers [N] = [{n}]"
+        )
+    bad = (lengths < 1) | (lengths > t_max)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataFormatError(f"{file}: lengths[{i}] = {lengths[i]}; expected 1 <= length <= T_max = {t_max}")
+    return [features[i, :length] for i, length in enumerate(lengths.tolist())], targets
+
+
+def _num_classes(targets: np.ndarray, args: argparse.Namespace, where: str) -> int:
+    """--num-classes, or the largest label + 1 over the whole input (before any split)."""
+    if args.num_classes is not None:
+        return args.num_classes
+    if targets.ndim != 1 or targets.size == 0 or targets.dtype.kind not in "iuf" or not np.isfinite(targets).all():
+        raise DataFormatError(
+            f"{where}: targets have shape {targets.shape}, dtype {targets.dtype}; classification expects "
+            "[N] finite integer labels (the number of classes is their maximum + 1 unless --num-classes is given)"
+        )
+    return max(1, int(targets.max()) + 1)  # negative labels are reported by the range check
+
+
+def _random_split(sequences, targets: np.ndarray, val_fraction: float, seed: int) -> dict:
+    """A seeded permutation's first `val_fraction` go to val; each split keeps the original order."""
+    n = len(targets)
+    n_val = round(n * val_fraction)
+    if not 0 < n_val < n:
+        raise DataFormatError(
+            f"--val-fraction {val_fraction} of {n} sequences gives {n_val} validation and {n - n_val} "
+            "training sequences; expected at least one in each"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+
+    def take(index: np.ndarray):  # views of a (memory-mapped) [N, T, F] array: no copy of the features
+        return [sequences[i] for i in index.tolist()], targets[index]
+
+    return {"train": take(train), "val": take(val)}
+
+
+# ------------------------------------------------------------------------------------ CSV source
+
+
+def _columns(file: Path, option: str, value: str, header: list[str]) -> list[int]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise _UsageError(f"{option} is empty; available columns: {', '.join(header)}")
+    unknown = [name for name in names if name not in header]
+    if unknown:
+        raise DataFormatError(
+            f"{file}: {option}: unknown column(s) {', '.join(map(repr, unknown))}; available: {', '.join(header)}"
+        )
+    return [header.index(name) for name in names]
+
+
+def _read_csv(file: Path, used: list[int], header: list[str]) -> np.ndarray:
+    """The `used` columns as float64 [rows, len(used)], or an error naming the column and line."""
+    try:  # fast path: numpy's C parser
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": reported below as too few rows
+            data = np.loadtxt(
+                file, delimiter=",", skiprows=1, usecols=used, ndmin=2, comments=None, encoding="utf-8-sig"
+            )
+        if np.isfinite(data).all():
+            return data
+    except ValueError:
+        pass
+    # slow path: the csv module, to name the exact line and column of the problem
+    rows = []
+    with file.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader)
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataFormatError(f"{file}: line {line} has {len(row)} fields; the header has {len(header)}")
+            values = []
+            for c in used:
+                try:
+                    value = float(row[c])
+                except ValueError:
+                    raise DataFormatError(
+                        f"{file}: column {header[c]!r}, line {line}: {row[c]!r} is not a number"
+                    ) from None
+                if not np.isfinite(value):
+                    raise DataFormatError(f"{file}: column {header[c]!r}, line {line}: {row[c]!r} is not finite")
+                values.append(value)
+            rows.append(values)
+    return np.array(rows, dtype=np.float64).reshape(len(rows), len(used))
+
+
+def _windows(data: np.ndarray, window: int, horizon: int, stride: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Windows [n, window, F] (a view) and their target row indices, or None if none fits."""
+    last_start = len(data) - window - horizon  # target row = start + window + horizon - 1 <= rows - 1
+    if last_start < 0:
+        return None
+    starts = np.arange(0, last_start + 1, stride)
+    views = np.lib.stride_tricks.sliding_window_view(data, window, axis=0)  # [rows - window + 1, F, window]
+    return views[starts].transpose(0, 2, 1), starts + window + horizon - 1
+
+
+def _csv_splits(args: argparse.Namespace) -> dict:
+    file = args.csv
+    if args.window is None or args.target_columns is None:
+        raise _UsageError("--csv needs --window and --target-columns")
+    horizon = 1 if args.horizon is None else args.horizon
+    stride = 1 if args.stride is None else args.stride
+    for option, value, low in (("--window", args.window, 1), ("--horizon", horizon, 0), ("--stride", stride, 1)):
+        if value < low:
+            raise _UsageError(f"{option} {value}; expected an integer >= {low}")
+    if not file.is_file():
+        raise DataFormatError(f"{file}: no such file")
+    with file.open(newline="", encoding="utf-8-sig") as f:
+        header = [name.strip() for name in next(csv.reader(f), [])]
+    if not header or not any(header):
+        raise DataFormatError(f"{file}: no header row; expected column names on the first line")
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise DataFormatError(f"{file}: duplicate column name(s) {', '.join(map(repr, duplicated))} in the header")
+    feature_cols = (
+        list(range(len(header)))
+        if args.feature_columns is None
+        else _columns(file, "--feature-columns", args.feature_columns, header)
+    )
+    target_cols = _columns(file, "--target-columns", args.target_columns, header)
+    used = sorted(set(feature_cols) | set(target_cols))
+    data = _read_csv(file, used, header)
+    features, targets = data[:, [used.index(c) for c in feature_cols]], data[:, [used.index(c) for c in target_cols]]
+
+    need = args.window + horizon
+    parts = {"": (0, len(data))}
+    if args.val_fraction is not None:  # split the rows first: no val window touches a train target
+        cut = len(data) - round(len(data) * args.val_fraction)
+        parts = {"train": (0, cut), "val": (cut, len(data))}
+    splits = {}
+    for name, (begin, end) in parts.items():
+        cut_windows = _windows(features[begin:end], args.window, horizon, stride)
+        if cut_windows is None:
+            part = f"the {name} part (rows {begin}..{end - 1}) of " if name else ""
+            raise DataFormatError(
+                f"{file}: window {args.window} + horizon {horizon} needs at least {need} data rows; "
+                f"{part}the series has {end - begin}"
+            )
+        windows, target_rows = cut_windows
+        splits[name] = (windows, targets[begin:end][target_rows])
+        where = f"{file} ({name} windows)" if name else f"{file} (windows)"
+        _check_inputs(where, *splits[name], task="regression", num_classes=None, scan_features=True)
+    return splits
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def _write_splits(out: Path, splits: dict, task: str, num_classes: int | None) -> dict:
+    """Write each split (one at DIR, or DIR/train and DIR/val) once every destination is checked."""
+    destinations = {name: out / name if name else out for name in splits}
+    for destination in destinations.values():
+        check_destination(destination)
+    summary: dict = {}
+    for name, (sequences, targets) in splits.items():
+        write_sequences(destinations[name], sequences, targets, task=task, num_classes=num_classes)
+        info = {"path": str(destinations[name]), "num_sequences": len(targets)}
+        if name:
+            summary[name] = info
+        else:
+            summary.update(info)
+    sequences, targets = next(iter(splits.values()))
+    summary["num_features"] = int(sequences[0].shape[-1])
+    summary["task"] = task
+    if task == "classification":
+        summary["num_classes"] = num_classes
+    else:
+        summary["target_dim"] = 1 if np.ndim(targets) == 1 else int(np.shape(targets)[1])
+    return summary
+
+
+def _check(path: Path) -> dict:
+    if not (path / "meta.json").exists() and (path / "train" / "meta.json").exists():
+        return {name: validate(path / name) for name in ("train", "val") if (path / name).exists()}
+    return validate(path, full=True)

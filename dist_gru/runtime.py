@@ -1,0 +1,138 @@
+"""The distributed boundary: process group, Accelerator, devices, threads, launch checks.
+
+Facts this module rests on (DESIGN.md, measured with torch 2.13 + accelerate 1.15):
+- under torchrun on a machine without GPUs, a plain `Accelerator()` silently trains one full copy
+  per process without DDP; it needs `cpu=True` to go MULTI_CPU with gloo. We pass it whenever CUDA
+  is absent and then check that Accelerate's world size equals the launcher's.
+- after `torchrun --max-restarts` restarts dead workers, gloo workers that rendezvous through the
+  agent's store read the dead attempt's addresses and fail (`connectFullMesh ... refused`) or
+  hang. We initialise the process group ourselves on a `PrefixStore` keyed by the restart count,
+  so every attempt has a clean namespace; Accelerate then reuses that group.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+
+from dist_gru.config import Config, ConfigError
+
+# How long a rank waits for its peers (rendezvous, collectives) before failing instead of hanging.
+PEER_TIMEOUT = timedelta(seconds=int(os.environ.get("DIST_GRU_PEER_TIMEOUT_S", "300")))
+
+
+class LaunchError(RuntimeError):
+    """A launch environment that would train wrongly; the message says what to fix."""
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def launch_world() -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) as the launcher set them (torchrun, srun, none)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    if not 0 <= rank < world_size:
+        raise LaunchError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+    return rank, local_rank, world_size, local_world_size
+
+
+def _init_process_group(rank: int, world_size: int, backend: str) -> None:
+    """Restart-safe process group (see the module docstring). No-op for one process."""
+    if world_size == 1 or dist.is_initialized():
+        return
+    host = os.environ.get("MASTER_ADDR")
+    port = os.environ.get("MASTER_PORT")
+    if not host or not port:
+        raise LaunchError(
+            f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun or set them"
+        )
+    # Under torchrun the agent hosts the store; launched any other way (srun per task), rank 0 does.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        host,
+        int(port),
+        world_size=None if agent_store else world_size,
+        is_master=not agent_store and rank == 0,
+        timeout=PEER_TIMEOUT,
+        wait_for_workers=False,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"dist_gru/attempt-{attempt}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=PEER_TIMEOUT)
+
+
+def cpu_threads(cfg: Config, local_world_size: int) -> int:
+    """Intra-op threads per process: the configured number, else this node's cores shared out."""
+    if cfg.train.threads:
+        return cfg.train.threads
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, local_world_size))
+
+
+def make_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelerator:
+    """The Accelerator for this job, after every check that can fail fast."""
+    rank, local_rank, world_size, local_world_size = launch_world()
+    use_gpu = torch.cuda.is_available()
+    if cfg.train.precision == "fp16" and not use_gpu:
+        raise ConfigError(
+            "train.precision=fp16: fp16 mixed precision needs a GPU (on CPU it is silently ignored); use bf16 or fp32"
+        )
+    if use_gpu:
+        # Before any model is built, so cuDNN state and the GRU's weights land on this rank's GPU.
+        torch.cuda.set_device(local_rank)
+    _init_process_group(rank, world_size, "nccl" if use_gpu else "gloo")
+    torch.set_num_threads(cpu_threads(cfg, local_world_size))
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = Accelerator(
+        cpu=not use_gpu,
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision],
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum_steps, sync_with_dataloader=False
+        ),
+        # GRUModel's only buffers are normalisation constants, equal on every rank: no per-step broadcast.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)],
+        log_with=log_with or None,
+        project_dir=cfg.train.run_dir,
+    )
+    # Accelerate may have changed the thread count (MULTI_CPU without OMP_NUM_THREADS): ours wins.
+    torch.set_num_threads(cpu_threads(cfg, local_world_size))
+    if accelerator.num_processes != world_size or accelerator.process_index != rank:
+        raise LaunchError(
+            f"the launcher started rank {rank} of {world_size} processes but Accelerate sees rank "
+            f"{accelerator.process_index} of {accelerator.num_processes}: refusing to train undistributed"
+        )
+    return accelerator
+
+
+def summary(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, per_rank_batch: int) -> str:
+    """The one-line start-up summary printed by the main process (after `prepare`)."""
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    nodes = max(1, accelerator.num_processes // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+    return (
+        f"dist-gru: world_size={accelerator.num_processes} nodes={nodes} backend={backend} "
+        f"device={_device_per_rank(accelerator)} wrapper={type(model).__name__} precision={cfg.train.precision} threads={torch.get_num_threads()} "
+        f"global_batch={cfg.train.global_batch_size} per_rank_batch={per_rank_batch} "
+        f"grad_accum={cfg.train.grad_accum_steps}"
+    )
+
+
+def _device_per_rank(accelerator: Accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return "cuda:LOCAL_RANK"
+    return accelerator.device.type

@@ -1,0 +1,397 @@
+"""Train a GRU: one process or many, CPU or GPU, the same code.
+
+    dist-gru train --config configs/adding.yaml train.max_steps=500
+    torchrun --nproc-per-node 2 -m dist_gru train --config configs/adding.yaml
+
+`main` parses, builds, trains and tears down; `train_loop` reads top to bottom. The data position,
+learning rate and RNG state are pure functions of the optimizer step, so a checkpoint (model,
+optimizer, step) is all a resume needs, on any world size that divides the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dist_gru import checkpoint as ckpt_lib
+from dist_gru.config import (
+    Config,
+    OptimConfig,
+    help_text,
+    load_config,
+    micro_batch_size,
+    per_rank_batch_size,
+)
+from dist_gru.data.loading import (
+    TrainBatchSampler,
+    build_dataset,
+    feature_moments,
+    make_loader,
+    train_stream,
+)
+from dist_gru.evaluate import evaluate, loss_fn
+from dist_gru.model import GRUModel
+from dist_gru.runtime import make_accelerator, summary
+from dist_gru.tracking import active_trackers, make_tracker
+
+# Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits
+# EX_TEMPFAIL), distinct from success (0) and from failures (1, or 128 + signal number).
+EXIT_PREEMPTED = 75
+
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up to optim.lr, then cosine decay to lr * min_lr_ratio (or constant)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of (step, rank): dropout is reproducible and resumable without saved RNG state."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+class PreemptionFlag:
+    """Signal handlers only set a flag; ranks agree on it at the next step boundary."""
+
+    def __init__(self, names: list[str]):
+        self.signum = 0
+        for name in names:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled. All ranks participate."""
+        if not dist.is_initialized():
+            return bool(self.signum)
+        flag = torch.tensor([1 if self.signum else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class Job:
+    """Everything the loop needs, built by `build`."""
+
+    cfg: Config
+    accelerator: object
+    model: torch.nn.Module
+    model_config: dict
+    optimizer: torch.optim.Optimizer
+    train_set: object
+    val_set: object
+    sampler: TrainBatchSampler
+    loader: object
+    tracker: object
+    run_dir: Path
+    start_step: int
+    preemption: PreemptionFlag
+
+
+def resolve_resume(cfg: Config, run_dir: Path) -> ckpt_lib.Checkpoint | None:
+    """`auto`: newest complete checkpoint in the run folder; `none`; or an explicit folder (must be valid)."""
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        return ckpt_lib.find_latest(run_dir)
+    return ckpt_lib.verify(Path(cfg.train.resume))
+
+
+def build(cfg: Config) -> Job:
+    accelerator = make_accelerator(cfg, log_with=active_trackers(cfg))
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = per_rank_batch_size(cfg, world_size)
+    run_dir = Path(cfg.train.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        print(cfg.to_yaml(), end="", flush=True)
+    accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
+
+    train_set = build_dataset(cfg.data, "train")
+    val_set = build_dataset(cfg.data, "val")
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model_config = {
+        "input_size": train_set.num_features,
+        "hidden_size": cfg.model.hidden_size,
+        "num_layers": cfg.model.num_layers,
+        "dropout": cfg.model.dropout,
+        "task": train_set.task,
+        "output_size": train_set.output_size,
+        "cell": cfg.model.cell,
+    }
+    model = GRUModel(**model_config)
+    optimizer_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        weight_decay=cfg.optim.weight_decay,
+    )
+
+    resume = resolve_resume(cfg, run_dir)
+    if resume is not None:
+        ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
+        ckpt_lib.load_weights(resume, model, optimizer)
+        if accelerator.is_main_process:
+            print(f"dist-gru: resuming from {resume.path} (step {resume.step})", flush=True)
+    elif cfg.data.normalize:
+        model.set_normalization(*feature_moments(train_set))
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.unwrap_model(model).flatten_parameters()  # cuDNN wants contiguous weights after moves/loads
+    if accelerator.is_main_process:
+        print(summary(cfg, accelerator, model, per_rank), flush=True)
+    sampler = TrainBatchSampler(
+        train_set.lengths,
+        micro_batch_size(cfg),
+        cfg.train.grad_accum_steps,
+        rank,
+        world_size,
+        cfg.train.seed,
+        bucket_by_length=cfg.data.bucket_by_length,
+    )
+    loader = make_loader(train_set, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    start_step = resume.step if resume else 0
+    tracker = make_tracker(cfg, accelerator, run_dir, resume)
+    return Job(
+        cfg,
+        accelerator,
+        model,
+        model_config,
+        optimizer,
+        train_set,
+        val_set,
+        sampler,
+        loader,
+        tracker,
+        run_dir,
+        start_step,
+        PreemptionFlag(cfg.checkpoint.signals),
+    )
+
+
+def save(job: Job, step: int, epoch: int) -> Path | None:
+    """A checkpoint at an optimizer-step boundary. All ranks participate; global rank 0 writes."""
+    acc, cfg = job.accelerator, job.cfg
+    acc.wait_for_everyone()
+    path = None
+    if acc.is_main_process:
+        model = acc.unwrap_model(job.model)
+        state = {
+            "epoch": epoch,
+            "samples_seen": step * cfg.train.global_batch_size,
+            "world_size": acc.num_processes,
+            "config_digest": cfg.digest(),
+            "task": job.train_set.task,
+            "model_config": job.model_config,
+            "tracker_run_id": job.tracker.run_id,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        }
+        path = ckpt_lib.save_checkpoint(job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep)
+    acc.wait_for_everyone()
+    return path
+
+
+def train_loop(job: Job) -> tuple[int, dict[str, float]]:
+    """Returns (exit code, final eval metrics)."""
+    cfg, acc, model, optimizer = job.cfg, job.accelerator, job.model, job.optimizer
+    task, device = job.train_set.task, acc.device
+    max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum_steps
+    stream = train_stream(job.loader, job.sampler, job.start_step)
+    progress = tqdm(
+        total=max_steps,
+        initial=job.start_step,
+        disable=not acc.is_main_process or cfg.log.quiet,
+        dynamic_ncols=True,
+        desc="train",
+    )
+    # Per-interval accumulators stay on the device: no host sync until a log step.
+    loss_sum = torch.zeros((), device=device)
+    samples = seq_steps = skipped = interval_steps = 0
+    data_wait = 0.0
+    interval_start = time.perf_counter()
+    epoch = job.sampler.position(job.start_step)[0]
+    metrics: dict[str, float] = {}
+    sample_log = _sample_log(job)
+
+    model.train()
+    for step in range(job.start_step, max_steps):
+        torch.manual_seed(step_seed(cfg.train.seed, step, acc.process_index))
+        lr = lr_at(step, cfg.optim, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Forward/backward over the micro-batches of one optimizer step; DDP syncs on the last one.
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            epoch, batch = next(stream)
+            data_wait += time.perf_counter() - t0
+            x = batch["x"].to(device, non_blocking=True)
+            y = batch["y"].to(device, non_blocking=True)
+            with acc.accumulate(model):
+                loss = loss_fn(task, model(x, batch["lengths"]), y)
+                acc.backward(loss)
+            loss_sum += loss.detach() / accum
+            samples += len(y)
+            if sample_log is not None:
+                sample_log.write(json.dumps({"step": step, "epoch": epoch, "index": batch["index"].tolist()}) + "\n")
+            seq_steps += int(batch["lengths"].sum())
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        skipped += int(acc.optimizer_step_was_skipped)
+        done = step + 1
+        interval_steps += 1
+        progress.update(1)
+
+        # --- once in a while: log (all ranks participate in the reduce) -----------------------
+        if done % cfg.train.log_every == 0 or done == max_steps:
+            elapsed = time.perf_counter() - interval_start
+            local = torch.tensor(
+                [float(loss_sum), samples, seq_steps, data_wait / max(elapsed, 1e-9), _peak_rss_mb()],
+                dtype=torch.float64,
+                device=device,
+            )
+            every = acc.gather(local[None]).cpu()  # [world, 5]
+            metrics = {
+                "train/loss": float(every[:, 0].mean()) / interval_steps,
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "perf/samples_per_s": float(every[:, 1].sum()) / elapsed,
+                "perf/seq_steps_per_s": float(every[:, 2].sum()) / elapsed,
+                "perf/step_time_s": elapsed / interval_steps,
+                "perf/data_wait_frac": float(every[:, 3].max()),
+                "mem/peak_rss_mb": float(every[:, 4].max()),
+                "progress/epoch": epoch,
+                "progress/samples_seen": done * cfg.train.global_batch_size,
+                "amp/skipped_steps": skipped,
+            }
+            if device.type == "cuda":
+                metrics["mem/cuda_max_alloc_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            job.tracker.log(metrics, step=done)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4g}", sps=f"{metrics['perf/samples_per_s']:.0f}")
+            if cfg.log.quiet and acc.is_main_process:
+                print(
+                    f"step {done}/{max_steps} loss {metrics['train/loss']:.4g} lr {lr:.3g} "
+                    f"samples/s {metrics['perf/samples_per_s']:.0f}",
+                    flush=True,
+                )
+            loss_sum.zero_()
+            samples = seq_steps = interval_steps = 0
+            data_wait = 0.0
+            interval_start = time.perf_counter()
+
+        # --- once in a while: evaluate (all ranks participate) ----------------------------------
+        if job.val_set is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < max_steps:
+            _evaluate_and_log(job, done)
+
+        # --- once in a while: checkpoint (all ranks participate) --------------------------------
+        preempted = job.preemption.agreed(device)
+        if preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < max_steps):
+            path = save(job, done, epoch)
+            if preempted:
+                if acc.is_main_process:
+                    print(
+                        f"dist-gru: preempted by signal {job.preemption.signum or '(peer)'}; "
+                        f"checkpoint {path}; exiting with code {EXIT_PREEMPTED}",
+                        flush=True,
+                    )
+                progress.close()
+                return EXIT_PREEMPTED, metrics
+
+    progress.close()
+    final_path = save(job, max_steps, epoch)
+    if acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(job.run_dir / "model")
+    final = _evaluate_and_log(job, max_steps) if job.val_set is not None else {}
+    if acc.is_main_process:
+        _print_final(job, final, final_path)
+    return 0, final
+
+
+def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
+    acc = job.accelerator
+    metrics = evaluate(
+        acc.unwrap_model(job.model), job.val_set, acc, job.cfg.train.eval_batch_size, job.cfg.data.num_workers
+    )
+    job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if acc.is_main_process:
+        shown = " ".join(f"{k}={v:.6g}" for k, v in metrics.items())
+        tqdm.write(f"eval step {step}: {shown}")
+    return metrics
+
+
+def _print_final(job: Job, final: dict[str, float], checkpoint: Path | None) -> None:
+    lines = ["", "dist-gru: training finished"]
+    if "mse" in final:
+        baseline = " (predicting 1 always: 0.167)" if job.cfg.data.name == "adding" else ""
+        lines.append(f"  final eval mse: {final['mse']:.6g}{baseline}")
+    if "accuracy" in final:
+        lines.append(f"  final eval accuracy: {final['accuracy']:.4f}")
+    lines += [
+        f"  run folder:   {job.run_dir}",
+        f"  model:        {job.run_dir / 'model'}",
+        f"  checkpoint:   {checkpoint}",
+        f"  metrics:      {job.run_dir / 'metrics.jsonl'}",
+    ]
+    if job.tracker.wandb_dir is not None:
+        runs = sorted((job.tracker.wandb_dir / "wandb").glob(f"*-{job.tracker.run_id}"))
+        lines.append(
+            f"  W&B run:      {runs[-1] if runs else job.tracker.wandb_dir / 'wandb'} (id {job.tracker.run_id})"
+        )
+    print("\n".join(lines), flush=True)
+
+
+def _sample_log(job: Job):
+    """Per-rank record of the sample ids of every micro-batch (train.record_samples), line-buffered."""
+    if not job.cfg.train.record_samples:
+        return None
+    folder = job.run_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    return open(folder / f"rank-{job.accelerator.process_index}.jsonl", "a", buffering=1)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dist-gru train",
+        description="Train a GRU model. Precedence: defaults < --config YAML < section.key=value overrides.",
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (same as log.quiet=true)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=500 optim.lr=3e-3")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides + (["log.quiet=true"] if args.quiet else []))
+    job = build(cfg)
+    try:
+        code, _ = train_loop(job)
+        return code
+    finally:
+        job.tracker.finish()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,148 @@
+"""Shared helpers: run the real CLI and real torchrun processes, with free ports, timeouts and cleanup.
+
+Everything that builds an Accelerator runs in a subprocess: Accelerate's state is a per-process
+singleton, and the distributed tests must exercise real launchers anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from wandb_reader import ...`
+
+# A model and dataset small enough for a 2-core machine: a few seconds per run.
+TINY = [
+    "model.hidden_size=16",
+    "model.num_layers=1",
+    "data.name=adding",
+    "data.seq_len=10",
+    "data.train_size=512",
+    "data.val_size=64",
+    "optim.warmup_steps=2",
+    "train.global_batch_size=16",
+    "train.max_steps=12",
+    "train.log_every=4",
+    "log.mode=offline",
+    "--quiet",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    """The environment of every subprocess: offline W&B, no API key, one thread, the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "TORCHELASTIC_", "SLURM_"))}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DISABLE_GIT="true",
+        WANDB_DISABLE_CODE="true",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def json_last_line(self) -> dict:
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def run(cmd: list[str], *, timeout: float = 240, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
+    """Run a command in its own process group; on timeout kill the whole group and fail the test."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or test_env(),
+        cwd=cwd or REPO,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(
+            f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}"
+        )
+    return Result(proc.returncode, out, err)
+
+
+def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> Result:
+    """`python -m dist_gru ARGS` (the same entry point as the `dist-gru` script)."""
+    return run([PY, "-m", "dist_gru", *args], timeout=timeout, env=env)
+
+
+def torchrun_cmd(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *extra,
+        "-m",
+        "dist_gru",
+        *args,
+    ]
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300, env=None, extra: tuple[str, ...] = ()) -> Result:
+    return run(torchrun_cmd(nproc, *args, extra=extra), timeout=timeout, env=env)
+
+
+def assert_ok(result: Result) -> Result:
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    )
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
