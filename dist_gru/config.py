@@ -48,6 +48,7 @@ class DataConfig(_Section):
     seq_len: int = Field(
         50, ge=1, le=1_000_000, description="sequence length of synthetic data (max length if variable)"
     )
+    num_features: int = Field(10, ge=1, le=65536, description="seed_example only: input features per time step")
     variable_length: bool = Field(
         False, description="synthetic data only: draw each sequence length uniformly from [seq_len // 2, seq_len]"
     )
@@ -97,6 +98,10 @@ class TrainConfig(_Section):
         0, ge=0, description="seed of model init, dropout and the sample order (order depends on (seed, epoch))"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs a GPU)")
+    cpu_bf16: Literal["gru", "autocast"] = Field(
+        "gru",
+        description="bf16 on CPU: gru = run the GRU itself in bf16 (fp32 master weights), autocast = autocast only",
+    )
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
     eval_batch_size: int = Field(256, ge=1, description="evaluation batch size per rank")
     log_every: int = Field(10, ge=1, description="log training metrics every N steps")

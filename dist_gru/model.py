@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 TASKS = ("regression", "classification")
 CELLS = ("torch", "seed")
@@ -289,6 +290,10 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         else:
             self.rnn = SeedGRU(input_size, hidden_size, num_layers, dropout=self.dropout)
         self.head = nn.Linear(hidden_size, output_size)
+        # Compute dtype of the recurrence, None = the input's. The trainer sets bfloat16 for
+        # train.precision=bf16 on CPU, where autocast leaves nn.GRU in fp32 although this
+        # CPU's bf16 matmuls (AMX) are faster. Not part of the saved config.
+        self.rnn_dtype: torch.dtype | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -325,16 +330,26 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             if bool((lengths == steps).all()):
                 lengths = None  # nothing padded: skip the packing overhead
 
+        if self.rnn_dtype is not None:
+            x = x.to(self.rnn_dtype)
         if lengths is None:
             # h_0 = None: the rnn builds zeros on x's device and dtype.
-            _, h_n = self.rnn(x)
+            _, h_n = self._run_rnn(x)
         elif isinstance(self.rnn, nn.GRU):
             # h_n of a packed run comes back in the input's order (nn.GRU un-sorts it).
             packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            _, h_n = self.rnn(packed)
+            _, h_n = self._run_rnn(packed)
         else:
-            _, h_n = self.rnn(x, lengths=lengths)
-        return self.head(h_n[-1])
+            _, h_n = self._run_rnn(x, lengths=lengths)
+        return self.head(h_n[-1].to(self.head.weight.dtype))
+
+    def _run_rnn(self, inputs: Tensor | PackedSequence, **kwargs: Any) -> tuple[Any, Tensor]:
+        if self.rnn_dtype is None:
+            return self.rnn(inputs, **kwargs)
+        # Low-precision compute on fp32 master weights: the cast is part of the graph, so
+        # gradients (and the optimizer state) stay fp32.
+        params = {name: p.to(self.rnn_dtype) for name, p in self.rnn.named_parameters()}
+        return functional_call(self.rnn, params, (inputs,), kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> GRUModel:

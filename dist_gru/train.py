@@ -153,6 +153,8 @@ def build(cfg: Config) -> Job:
     elif cfg.data.normalize:
         model.set_normalization(*feature_moments(train_set))
 
+    if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and cfg.train.cpu_bf16 == "gru":
+        model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model).flatten_parameters()  # cuDNN wants contiguous weights after moves/loads
     if accelerator.is_main_process:
@@ -350,11 +352,7 @@ def _print_final(job: Job, final: dict[str, float], checkpoint: Path | None) -> 
         f"  checkpoint:   {checkpoint}",
         f"  metrics:      {job.run_dir / 'metrics.jsonl'}",
     ]
-    if job.tracker.wandb_dir is not None:
-        runs = sorted((job.tracker.wandb_dir / "wandb").glob(f"*-{job.tracker.run_id}"))
-        lines.append(
-            f"  W&B run:      {runs[-1] if runs else job.tracker.wandb_dir / 'wandb'} (id {job.tracker.run_id})"
-        )
+    lines += job.tracker.final_lines()
     print("\n".join(lines), flush=True)
 
 

@@ -37,7 +37,8 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset | None:
         path = cfg.train_path if split == "train" else cfg.val_path
         return SequenceFileDataset(path) if path else None
     size, offset = (cfg.train_size, 0) if split == "train" else (cfg.val_size, cfg.train_size)
-    return SYNTHETIC[cfg.name](size, cfg.seq_len, cfg.seed, offset=offset, variable_length=cfg.variable_length)
+    extra = {"num_features": cfg.num_features} if cfg.name == "seed_example" else {}
+    return SYNTHETIC[cfg.name](size, cfg.seq_len, cfg.seed, offset=offset, variable_length=cfg.variable_length, **extra)
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):

@@ -101,10 +101,12 @@ class SineDataset(SyntheticDataset):
 
 
 class SeedExampleDataset(SyntheticDataset):
-    num_features = 10
+    def __init__(self, *args, num_features: int = 10, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_features = num_features
 
     def _sample(self, rng, length):
-        x = rng.standard_normal((length, 10), dtype=np.float32)
+        x = rng.standard_normal((length, self.num_features), dtype=np.float32)
         # A target that depends on the whole sequence: the mean of feature 0 over time.
         return x, np.array([x[:, 0].mean()], dtype=np.float32)
 

@@ -1,0 +1,214 @@
+"""`dist-gru bench`: throughput of the real training loop, against a bare PyTorch loop if asked.
+
+    dist-gru bench                                         # the reference workload, 1 process
+    dist-gru bench --compare-bare                          # + a hand-written loop, same model/data/batch
+    torchrun --nproc-per-node 2 -m dist_gru bench --compare-bare
+    dist-gru bench train.precision=bf16 model.hidden_size=512
+    dist-gru bench --config configs/files.yaml data.bucket_by_length=true
+
+The reference workload (issue #7): GRU 32 -> 128 x 2 layers, length 100, batch 64 per process,
+fp32. Our loop is measured by running `train.build` + `train.train_loop` themselves (logging every
+`--window` steps, as a user would) and reading the figures they log; warm-up windows are dropped.
+With `--compare-bare`, rounds alternate ours / bare so that drifting machine load hits both alike,
+and the ratio compares their median throughput. Prints a table and one JSON line (last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_gru.config import Config, load_config
+from dist_gru.runtime import launch_world
+
+REFERENCE = [
+    "data.name=seed_example",
+    "data.num_features=32",
+    "data.seq_len=100",
+    "data.train_size=200000",
+    "model.hidden_size=128",
+    "model.num_layers=2",
+    "optim.warmup_steps=0",
+]
+
+
+def _bench_config(args: argparse.Namespace, world_size: int, max_steps: int) -> Config:
+    base = [] if args.config else REFERENCE + [f"train.global_batch_size={64 * world_size}"]
+    forced = [
+        f"train.max_steps={max_steps}",
+        f"train.log_every={args.window}",
+        "train.eval_every=0",
+        f"data.val_size={world_size}",
+        "checkpoint.every=0",
+        "train.resume=none",
+        f"train.run_dir={args.run_dir}",
+        "log.mode=disabled",
+        "log.quiet=true",
+    ]
+    return load_config(args.config, base + list(args.overrides) + forced)
+
+
+def gru_flops_per_seq_step(cfg: Config, input_size: int) -> float:
+    """Matmul FLOPs of forward + backward per valid time step: 3 gates x 2HI + 2HH per layer, backward ~2x."""
+    hidden, total = cfg.model.hidden_size, 0.0
+    for layer in range(cfg.model.num_layers):
+        inputs = input_size if layer == 0 else hidden
+        total += 3 * 2 * 3 * hidden * (inputs + hidden)
+    return total
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """This process's dense matmul rate (n = 1024), measured while every rank does the same."""
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def _sum_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)  # all ranks participate
+    return float(t)
+
+
+def run_ours(args: argparse.Namespace, world_size: int) -> dict:
+    """One round of the real loop; figures from its own metrics (windows after warm-up)."""
+    from dist_gru.train import build, train_loop
+
+    cfg = _bench_config(args, world_size, args.warmup + args.steps)
+    job = build(cfg)
+    try:
+        train_loop(job)
+    finally:
+        job.tracker.finish()
+    windows = []
+    if job.accelerator.is_main_process:
+        lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
+        windows = [m for m in map(json.loads, lines) if "perf/step_time_s" in m and m["step"] > args.warmup]
+    job.accelerator.wait_for_everyone()
+    elapsed = sum(m["perf/step_time_s"] * args.window for m in windows) or float("nan")
+    return {
+        "cfg": cfg,
+        "job": job,
+        "samples_per_s": sum(m["perf/samples_per_s"] * m["perf/step_time_s"] * args.window for m in windows) / elapsed,
+        "seq_steps_per_s": sum(m["perf/seq_steps_per_s"] * m["perf/step_time_s"] * args.window for m in windows)
+        / elapsed,
+        "median_step_s": statistics.median(m["perf/step_time_s"] for m in windows) if windows else float("nan"),
+        "data_wait_frac": statistics.mean(m["perf/data_wait_frac"] for m in windows) if windows else float("nan"),
+        "peak_rss_mb": windows[-1]["mem/peak_rss_mb"] if windows else float("nan"),
+    }
+
+
+def run_bare(cfg: Config, dataset, model_config: dict, steps: int, warmup: int, device: torch.device) -> float:
+    """A minimal hand-written loop of the same model, data and batch: samples/s over all ranks."""
+    from dist_gru.model import GRUModel
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    torch.manual_seed(cfg.train.seed)
+    model = GRUModel(**model_config).to(device)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    per_rank = cfg.train.global_batch_size // world_size
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        first = (step * cfg.train.global_batch_size + rank * per_rank) % (len(dataset) - per_rank)
+        batch = dataset.__getitems__(list(range(first, first + per_rank)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            out = model(batch["x"].to(device), batch["lengths"])
+        loss = F.mse_loss(out.float(), batch["y"].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return _sum_over_ranks(per_rank * steps / (time.perf_counter() - start))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dist-gru bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a job config (default: the reference workload)")
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per round")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (a multiple of --window)")
+    parser.add_argument("--window", type=int, default=5, help="steps per logged window (the loop's log_every)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of ours (and bare) to take medians over")
+    parser.add_argument("--compare-bare", action="store_true", help="also time a hand-written PyTorch loop")
+    parser.add_argument("--run-dir", default="runs/bench", help="scratch run folder (wiped)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    args = parser.parse_intermixed_args(argv)
+    if args.warmup % args.window or args.steps % args.window:
+        parser.error("--warmup and --steps must be multiples of --window")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, _, world_size, _ = launch_world()
+    ours, bare = [], []
+    for _ in range(args.rounds):
+        if rank == 0:
+            shutil.rmtree(args.run_dir, ignore_errors=True)
+        result = run_ours(args, world_size)
+        ours.append(result)
+        if args.compare_bare:
+            job = result["job"]
+            bare.append(
+                run_bare(
+                    result["cfg"], job.train_set, job.model_config, args.steps, args.warmup, job.accelerator.device
+                )
+            )
+    job, cfg = ours[-1]["job"], ours[-1]["cfg"]
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    ceiling = _sum_over_ranks(matmul_gflops(job.accelerator.device, dtype))
+    figures = {k: statistics.median(r[k] for r in ours) for k in ("samples_per_s", "seq_steps_per_s", "median_step_s")}
+    figures.update(data_wait_frac=ours[-1]["data_wait_frac"], peak_rss_mb=ours[-1]["peak_rss_mb"])
+    gflops = figures["seq_steps_per_s"] * gru_flops_per_seq_step(cfg, job.train_set.num_features) / 1e9
+    report = {
+        "world_size": world_size,
+        "precision": cfg.train.precision,
+        "cell": cfg.model.cell,
+        "hidden_size": cfg.model.hidden_size,
+        "num_layers": cfg.model.num_layers,
+        "global_batch_size": cfg.train.global_batch_size,
+        "threads_per_process": torch.get_num_threads(),
+        **{k: round(v, 4) for k, v in figures.items()},
+        "padding_fraction": round(job.sampler.padding_fraction(0), 4),
+        "gru_gflops": round(gflops, 2),
+        "matmul_gflops": round(ceiling, 2),
+        "fraction_of_matmul": round(gflops / ceiling, 4),
+        "rounds_samples_per_s": [round(r["samples_per_s"], 1) for r in ours],
+    }
+    if bare:
+        report["bare_samples_per_s"] = round(statistics.median(bare), 2)
+        report["rounds_bare_samples_per_s"] = [round(b, 1) for b in bare]
+        report["ratio_vs_bare"] = round(figures["samples_per_s"] / statistics.median(bare), 4)
+    if rank == 0:
+        width = max(map(len, report))
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in report.items()))
+        print(json.dumps(report), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
