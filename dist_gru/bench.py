@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -94,7 +95,9 @@ def run_ours(args: argparse.Namespace, world_size: int) -> dict:
     from dist_gru.train import build, train_loop
 
     cfg = _bench_config(args, world_size, args.warmup + args.steps)
+    started = time.perf_counter()
     job = build(cfg)
+    startup_s = time.perf_counter() - started
     try:
         train_loop(job)
     finally:
@@ -114,6 +117,7 @@ def run_ours(args: argparse.Namespace, world_size: int) -> dict:
         "median_step_s": statistics.median(m["perf/step_time_s"] for m in windows) if windows else float("nan"),
         "data_wait_frac": statistics.mean(m["perf/data_wait_frac"] for m in windows) if windows else float("nan"),
         "peak_rss_mb": windows[-1]["mem/peak_rss_mb"] if windows else float("nan"),
+        "startup_s": startup_s,
     }
 
 
@@ -148,6 +152,32 @@ def run_bare(cfg: Config, dataset, model_config: dict, steps: int, warmup: int, 
     return _sum_over_ranks(per_rank * steps / (time.perf_counter() - start))
 
 
+def make_skewed_files(path: str, megabytes: float, num_features: int = 32, max_len: int = 400, seed: int = 0) -> dict:
+    """A regression dataset of noise sequences with skewed lengths (lognormal, median ~ max_len / 8,
+    a long tail up to max_len), about `megabytes` of features: the variable-length benchmark input."""
+    from dist_gru.data.files import write_sequences
+    from dist_gru.data.synthetic import normal
+
+    rng = np.random.default_rng(seed)
+    mean_len = float(np.clip(rng.lognormal(np.log(max_len / 8), 0.9, 100_000), 1, max_len).mean())
+    count = max(64, int(megabytes * 2**20 / (4 * num_features * mean_len)))
+    lengths = np.clip(rng.lognormal(np.log(max_len / 8), 0.9, count), 1, max_len).astype(np.int64)
+    sequences, targets = [], np.empty((count, 1), dtype=np.float32)
+    for first in range(0, count, 4096):  # generate in blocks: the numbers of sample i depend on i only
+        index = np.arange(first, min(first + 4096, count))
+        block = normal(seed, index, 0, lengths[index], (num_features,))
+        for row, i in enumerate(index):
+            sequences.append(block[row, : lengths[i]])
+            targets[i, 0] = block[row, : lengths[i], 0].mean()
+    write_sequences(path, sequences, targets, task="regression")
+    return {
+        "path": path,
+        "num_sequences": count,
+        "mean_length": float(lengths.mean()),
+        "max_length": int(lengths.max()),
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dist-gru bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a job config (default: the reference workload)")
@@ -157,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of ours (and bare) to take medians over")
     parser.add_argument("--compare-bare", action="store_true", help="also time a hand-written PyTorch loop")
     parser.add_argument("--run-dir", default="runs/bench", help="scratch run folder (wiped)")
+    parser.add_argument("--make-files", metavar="DIR", help="only write a skewed-length dataset to DIR and exit")
+    parser.add_argument("--files-mb", type=float, default=40.0, help="size of --make-files's features in MiB")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_intermixed_args(argv)
     if args.warmup % args.window or args.steps % args.window:
@@ -166,6 +198,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.make_files:
+        print(json.dumps(make_skewed_files(args.make_files, args.files_mb)))
+        return 0
     rank, _, world_size, _ = launch_world()
     ours, bare = [], []
     for _ in range(args.rounds):
@@ -184,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     ceiling = _sum_over_ranks(matmul_gflops(job.accelerator.device, dtype))
     figures = {k: statistics.median(r[k] for r in ours) for k in ("samples_per_s", "seq_steps_per_s", "median_step_s")}
-    figures.update(data_wait_frac=ours[-1]["data_wait_frac"], peak_rss_mb=ours[-1]["peak_rss_mb"])
+    figures.update({k: ours[-1][k] for k in ("data_wait_frac", "peak_rss_mb", "startup_s")})
     gflops = figures["seq_steps_per_s"] * gru_flops_per_seq_step(cfg, job.train_set.num_features) / 1e9
     report = {
         "world_size": world_size,
