@@ -14,6 +14,27 @@ every rank reads. Everything else a resume needs is a function of the step: the 
 
 A folder without a valid COMPLETE marker (a crash mid-save, a truncated or edited file) is never
 loaded: `auto` resume warns and falls back to the previous complete one; an explicit path fails.
+Loading uses safe loaders only: safetensors for the weights, torch.load(weights_only=True) for the
+optimizer state (a pickled object that would run code is refused), JSON for the rest.
+
+Preemption contract (what a scheduler wrapper relies on). A preemption signal (checkpoint.signals,
+default SIGUSR1 and SIGTERM) sent to any one rank makes every rank save `step-N` at the next step
+boundary; then global rank 0 writes `<run_dir>/PREEMPTED` (JSON: step, checkpoint, signal,
+exit_code) and every training process exits with EXIT_PREEMPTED = 75 (sysexits EX_TEMPFAIL). The
+marker is removed when a run starts, so after the launcher exits:
+
+    exit 0                      finished
+    exit 75 (one process)       preempted, checkpoint saved: requeue (resume=auto continues it)
+    other, PREEMPTED present    preempted under torchrun: requeue
+    other, no PREEMPTED         failed
+
+torchrun reports the workers' 75 as a failure and exits 1, so under torchrun only the marker tells
+the two apart (a wrapper should `rm -f <run_dir>/PREEMPTED` before it launches, so a marker from an
+earlier attempt is never mistaken for this one's). Signal the torchrun agent (SIGTERM, as Slurm
+does at a time limit or preemption): it forwards TERM to its workers, which save and exit well
+inside the agent's 30 s grace, and the agent does not restart them. A signal sent to workers
+directly under `--max-restarts K > 0` is a "checkpoint, then restart": the agent restarts the
+workers, they resume from that checkpoint, remove the marker and train on.
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +57,9 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _FILES = ("model.safetensors", "optimizer.pt", "state.json")
+PREEMPTED = "PREEMPTED"
+# "Preempted, checkpoint saved: run me again" (sysexits EX_TEMPFAIL), distinct from 0 and from failures.
+EXIT_PREEMPTED = 75
 
 
 class CheckpointError(RuntimeError):
@@ -99,7 +124,7 @@ def save_checkpoint(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    prune(run_dir, keep)
+    prune(run_dir, keep, newest=final)
     return final
 
 
@@ -148,11 +173,17 @@ def find_latest(run_dir: Path) -> Checkpoint | None:
     return None
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; never delete the newest complete one."""
+def prune(run_dir: Path, keep: int, newest: Path | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints; never delete the newest complete one, nor `newest`.
+
+    `newest` is the checkpoint just saved. It is not always the highest step: a run resumed from an
+    older checkpoint (past a corrupt newer one, or from an explicit path) saves below folders of
+    higher steps, and pruning by step alone could then delete the only loadable checkpoint.
+    """
     complete = [p for p in list_checkpoints(run_dir) if (p / MARKER).is_file()]
     for path in complete[: max(0, len(complete) - max(keep, 1))]:
-        shutil.rmtree(path, ignore_errors=True)
+        if newest is None or path != Path(newest):
+            shutil.rmtree(path, ignore_errors=True)
     for tmp in checkpoint_dir(run_dir).glob(".tmp-step-*"):
         if time.time() - tmp.stat().st_mtime > 3600:  # left by a crash long ago, not a save in flight
             shutil.rmtree(tmp, ignore_errors=True)
@@ -169,6 +200,49 @@ def check_compatible(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
 
 
 def load_weights(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load model and optimizer state in place (safe loaders only)."""
-    model.load_state_dict(load_file(ckpt.path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(ckpt.path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    """Load model and optimizer state in place (safe loaders only); CheckpointError names what failed."""
+    try:
+        weights = load_file(ckpt.path / "model.safetensors")
+    except Exception as exc:  # safetensors raises its own SafetensorError for a bad header or size
+        raise CheckpointError(f"checkpoint {ckpt.path}: model.safetensors is unreadable ({exc})") from None
+    try:
+        # weights_only: tensors and plain containers only; a pickled callable (os.system ...) is refused.
+        optim_state = torch.load(ckpt.path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: optimizer.pt refused by torch.load(weights_only=True) "
+            f"(not plain tensor data): {str(exc).splitlines()[0]}"
+        ) from None
+    try:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optim_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit this model/optimizer: {exc}") from None
+
+
+def mark_preempted(run_dir: Path, checkpoint: Path, step: int, signum: int) -> Path:
+    """Write `<run_dir>/PREEMPTED` after a preemption checkpoint is complete (main rank; see the docstring)."""
+    marker = Path(run_dir) / PREEMPTED
+    info = {
+        "step": step,
+        "checkpoint": str(checkpoint),
+        # 0: this rank saw no signal itself; a peer's was agreed on.
+        "signal": signal.Signals(signum).name if signum else None,
+        "exit_code": EXIT_PREEMPTED,
+        "time": time.time(),
+    }
+    tmp = marker.with_name(f".{PREEMPTED}.{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, marker)
+    return marker
+
+
+def clear_preempted(run_dir: Path) -> None:
+    """Remove a preemption marker left by an earlier attempt (main rank, when a run starts)."""
+    (Path(run_dir) / PREEMPTED).unlink(missing_ok=True)
+
+
+def read_preempted(run_dir: Path) -> dict[str, Any] | None:
+    """The preemption marker's contents, or None when the last attempt was not preempted."""
+    marker = Path(run_dir) / PREEMPTED
+    return json.loads(marker.read_text()) if marker.is_file() else None

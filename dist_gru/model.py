@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -350,6 +352,13 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         # gradients (and the optimizer state) stay fp32.
         params = {name: p.to(self.rnn_dtype) for name, p in self.rnn.named_parameters()}
         return functional_call(self.rnn, params, (inputs,), kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # On a GPU, flatten_parameters() makes the GRU weights views into one cuDNN buffer, which
+        # safetensors' save_model refuses ("None is covering the entire storage"): save
+        # independent CPU copies instead (config.json is written by the mixin).
+        state = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in self.state_dict().items()}
+        save_file(state, str(Path(save_directory) / "model.safetensors"))
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> GRUModel:

@@ -4,8 +4,15 @@ Non-main ranks get a `Tracker` that does nothing, so the training loop never ask
 The main process (global rank 0) gets a `RunTracker`: every logged dict goes to `metrics.jsonl`
 (one JSON object per line, with a `step` key) and to Accelerate's trackers under the same step.
 
-The W&B run id is created once per run folder and kept in `<run_dir>/wandb_run_id` and in every
-checkpoint, so a resumed, restarted or requeued job continues the same run (`resume="allow"`).
+W&B decisions (README "Tracking"):
+- the run id lives in `<run_dir>/wandb_run_id` and in every checkpoint; a run resumed from a
+  checkpoint continues that W&B run (`resume="allow"`), a run started from step 0 gets a new id
+  (its steps restart, which W&B would drop as out of order in the old run);
+- W&B writes its `wandb/` folder into `$WANDB_DIR` when the user set it (clusters point it at
+  shared storage), else into the run folder;
+- W&B is silent on the console (its banner and end-of-run summary are noise next to ours) unless
+  the user set `WANDB_SILENT` or `WANDB_QUIET`; our final lines carry the run folder and the
+  `wandb sync` command instead.
 """
 
 from __future__ import annotations
@@ -15,11 +22,15 @@ import math
 import netrc
 import os
 import secrets
+import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dist_gru.checkpoint import Checkpoint
 from dist_gru.config import Config
+
+WANDB_HOST = "https://api.wandb.ai"
 
 
 class Tracker:
@@ -34,27 +45,72 @@ class Tracker:
     def finish(self) -> None:
         pass
 
+    def final_lines(self) -> list[str]:
+        """Lines for the end-of-run summary (where the W&B run is, how to sync it)."""
+        return []
+
+
+def api_key_configured() -> bool:
+    """Whether wandb would find an API key: WANDB_API_KEY, else the netrc entry of the W&B host.
+
+    The same places wandb looks (NETRC or ~/.netrc, host from WANDB_BASE_URL); the key itself is
+    never returned, so it cannot end up in a message.
+    """
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or WANDB_HOST).netloc
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        auth = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        auth = None
+    return bool(auth and auth[2])
+
 
 def wandb_mode(cfg_mode: str) -> str:
     """`auto`: online when an API key is configured and WANDB_MODE does not say otherwise, else offline."""
     if cfg_mode != "auto":
         return cfg_mode
     env_mode = os.environ.get("WANDB_MODE", "").lower()
-    if env_mode in ("offline", "disabled", "dryrun"):
-        return "disabled" if env_mode == "disabled" else "offline"
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        auth = netrc.netrc().authenticators("api.wandb.ai")
-    except (OSError, netrc.NetrcParseError):
-        auth = None
-    return "online" if auth and auth[2] else "offline"
+    if env_mode == "disabled":
+        return "disabled"
+    if env_mode in ("offline", "dryrun"):
+        return "offline"
+    return "online" if api_key_configured() else "offline"
 
 
-def _run_id(run_dir: Path, from_checkpoint: str | None) -> str:
-    """The run folder's tracker run id: the resumed checkpoint's, else the saved one, else a new one."""
+def wandb_root(run_dir: Path) -> Path:
+    """The folder W&B writes `wandb/` into: $WANDB_DIR when set, else the run folder."""
+    user_dir = os.environ.get("WANDB_DIR")
+    return Path(user_dir).expanduser() if user_dir else Path(run_dir)
+
+
+def active_trackers(cfg: Config) -> list[str]:
+    """What to pass as Accelerator(log_with=...): decided before the Accelerator exists."""
+    return [t for t in cfg.log.trackers if t != "wandb" or wandb_mode(cfg.log.mode) != "disabled"]
+
+
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """`{"model": {"hidden_size": 16}}` -> `{"model.hidden_size": 16}`; None and lists as JSON text.
+
+    TensorBoard's hparams take only flat scalars (a nested dict or None raises).
+    """
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+def _run_id(run_dir: Path, resume: Checkpoint | None) -> str:
+    """The checkpoint's run id on resume (else the folder's saved one); a new id for a run from step 0."""
     path = run_dir / "wandb_run_id"
-    run_id = from_checkpoint or (path.read_text().strip() if path.is_file() else secrets.token_hex(4))
+    run_id = None
+    if resume is not None:
+        run_id = resume.state.get("tracker_run_id") or (path.read_text().strip() if path.is_file() else None)
+    run_id = run_id or secrets.token_hex(4)
     path.write_text(run_id + "\n")
     return run_id
 
@@ -63,31 +119,47 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
+def _wandb_settings():
+    """Silent unless the user asked wandb for output (WANDB_SILENT / WANDB_QUIET set to anything)."""
+    if "WANDB_SILENT" in os.environ or "WANDB_QUIET" in os.environ:
+        return None
+    import wandb
+
+    return wandb.Settings(silent=True)
+
+
 class RunTracker(Tracker):
     def __init__(self, cfg: Config, accelerator, run_dir: Path, resume: Checkpoint | None):
         self.accelerator = accelerator
         self.metrics_path = run_dir / "metrics.jsonl"
         self._truncate_after(resume.step if resume else 0)
-        self.run_id = _run_id(run_dir, resume.state.get("tracker_run_id") if resume else None)
-        mode = wandb_mode(cfg.log.mode)
+        self.run_id = _run_id(run_dir, resume)
+        self.mode = wandb_mode(cfg.log.mode)
         trackers = active_trackers(cfg)
         init_kwargs: dict[str, Any] = {}
         if "wandb" in trackers:
-            self.wandb_dir = run_dir
+            self.wandb_dir = wandb_root(run_dir)
+            self.wandb_dir.mkdir(parents=True, exist_ok=True)
             init_kwargs["wandb"] = {
                 "id": self.run_id,
                 "resume": "allow",
-                "mode": mode,
-                "dir": str(run_dir),
+                "mode": self.mode,
+                "dir": str(self.wandb_dir),
                 "name": cfg.log.name,
                 "entity": cfg.log.entity,
                 "group": cfg.log.group,
                 "tags": cfg.log.tags or None,
                 "notes": cfg.log.notes,
+                "settings": _wandb_settings(),
             }
-        if trackers:
-            accelerator.init_trackers(cfg.log.project, config=cfg.to_dict(), init_kwargs=init_kwargs)
         self.active = bool(trackers)
+        if not self.active:
+            return
+        accelerator.init_trackers(cfg.log.project, init_kwargs=init_kwargs)
+        # The resolved config: nested for W&B (as in config.yaml), flattened for TensorBoard's hparams.
+        for tracker in accelerator.trackers:
+            config = cfg.to_dict()
+            tracker.store_init_configuration(flat_config(config) if tracker.name == "tensorboard" else config)
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run retrains the steps after its checkpoint: drop their stale lines first."""
@@ -112,14 +184,29 @@ class RunTracker(Tracker):
             self.accelerator.end_training()
             self.active = False
 
+    def wandb_folders(self) -> list[Path]:
+        """This run id's W&B folders, oldest first (a resumed offline run has one per start)."""
+        if self.wandb_dir is None:
+            return []
+        return sorted((self.wandb_dir / "wandb").glob(f"*run-*-{self.run_id}*"))
+
+    def final_lines(self) -> list[str]:
+        if self.wandb_dir is None:
+            return []
+        folders = self.wandb_folders()
+        where = folders[-1] if folders else self.wandb_dir / "wandb"
+        lines = [f"  W&B run:      {where} (id {self.run_id}, {self.mode})"]
+        if self.mode == "online" and self.active:
+            lines.append(f"  W&B url:      {self.accelerator.get_tracker('wandb', unwrap=True).url}")
+        if self.mode == "offline":
+            # A glob over every start of this run id: `wandb sync --id` uploads them to one run, in order.
+            pattern = shlex.quote(str(self.wandb_dir / "wandb")) + f"/offline-run-*-{self.run_id}*"
+            lines.append(f"  W&B sync:     wandb sync --id {self.run_id} {pattern}")
+        return lines
+
 
 def make_tracker(cfg: Config, accelerator, run_dir: Path, resume: Checkpoint | None) -> Tracker:
     """The one place that decides who tracks: global rank 0 only."""
     if accelerator.is_main_process:
         return RunTracker(cfg, accelerator, run_dir, resume)
     return Tracker()
-
-
-def active_trackers(cfg: Config) -> list[str]:
-    """What to pass as Accelerator(log_with=...): decided before the Accelerator exists."""
-    return [t for t in cfg.log.trackers if t != "wandb" or wandb_mode(cfg.log.mode) != "disabled"]

@@ -45,8 +45,8 @@ from dist_gru.runtime import make_accelerator, summary
 from dist_gru.tracking import active_trackers, make_tracker
 
 # Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits
-# EX_TEMPFAIL), distinct from success (0) and from failures (1, or 128 + signal number).
-EXIT_PREEMPTED = 75
+# EX_TEMPFAIL), distinct from success (0) and from failures; the contract is in checkpoint.py.
+EXIT_PREEMPTED = ckpt_lib.EXIT_PREEMPTED
 
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -113,12 +113,15 @@ def resolve_resume(cfg: Config, run_dir: Path) -> ckpt_lib.Checkpoint | None:
 
 
 def build(cfg: Config) -> Job:
+    # First: a preemption signal during start-up is then honoured at the first step, not fatal.
+    preemption = PreemptionFlag(cfg.checkpoint.signals)
     accelerator = make_accelerator(cfg, log_with=active_trackers(cfg))
     world_size, rank = accelerator.num_processes, accelerator.process_index
     per_rank = per_rank_batch_size(cfg, world_size)
     run_dir = Path(cfg.train.run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_lib.clear_preempted(run_dir)  # a marker left by an earlier attempt is not this one's
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         print(cfg.to_yaml(), end="", flush=True)
     accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
@@ -156,6 +159,8 @@ def build(cfg: Config) -> Job:
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and cfg.train.cpu_bf16 == "gru":
         model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume is not None and accelerator.scaler is not None and resume.state.get("scaler"):
+        accelerator.scaler.load_state_dict(resume.state["scaler"])  # fp16: the loss scale carries on
     accelerator.unwrap_model(model).flatten_parameters()  # cuDNN wants contiguous weights after moves/loads
     if accelerator.is_main_process:
         print(summary(cfg, accelerator, model, per_rank), flush=True)
@@ -184,7 +189,7 @@ def build(cfg: Config) -> Job:
         tracker,
         run_dir,
         start_step,
-        PreemptionFlag(cfg.checkpoint.signals),
+        preemption,
     )
 
 
@@ -301,7 +306,9 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
 
         # --- once in a while: evaluate (all ranks participate) ----------------------------------
         if job.val_set is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < max_steps:
+            eval_start = time.perf_counter()
             _evaluate_and_log(job, done)
+            interval_start += time.perf_counter() - eval_start  # perf/* measure training steps, not evaluation
 
         # --- once in a while: checkpoint (all ranks participate) --------------------------------
         preempted = job.preemption.agreed(device)
@@ -309,6 +316,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             path = save(job, done, epoch)
             if preempted:
                 if acc.is_main_process:
+                    ckpt_lib.mark_preempted(job.run_dir, path, done, job.preemption.signum)
                     print(
                         f"dist-gru: preempted by signal {job.preemption.signum or '(peer)'}; "
                         f"checkpoint {path}; exiting with code {EXIT_PREEMPTED}",

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +100,59 @@ def run(cmd: list[str], *, timeout: float = 240, env: dict[str, str] | None = No
             f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}"
         )
     return Result(proc.returncode, out, err)
+
+
+def run_all(
+    cmds: list[list[str]],
+    *,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+    envs: list[dict[str, str]] | None = None,
+    cwds: list[Path] | None = None,
+) -> list[Result]:
+    """Run commands concurrently (e.g. two torchrun agents acting as two nodes), each in its own
+    process group, with `env` (or one of `envs` each) and one of `cwds` each; if any is still running
+    after `timeout`, kill every group and fail the test. Output goes to files, not pipes: an agent
+    blocked on a full pipe would stall its peers."""
+    cwds = cwds or [REPO] * len(cmds)
+    envs = envs or [env or test_env()] * len(cmds)
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [(open(Path(tmp) / f"{i}.out", "w+"), open(Path(tmp) / f"{i}.err", "w+")) for i in range(len(cmds))]
+        procs = [
+            subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=cmd_env, cwd=cwd, start_new_session=True)
+            for cmd, cmd_env, cwd, (out, err) in zip(cmds, envs, cwds, logs, strict=True)
+        ]
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+        if timed_out:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        results = []
+        for proc, (out, err) in zip(procs, logs, strict=True):
+            out.seek(0)
+            err.seek(0)
+            results.append(Result(proc.returncode, out.read(), err.read()))
+            out.close()
+            err.close()
+    if timed_out:
+        tails = "\n".join(f"--- {i}: exit {r.returncode}\n{r.output[-3000:]}" for i, r in enumerate(results))
+        pytest.fail(f"timed out after {timeout}s: {[' '.join(c) for c in cmds]}\n{tails}")
+    return results
+
+
+def summary_fields(output: str) -> dict[str, str]:
+    """The key=value pairs of the start-up summary line (`dist-gru: world_size=2 nodes=1 ...`); fails if absent."""
+    lines = re.findall(r"dist-gru: (world_size=.*)", output)
+    assert len(lines) == 1, f"expected one summary line, found {len(lines)}:\n{output[-3000:]}"
+    return dict(item.split("=", 1) for item in lines[0].split())
 
 
 def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> Result:
