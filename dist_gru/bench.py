@@ -146,6 +146,8 @@ def run_bare(cfg: Config, dataset, model_config: dict, steps: int, warmup: int, 
         loss = F.mse_loss(out.float(), batch["y"].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.optim.grad_clip:  # the same job: clipping is part of the step when the config asks for it
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -62,8 +62,8 @@ class DataConfig(_Section):
     normalize: bool = Field(
         False, description="standardise each input feature with training-split statistics (saved with the model)"
     )
-    num_workers: int = Field(
-        0, ge=0, le=64, description="DataLoader worker processes per rank (0 = load in the training process)"
+    num_workers: int | None = Field(
+        None, ge=0, le=64, description="DataLoader workers per rank; null = auto (2 on a GPU, 0 on CPU: cores go to compute)"
     )
     bucket_by_length: bool = Field(
         False, description="group sequences of similar length into the same global batch (less padding; deterministic)"

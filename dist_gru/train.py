@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from dist_gru import checkpoint as ckpt_lib
@@ -36,6 +37,7 @@ from dist_gru.data.loading import (
     TrainBatchSampler,
     build_dataset,
     feature_moments,
+    loader_workers,
     make_loader,
     train_stream,
 )
@@ -103,13 +105,33 @@ class Job:
     preemption: PreemptionFlag
 
 
-def resolve_resume(cfg: Config, run_dir: Path) -> ckpt_lib.Checkpoint | None:
-    """`auto`: newest complete checkpoint in the run folder; `none`; or an explicit folder (must be valid)."""
+def resolve_resume(cfg: Config, run_dir: Path, accelerator) -> ckpt_lib.Checkpoint | None:
+    """`auto`: newest complete checkpoint in the run folder; `none`; or an explicit folder (must be valid).
+
+    Global rank 0 decides and every rank loads that same folder (all ranks participate), so ranks
+    never resume from different steps; the run folder must be on storage every node can read."""
     if cfg.train.resume == "none":
         return None
-    if cfg.train.resume == "auto":
-        return ckpt_lib.find_latest(run_dir)
-    return ckpt_lib.verify(Path(cfg.train.resume))
+    choice: list[str | None] = [None, None]  # [checkpoint folder, error]: an error must stop every rank
+    if accelerator.is_main_process:
+        try:
+            if cfg.train.resume == "auto":
+                latest = ckpt_lib.find_latest(run_dir)
+                choice[0] = str(latest.path) if latest else None
+            else:
+                choice[0] = str(ckpt_lib.verify(Path(cfg.train.resume)).path)
+        except ckpt_lib.CheckpointError as exc:
+            choice[1] = str(exc)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    if choice[1] is not None:
+        raise ckpt_lib.CheckpointError(choice[1])
+    if choice[0] is None:
+        return None
+    try:
+        return ckpt_lib.verify(Path(choice[0]))
+    except ckpt_lib.CheckpointError as exc:
+        raise ckpt_lib.CheckpointError(f"rank {accelerator.process_index} cannot read {exc}") from None
 
 
 def build(cfg: Config) -> Job:
@@ -147,7 +169,7 @@ def build(cfg: Config) -> Job:
         weight_decay=cfg.optim.weight_decay,
     )
 
-    resume = resolve_resume(cfg, run_dir)
+    resume = resolve_resume(cfg, run_dir, accelerator)
     if resume is not None:
         ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
         ckpt_lib.load_weights(resume, model, optimizer)
@@ -173,7 +195,8 @@ def build(cfg: Config) -> Job:
         cfg.train.seed,
         bucket_by_length=cfg.data.bucket_by_length,
     )
-    loader = make_loader(train_set, sampler, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    workers = loader_workers(cfg.data, accelerator.device)
+    loader = make_loader(train_set, sampler, workers, pin_memory=accelerator.device.type == "cuda")
     start_step = resume.step if resume else 0
     tracker = make_tracker(cfg, accelerator, run_dir, resume)
     return Job(
@@ -271,11 +294,18 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         if done % cfg.train.log_every == 0 or done == max_steps:
             elapsed = time.perf_counter() - interval_start
             local = torch.tensor(
-                [float(loss_sum), samples, seq_steps, data_wait / max(elapsed, 1e-9), _peak_rss_mb()],
+                [
+                    float(loss_sum),
+                    samples,
+                    seq_steps,
+                    data_wait / max(elapsed, 1e-9),
+                    _peak_rss_mb(),
+                    _cuda_peak_mb(device),
+                ],
                 dtype=torch.float64,
                 device=device,
             )
-            every = acc.gather(local[None]).cpu()  # [world, 5]
+            every = acc.gather(local[None]).cpu()  # [world, 6]
             metrics = {
                 "train/loss": float(every[:, 0].mean()) / interval_steps,
                 "train/lr": lr,
@@ -290,7 +320,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                 "amp/skipped_steps": skipped,
             }
             if device.type == "cuda":
-                metrics["mem/cuda_max_alloc_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                metrics["mem/cuda_max_alloc_mb"] = float(every[:, 5].max())
             job.tracker.log(metrics, step=done)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4g}", sps=f"{metrics['perf/samples_per_s']:.0f}")
             if cfg.log.quiet and acc.is_main_process:
@@ -313,7 +343,9 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         # --- once in a while: checkpoint (all ranks participate) --------------------------------
         preempted = job.preemption.agreed(device)
         if preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < max_steps):
+            save_start = time.perf_counter()
             path = save(job, done, epoch)
+            interval_start += time.perf_counter() - save_start  # perf/* measure training steps, not saving
             if preempted:
                 if acc.is_main_process:
                     ckpt_lib.mark_preempted(job.run_dir, path, done, job.preemption.signum)
@@ -338,7 +370,11 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
 def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
     acc = job.accelerator
     metrics = evaluate(
-        acc.unwrap_model(job.model), job.val_set, acc, job.cfg.train.eval_batch_size, job.cfg.data.num_workers
+        acc.unwrap_model(job.model),
+        job.val_set,
+        acc,
+        job.cfg.train.eval_batch_size,
+        loader_workers(job.cfg.data, acc.device),
     )
     job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if acc.is_main_process:
@@ -369,8 +405,12 @@ def _sample_log(job: Job):
     if not job.cfg.train.record_samples:
         return None
     folder = job.run_dir / "samples"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     return open(folder / f"rank-{job.accelerator.process_index}.jsonl", "a", buffering=1)
+
+
+def _cuda_peak_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
 def _peak_rss_mb() -> float:

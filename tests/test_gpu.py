@@ -50,7 +50,8 @@ def test_model_saved_on_gpu_loads_and_runs_anywhere(tmp_path):
     on_gpu.flatten_parameters()
     torch.testing.assert_close(on_gpu(x, lengths), expected)
     on_cpu = GRUModel.from_pretrained(str(tmp_path / "m"))
-    torch.testing.assert_close(on_cpu(x.cpu(), lengths), expected.cpu(), rtol=1e-4, atol=1e-5)
+    # cuDNN (TF32) vs oneDNN: the same function, different summation order and precision
+    torch.testing.assert_close(on_cpu(x.cpu(), lengths), expected.cpu(), rtol=1e-3, atol=1e-4)
 
 
 def test_h0_follows_the_input_device_and_dtype():

@@ -119,6 +119,14 @@ def eval_batches(num_samples: int, batch_size: int, rank: int, world_size: int) 
     )
 
 
+def loader_workers(cfg: DataConfig, device: torch.device) -> int:
+    """Background loader processes: as configured, else 2 on a GPU (keeps it fed) and 0 on a CPU,
+    where every core already trains and a worker would only compete with it."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 2 if device.type == "cuda" else 0
+
+
 def make_loader(dataset: Dataset, batch_sampler, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over a dataset whose `__getitems__` returns a padded batch."""
     return DataLoader(
