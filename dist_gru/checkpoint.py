@@ -11,6 +11,10 @@ Only global rank 0 writes (weights and optimizer state are identical on every ra
 every rank reads. Everything else a resume needs is a function of the step: the learning rate
 (a schedule of the step), the data position (the sampler's contract) and the RNG (reseeded from
 (seed, step, rank) each step), so a checkpoint saved on W ranks resumes on any other W.
+Measured (tests/test_resume.py, CPU fp32): resumed on the same W, the final weights equal the
+uninterrupted run's exactly (max abs diff 0); resumed on another W, within 6e-8 (the gradient
+all-reduce sums in another order). With dropout the masks depend on the rank, so a resume on
+another W is only statistically the same run (weights differ by about 1e-3).
 
 A folder without a valid COMPLETE marker (a crash mid-save, a truncated or edited file) is never
 loaded: `auto` resume warns and falls back to the previous complete one; an explicit path fails.

@@ -6,6 +6,7 @@ singleton, and the distributed tests must exercise real launchers anyway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -80,6 +81,22 @@ class Result:
         return json.loads(self.stdout.strip().splitlines()[-1])
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its group and every descendant: torchrun starts each worker in a new session,
+    so killing torchrun's group alone would leave its workers running."""
+    import psutil
+
+    try:
+        victims = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        victims = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
 def run(cmd: list[str], *, timeout: float = 240, env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
     """Run a command in its own process group; on timeout kill the whole group and fail the test."""
     proc = subprocess.Popen(
@@ -94,7 +111,7 @@ def run(cmd: list[str], *, timeout: float = 240, env: dict[str, str] | None = No
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         pytest.fail(
             f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-4000:]}"
@@ -133,7 +150,7 @@ def run_all(
         if timed_out:
             for proc in procs:
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    kill_tree(proc.pid)
                     proc.wait()
         results = []
         for proc, (out, err) in zip(procs, logs, strict=True):
