@@ -26,6 +26,7 @@ O(N). Features are checked for finite values when written and by `validate(path,
 from __future__ import annotations
 
 import json
+import mmap
 import operator
 import os
 import shutil
@@ -451,7 +452,20 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         rows = self._feature_rows
         starts, ends = self._offsets[index].tolist(), self._offsets[index + 1].tolist()
         sequences = [rows[start:end] for start, end in zip(starts, ends, strict=True)]
-        return pad_batch(sequences, self._targets[index], index)
+        batch = pad_batch(sequences, self._targets[index], index)
+        self._release_pages()
+        return batch
+
+    def _release_pages(self) -> None:
+        """Unmap the feature pages this process touched (the page cache keeps them).
+
+        Linux counts every mapped file page in the process's RSS, and a read fault maps up to 64 KiB
+        around it: over a run, reading random sequences of a 4 GB file would grow each rank's RSS
+        towards 4 GB. Dropping the mapping after each batch (about 0.5 ms for a 4 GB file) keeps the
+        per-process memory independent of the dataset size; the data stays cached for the next read."""
+        mapping = getattr(self._features, "_mmap", None)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def feature_moments(self, chunk_steps: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature mean and (population) std over all time steps: float32 [F] each.
@@ -471,6 +485,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
             mean = mean + delta * (len(chunk) / total)
             m2 = m2 + chunk_m2 + delta**2 * (count * len(chunk) / total)
             count = total
+            self._release_pages()  # a streaming pass must not leave the whole file mapped
         return mean.astype(np.float32), np.sqrt(m2 / count).astype(np.float32)
 
 
