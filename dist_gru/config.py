@@ -63,7 +63,10 @@ class DataConfig(_Section):
         False, description="standardise each input feature with training-split statistics (saved with the model)"
     )
     num_workers: int | None = Field(
-        None, ge=0, le=64, description="DataLoader workers per rank; null = auto (2 on a GPU, 0 on CPU: cores go to compute)"
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader workers per rank; null = auto (2 on a GPU, 0 on CPU: cores go to compute)",
     )
     bucket_by_length: bool = Field(
         False, description="group sequences of similar length into the same global batch (less padding; deterministic)"
@@ -110,7 +113,10 @@ class TrainConfig(_Section):
         "auto", description="auto (newest complete checkpoint in run_dir) | none | PATH to a checkpoint"
     )
     threads: int = Field(
-        0, ge=0, le=1024, description="intra-op threads per process (0 = cores / processes on this node)"
+        0,
+        ge=0,
+        le=1024,
+        description="intra-op threads per process (0 = $OMP_NUM_THREADS if set, else cores / processes on this node)",
     )
     deterministic: bool = Field(False, description="use deterministic kernels (bit-exact reruns, slower on GPU)")
     record_samples: bool = Field(
