@@ -23,6 +23,7 @@ import netrc
 import os
 import secrets
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -177,12 +178,30 @@ class RunTracker(Tracker):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.active:
-            self.accelerator.log(metrics, step=step)
+            try:
+                self.accelerator.log(metrics, step=step)
+            except Exception as exc:  # noqa: BLE001 - any tracker failure
+                self._drop_trackers(exc)
 
     def finish(self) -> None:
         if self.active:
-            self.accelerator.end_training()
+            try:
+                self.accelerator.end_training()
+            except Exception as exc:  # noqa: BLE001
+                self._drop_trackers(exc)
             self.active = False
+
+    def _drop_trackers(self, exc: Exception) -> None:
+        """A tracker that fails must not take the training run down with it: Slurm's SIGTERM to a
+        whole job step also kills W&B's service process, and the next log call would then raise
+        before the preemption checkpoint is saved. metrics.jsonl keeps every value."""
+        self.active = False
+        print(
+            f"dist-gru: warning: experiment tracker failed ({type(exc).__name__}: {exc}); "
+            f"continuing with {self.metrics_path} only",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def wandb_folders(self) -> list[Path]:
         """This run id's W&B folders, oldest first (a resumed offline run has one per start)."""

@@ -269,3 +269,32 @@ def test_run_id_comes_from_the_checkpoint_and_is_new_for_a_fresh_start(tmp_path)
 def test_flat_config_gives_tensorboard_only_scalars():
     flat = flat_config({"model": {"hidden_size": 16, "cell": "torch"}, "log": {"tags": ["a"], "entity": None}})
     assert flat == {"model.hidden_size": 16, "model.cell": "torch", "log.tags": '["a"]', "log.entity": "null"}
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_tracker_does_not_stop_training(tmp_path, capsys):
+    """Slurm's SIGTERM to a job step kills W&B's service too; the next log must not kill the run."""
+    from dist_gru.config import load_config
+    from dist_gru.tracking import RunTracker
+
+    class DeadService:
+        trackers: list = []
+
+        def init_trackers(self, *args, **kwargs):
+            pass
+
+        def log(self, metrics, step):
+            raise ConnectionResetError("Connection lost")
+
+        def end_training(self):
+            raise ConnectionResetError("Connection lost")
+
+    cfg = load_config(None, ["log.trackers=[tensorboard]"])
+    tracker = RunTracker(cfg, DeadService(), tmp_path, None)
+    tracker.log({"train/loss": 0.5}, step=1)
+    tracker.log({"train/loss": 0.25}, step=2)
+    tracker.finish()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["train/loss"]) for m in lines] == [(1, 0.5), (2, 0.25)]
+    err = capsys.readouterr().err
+    assert err.count("experiment tracker failed (ConnectionResetError: Connection lost)") == 1

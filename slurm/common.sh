@@ -1,0 +1,165 @@
+# shellcheck shell=bash
+# slurm/common.sh -- sourced (not run) by slurm/train.sbatch and slurm/train_tasks.sbatch.
+#
+# What both launch modes share: the job header (rendezvous endpoint, run folder, restart count),
+# and the preemption logic: run the srun step in the background, forward a preemption signal that
+# reaches the batch shell to the training processes, then requeue the job if training saved a
+# checkpoint and left `<run_dir>/PREEMPTED` (the contract in dist_gru/checkpoint.py).
+#
+#   source slurm/common.sh                 # the sbatch scripts find it next to themselves
+#   dg_setup "$@"                          # the dist-gru train arguments: --config FILE k=v ...
+#   dg_run_and_requeue srun ...            # the training step
+#
+# Environment (all optional):
+#   PYTHON        the Python that has dist_gru installed               (default: python3)
+#   RDZV_HOST     rendezvous / MASTER_ADDR host (default: the first node of the allocation)
+#   RDZV_PORT     rendezvous / MASTER_PORT port (default: 20000 + SLURM_JOB_ID % 10000: the same after a
+#                 requeue, and below Linux's ephemeral ports (32768-60999), which other connections take)
+#   MAX_REQUEUES  requeue at most this many times (SLURM_RESTART_COUNT) (default: 5)
+#
+# When the job requeues itself: training left a PREEMPTED marker, the batch shell got no SIGTERM
+# (SIGTERM means Slurm is ending the job: scancel, the time limit itself, or preemption, where Slurm
+# requeues by itself if the site says so), and SLURM_RESTART_COUNT < MAX_REQUEUES.
+# Exit codes of the batch job: 0 finished, or preempted and requeued (the job continues later);
+# 75 preempted with a checkpoint but not requeued (see above, or the requeue failed);
+# 2 bad config; anything else: training failed (srun's exit code), never requeued.
+
+# Same as dist_gru.checkpoint.EXIT_PREEMPTED / PREEMPTED.
+DG_EXIT_PREEMPTED=75
+DG_PREEMPTED_FILE=PREEMPTED
+
+dg_log() { echo "dist-gru slurm: $*"; }
+
+# The run folder and resume mode of `dist-gru train ARGS`, from dist_gru's own config loader (a bad
+# config fails here, before any node starts). The arguments as dist_gru.train.parse_args reads them;
+# importing the trainer itself would load torch (2-8 s here). Prints "run_dir<TAB>resume".
+dg_resolve_config() {
+    "$PYTHON" - "$@" <<'EOF'
+import argparse, sys
+from dist_gru.config import ConfigError, load_config
+parser = argparse.ArgumentParser(prog="dist-gru train")
+parser.add_argument("--config")
+parser.add_argument("--quiet", action="store_true")
+parser.add_argument("overrides", nargs="*")
+args = parser.parse_intermixed_args(sys.argv[1:])
+try:
+    cfg = load_config(args.config, args.overrides)
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+print(f"{cfg.train.run_dir}\t{cfg.train.resume}")
+EOF
+}
+
+# Resolve and export what every srun task needs; print the job header. Arguments: dist-gru train's.
+dg_setup() {
+    : "${SLURM_JOB_ID:?not inside a Slurm job: submit with sbatch}"
+    export PYTHON=${PYTHON:-python3}
+    local resolved resume
+    resolved=$(dg_resolve_config "$@") || exit 2
+    RUN_DIR=${resolved%%$'\t'*}
+    resume=${resolved#*$'\t'}
+    # Relative run folders are relative to the job's working directory, the same after a requeue.
+    [[ $RUN_DIR == /* ]] || RUN_DIR=$PWD/$RUN_DIR
+    export RDZV_HOST=${RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
+    export RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+    # Slurm 22.05's srun does not inherit --cpus-per-task from the job (a bound step would get 1 CPU).
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    MAX_REQUEUES=${MAX_REQUEUES:-5}
+    dg_log "job $SLURM_JOB_ID on ${SLURM_JOB_NUM_NODES:-1} node(s) ($SLURM_JOB_NODELIST)," \
+        "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0} (max requeues $MAX_REQUEUES)"
+    dg_log "rendezvous endpoint: $RDZV_HOST:$RDZV_PORT"
+    dg_log "run folder: $RUN_DIR (train.resume=$resume)"
+    if [[ $resume != auto ]]; then
+        dg_log "warning: train.resume=$resume: a requeued job will not continue from its own checkpoint"
+    fi
+}
+
+# Local tasks on this node from Slurm's compressed per-node list ("2(x3),1"): for LOCAL_WORLD_SIZE
+# when --ntasks-per-node was not given. Runs inside a task (exported with export -f).
+dg_tasks_on_node() {
+    local list=${SLURM_STEP_TASKS_PER_NODE:-$SLURM_TASKS_PER_NODE} node=${SLURM_NODEID:-0} item count reps
+    local -a item_list
+    IFS=, read -ra item_list <<<"$list"
+    for item in "${item_list[@]}"; do
+        count=${item%%(*}
+        reps=1
+        [[ $item == *'(x'* ]] && reps=${item#*(x} && reps=${reps%)}
+        if ((node < reps)); then
+            echo "$count"
+            return
+        fi
+        node=$((node - reps))
+    done
+    echo 1
+}
+
+# Trap handler: a preemption notice (USR1: --signal=B:USR1@T, scancel --signal=USR1 --batch) or the
+# end of the job (TERM: scancel, time limit, preemption by Slurm) reached the batch shell. Forward
+# it once, as USR1, to the job's steps on every node. Slurm delivers it to every process of
+# a step (measured: also to torchrun's workers, which run in sessions of their own, and to W&B's
+# wandb-core service). USR1, not TERM: wandb-core dies on TERM (the attempt's .wandb file is then
+# left empty, 7 bytes) and ignores USR1; the training processes catch both; the torchrun agent,
+# which would die on USR1 (it does not forward it), ignores it (train.sbatch). The workers save a
+# checkpoint and exit 75; rank 0 writes <run_dir>/PREEMPTED.
+_dg_on_signal() {
+    dg_log "batch shell got SIG$1 at $(date +%T)"
+    [[ $1 == TERM ]] && _dg_terminated=1
+    if [[ -n ${_dg_forwarded:-} ]]; then
+        return
+    fi
+    _dg_forwarded=1
+    dg_log "forwarding SIGUSR1 to the training processes: scancel --signal=USR1 $SLURM_JOB_ID"
+    scancel --signal=USR1 "$SLURM_JOB_ID" || kill -s USR1 "$_dg_pid"
+}
+
+# dg_run_and_requeue CMD...: run CMD (the srun step) in the background, wait for it while
+# preemption notices are forwarded, then requeue or exit (the exit codes are above).
+dg_run_and_requeue() {
+    # A marker from an earlier attempt must not be taken for this one's.
+    rm -f "$RUN_DIR/$DG_PREEMPTED_FILE"
+    trap '_dg_on_signal USR1' USR1
+    trap '_dg_on_signal TERM' TERM
+    # Traps run promptly only while bash waits on a background child, not during a foreground one.
+    "$@" &
+    _dg_pid=$!
+    local rc late
+    wait "$_dg_pid"
+    rc=$?
+    # A trap interrupts `wait` (status 128+n) while srun runs on: wait again.
+    while kill -0 "$_dg_pid" 2>/dev/null; do
+        wait "$_dg_pid"
+        rc=$?
+    done
+    # srun may have ended between an interrupted wait and kill -0: collect its real status (127 if taken).
+    wait "$_dg_pid" 2>/dev/null
+    late=$?
+    ((late != 127)) && rc=$late
+    trap - USR1 TERM
+    dg_log "training step exited with code $rc at $(date +%T)"
+    if [[ -f $RUN_DIR/$DG_PREEMPTED_FILE ]]; then
+        dg_log "preempted, checkpoint saved: $(tr -d '\n' <"$RUN_DIR/$DG_PREEMPTED_FILE" | tr -s ' ')"
+        if [[ -n ${_dg_terminated:-} ]]; then
+            # Cancelled, out of time, or preempted: Slurm ends (or itself requeues) the job. A
+            # requeue here would bring back a job its user cancelled.
+            dg_log "not requeuing: Slurm is ending the job (SIGTERM); resubmit or requeue it to resume"
+            exit "$DG_EXIT_PREEMPTED"
+        fi
+        if ((${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES)); then
+            dg_log "not requeuing: already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=$MAX_REQUEUES)"
+            exit "$DG_EXIT_PREEMPTED"
+        fi
+        # Said first: the requeue ends this shell (TERM) before the next line may run.
+        dg_log "requeuing job $SLURM_JOB_ID: it resumes from the checkpoint (train.resume=auto)"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        dg_log "scontrol requeue failed: resubmit the same command to resume"
+        exit "$DG_EXIT_PREEMPTED"
+    fi
+    if ((rc != 0)); then
+        dg_log "training failed (exit $rc, no $DG_PREEMPTED_FILE marker): not requeuing"
+    fi
+    exit "$rc"
+}
+
+export -f dg_tasks_on_node
