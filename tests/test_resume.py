@@ -396,3 +396,25 @@ def test_a_checkpoint_of_another_model_shape_is_refused(finished, tmp_path):
     assert "step-000012 does not fit this job" in result.stderr
     assert "hidden_size: checkpoint has 16, this job has 32" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_restart_after_a_killed_worker_continues_the_same_wandb_run(tmp_path, launch):
+    """Issue 5: a torchrun restart resumes the W&B run of its checkpoint, with steps that go on."""
+    from wandb_reader import find_offline_runs, history_series, read_run
+
+    run_dir = tmp_path / "run"
+    job = launch(2, run_dir, "log.mode=offline", torchrun_extra=("--max-restarts", "1"))
+    job.wait_until(checkpoint_exists(run_dir), f"checkpoint {STOP_AFTER}")
+    job.worker(rank=1).kill()
+    assert job.wait(timeout=120) == 0, job.output()[-6000:]
+    resumed_at = resumed_step(job.output())
+    runs = [read_run(path) for path in find_offline_runs(run_dir)]
+    assert len(runs) == 2  # one folder per attempt ...
+    assert {r.run_id for r in runs} == {(run_dir / "wandb_run_id").read_text().strip()}  # ... one W&B run
+    first, second = (history_series(r, "train/loss") for r in runs)
+    assert second and min(step for step, _ in second) > resumed_at  # the restart logs on from its checkpoint
+    assert max(step for step, _ in second) == MAX_STEPS
+    assert [s for s, _ in first if s <= resumed_at] + [s for s, _ in second] == sorted(
+        {s for s, _ in first if s <= resumed_at} | {s for s, _ in second}
+    )
