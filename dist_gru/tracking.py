@@ -186,7 +186,10 @@ class RunTracker(Tracker):
     def finish(self) -> None:
         if self.active:
             try:
-                self.accelerator.end_training()
+                # Not accelerator.end_training(): it also destroys the process group, on rank 0 only,
+                # while the other ranks still need it; train.main tears the group down on every rank.
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
             except Exception as exc:  # noqa: BLE001
                 self._drop_trackers(exc)
             self.active = False

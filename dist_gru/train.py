@@ -103,6 +103,7 @@ class Job:
     run_dir: Path
     start_step: int
     preemption: PreemptionFlag
+    skipped_steps: int = 0  # fp16 steps the gradient scaler skipped, over the whole run (checkpointed)
 
 
 def resolve_resume(cfg: Config, run_dir: Path, accelerator) -> ckpt_lib.Checkpoint | None:
@@ -213,6 +214,7 @@ def build(cfg: Config) -> Job:
         run_dir,
         start_step,
         preemption,
+        skipped_steps=int(resume.state.get("skipped_steps", 0)) if resume else 0,
     )
 
 
@@ -232,6 +234,7 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             "model_config": job.model_config,
             "tracker_run_id": job.tracker.run_id,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "skipped_steps": job.skipped_steps,
         }
         path = ckpt_lib.save_checkpoint(job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep)
     acc.wait_for_everyone()
@@ -253,7 +256,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
     )
     # Per-interval accumulators stay on the device: no host sync until a log step.
     loss_sum = torch.zeros((), device=device)
-    samples = seq_steps = skipped = interval_steps = 0
+    samples = seq_steps = interval_steps = 0
     data_wait = 0.0
     interval_start = time.perf_counter()
     epoch = job.sampler.position(job.start_step)[0]
@@ -285,7 +288,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        skipped += int(acc.optimizer_step_was_skipped)
+        job.skipped_steps += int(acc.optimizer_step_was_skipped)
         done = step + 1
         interval_steps += 1
         progress.update(1)
@@ -317,7 +320,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                 "mem/peak_rss_mb": float(every[:, 4].max()),
                 "progress/epoch": epoch,
                 "progress/samples_seen": done * cfg.train.global_batch_size,
-                "amp/skipped_steps": skipped,
+                "amp/skipped_steps": job.skipped_steps,
             }
             if device.type == "cuda":
                 metrics["mem/cuda_max_alloc_mb"] = float(every[:, 5].max())
@@ -436,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     job = build(cfg)
     try:
         code, _ = train_loop(job)
+        job.tracker.finish()  # rank 0 flushes W&B (about a second) ...
+        job.accelerator.wait_for_everyone()  # ... while the others wait: all ranks exit together
         return code
     finally:
         job.tracker.finish()

@@ -277,16 +277,22 @@ def test_a_failing_tracker_does_not_stop_training(tmp_path, capsys):
     from dist_gru.config import load_config
     from dist_gru.tracking import RunTracker
 
+    class DeadTracker:
+        name = "wandb"
+
+        def store_init_configuration(self, config):
+            pass
+
+        def finish(self):
+            raise ConnectionResetError("Connection lost")
+
     class DeadService:
         trackers: list = []
 
         def init_trackers(self, *args, **kwargs):
-            pass
+            self.trackers = [DeadTracker()]
 
         def log(self, metrics, step):
-            raise ConnectionResetError("Connection lost")
-
-        def end_training(self):
             raise ConnectionResetError("Connection lost")
 
     cfg = load_config(None, ["log.trackers=[tensorboard]"])
