@@ -71,18 +71,24 @@ class PreemptionFlag:
 
     def __init__(self, names: list[str]):
         self.signum = 0
+        self._group = None
         for name in names:
             signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled. All ranks participate."""
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled. All ranks participate.
+
+        The flag travels as a CPU tensor over gloo (a side group next to NCCL on GPUs), so this
+        per-step check never waits for the GPU's queue of work."""
         if not dist.is_initialized():
             return bool(self.signum)
-        flag = torch.tensor([1 if self.signum else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self._group is None:  # first call: every rank is here at the same step
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([1 if self.signum else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
 
@@ -344,7 +350,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             interval_start += time.perf_counter() - eval_start  # perf/* measure training steps, not evaluation
 
         # --- once in a while: checkpoint (all ranks participate) --------------------------------
-        preempted = job.preemption.agreed(device)
+        preempted = job.preemption.agreed()
         if preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < max_steps):
             save_start = time.perf_counter()
             path = save(job, done, epoch)
