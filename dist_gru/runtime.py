@@ -91,8 +91,9 @@ def cpu_threads(cfg: Config, local_world_size: int) -> int:
     process ran 30x slower (OpenMP threads spin at barriers), while 1 thread lost only 10%."""
     if cfg.train.threads:
         return cfg.train.threads
-    if _env_int("OMP_NUM_THREADS", 0) > 0:
-        return _env_int("OMP_NUM_THREADS", 0)
+    omp_threads = _env_int("OMP_NUM_THREADS", 0)
+    if omp_threads > 0:
+        return omp_threads
     cores = len(os.sched_getaffinity(0))
     return max(1, cores // max(1, local_world_size))
 

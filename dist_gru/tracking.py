@@ -158,8 +158,8 @@ class RunTracker(Tracker):
             return
         accelerator.init_trackers(cfg.log.project, init_kwargs=init_kwargs)
         # The resolved config: nested for W&B (as in config.yaml), flattened for TensorBoard's hparams.
+        config = cfg.to_dict()
         for tracker in accelerator.trackers:
-            config = cfg.to_dict()
             tracker.store_init_configuration(flat_config(config) if tracker.name == "tensorboard" else config)
 
     def _truncate_after(self, step: int) -> None:

@@ -120,21 +120,22 @@ def resolve_resume(cfg: Config, run_dir: Path, accelerator) -> ckpt_lib.Checkpoi
     if cfg.train.resume == "none":
         return None
     choice: list[str | None] = [None, None]  # [checkpoint folder, error]: an error must stop every rank
+    chosen = None
     if accelerator.is_main_process:
         try:
             if cfg.train.resume == "auto":
-                latest = ckpt_lib.find_latest(run_dir)
-                choice[0] = str(latest.path) if latest else None
+                chosen = ckpt_lib.find_latest(run_dir)
             else:
-                choice[0] = str(ckpt_lib.verify(Path(cfg.train.resume)).path)
+                chosen = ckpt_lib.verify(Path(cfg.train.resume))
+            choice[0] = str(chosen.path) if chosen else None
         except ckpt_lib.CheckpointError as exc:
             choice[1] = str(exc)
     if accelerator.num_processes > 1:
         broadcast_object_list(choice)
     if choice[1] is not None:
         raise ckpt_lib.CheckpointError(choice[1])
-    if choice[0] is None:
-        return None
+    if choice[0] is None or chosen is not None:
+        return chosen  # rank 0 has verified its choice already (sha256 of every file): not twice
     try:
         return ckpt_lib.verify(Path(choice[0]))
     except ckpt_lib.CheckpointError as exc:
