@@ -1,8 +1,9 @@
 """Padded batches: the one place that turns a list of sequences into model input.
 
 A batch is a dict: `x` float32 [B, T_max, F] zero-padded, `lengths` int64 [B] (kept on the CPU:
-packing wants them there), `y` float32 [B, O] or int64 [B], `index` int64 [B] (global sample ids,
-which tests use to prove that no sample is trained twice or skipped).
+packing wants them there), `y` float32 [B, O] or int64 [B] per sequence, or per step float32
+[B, T_max, O] or int64 [B, T_max] zero-padded (consumers mask with `lengths`), `index` int64 [B]
+(global sample ids, which tests use to prove that no sample is trained twice or skipped).
 """
 
 from __future__ import annotations
@@ -13,16 +14,28 @@ import numpy as np
 import torch
 
 
-def pad_batch(sequences: Sequence[np.ndarray], targets: np.ndarray, indices: Sequence[int]) -> dict:
-    """Copy each [T_i, F] sequence once into a preallocated zero-padded [B, T_max, F] array."""
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    x = np.zeros((len(sequences), int(lengths.max()), sequences[0].shape[1]), dtype=np.float32)
-    for row, seq in enumerate(sequences):
+def pad_steps(arrays: Sequence[np.ndarray], lengths: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Copy each [T_i, ...] array once into a preallocated zero-padded [B, T_max, ...] array."""
+    x = np.zeros((len(arrays), int(lengths.max()), *arrays[0].shape[1:]), dtype=dtype)
+    for row, seq in enumerate(arrays):
         x[row, : len(seq)] = seq
+    return x
+
+
+def pad_batch(
+    sequences: Sequence[np.ndarray], targets: np.ndarray | Sequence[np.ndarray], indices: Sequence[int]
+) -> dict:
+    """One batch: sequences zero-padded; `targets` an array [B, ...] (one per sequence) or a list of
+    per-step arrays [T_i] / [T_i, O], padded like the sequences."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    if isinstance(targets, np.ndarray):
+        y = np.ascontiguousarray(targets)
+    else:
+        y = pad_steps(targets, lengths, dtype=targets[0].dtype)
     return {
-        "x": torch.from_numpy(x),
+        "x": torch.from_numpy(pad_steps(sequences, lengths)),
         "lengths": torch.from_numpy(lengths),
-        "y": torch.from_numpy(np.ascontiguousarray(targets)),
+        "y": torch.from_numpy(y),
         "index": torch.as_tensor(np.asarray(indices, dtype=np.int64)),
     }
 

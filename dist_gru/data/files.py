@@ -8,18 +8,24 @@ A dataset is a directory per split:
                     "max_length": .., "created_by": "dist_gru <version>"}
     features.npy   float32 [S, F]  all sequences concatenated along time
     offsets.npy    int64 [N + 1]   sequence i is features[offsets[i]:offsets[i + 1]]
-    targets.npy    float32 [N, O] (regression) or int64 [N] (classification, labels in [0, C))
+    targets.npy    float32 [N, O] (regression) or int64 [N] (classification, labels in [0, C)),
+                   or, with "target_kind": "step" in meta.json, one target per time step aligned
+                   with features.npy: float32 [S, O] or int64 [S]
+
+A step dataset (per-step labelling, series to forecast) may have no input features (F = 0): a
+univariate series to forecast is its targets alone.
 
 Write one from Python, then train on it:
 
     from dist_gru.data.files import SequenceFileDataset, collate_identity, write_sequences
     write_sequences("data/train", [x0, x1, ...], y, task="regression")
+    write_sequences("data/steps", [x0, x1, ...], [labels0, labels1, ...], task="classification", num_classes=3)
     ds = SequenceFileDataset("data/train")
     loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=collate_identity)
 
 `SequenceFileDataset` never reads features.npy whole: it memory-maps it (Megatron-LM's indexed
 dataset does the same), so a 4 GB file costs page cache, not process memory, and opening it is
-O(N). Features are checked for finite values when written and by `validate(path, full=True)`
+O(N) (plus one chunked pass over per-step targets, which are validated on every open). Features are checked for finite values when written and by `validate(path, full=True)`
 (`dist-gru prepare --check DIR`), not on every open.
 """
 
@@ -52,6 +58,7 @@ __all__ = [
 
 FORMAT = "dist_gru.seq/v1"
 TASKS = ("regression", "classification")
+TARGET_KINDS = ("sequence", "step")
 META_FILE, FEATURES_FILE, OFFSETS_FILE, TARGETS_FILE = "meta.json", "features.npy", "offsets.npy", "targets.npy"
 # Chunks of features.npy read by the streaming passes stay below this many values (32 MiB as
 # float64), whatever the number of features.
@@ -72,19 +79,25 @@ def write_sequences(
     *,
     task: str,
     num_classes: int | None = None,
+    target_kind: str | None = None,
 ) -> Path:
     """Validate `sequences` and `targets` and write them as a `dist_gru.seq/v1` dataset at `path`.
 
     `sequences` is a list of 2-D arrays [T_i, F] or one 3-D array [N, T, F] (fixed length);
     `targets` is [N] or [N, O] floats (regression, stored [N, O]) or [N] integer labels in
-    [0, num_classes) (classification). The write is atomic: the files go into a temporary sibling
+    [0, num_classes) (classification). A list of numpy arrays, one per sequence, of [T_i] or
+    [T_i, O] (regression) or [T_i] labels (classification) gives per-step targets instead (a step
+    dataset; its sequences may have F = 0 features). `target_kind` ("sequence" | "step") says
+    which explicitly; by default a list of numpy arrays is per step and anything else per
+    sequence. Long arrays (even memory-mapped ones) are copied in bounded chunks. The write is atomic: the files go into a temporary sibling
     directory that is renamed into place only once complete, so a failed write leaves nothing
     behind and an existing dataset at `path` is replaced only by a complete one. A non-empty
     directory at `path` that is not a dataset is never touched. Returns `path`.
     """
     path = Path(path)
-    sequences, lengths, num_features, targets, num_classes = _check_inputs(
-        f"writing {path}", sequences, targets, task=task, num_classes=num_classes, scan_features=False
+    where = f"writing {path}"
+    sequences, lengths, num_features, targets, num_classes, target_dim, kind = _check_inputs(
+        where, sequences, targets, task=task, num_classes=num_classes, scan_features=False, target_kind=target_kind
     )
     check_destination(path)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -94,7 +107,8 @@ def write_sequences(
         "num_sequences": len(lengths),
         "num_features": num_features,
         "task": task,
-        **({"num_classes": num_classes} if task == "classification" else {"target_dim": int(targets.shape[1])}),
+        **({"num_classes": num_classes} if task == "classification" else {"target_dim": target_dim}),
+        **({"target_kind": "step"} if kind == "step" else {}),
         "feature_dtype": "float32",
         "total_steps": int(offsets[-1]),
         "min_length": int(lengths.min()),
@@ -108,11 +122,19 @@ def write_sequences(
         features = open_memmap(
             staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), num_features)
         )
-        _fill_features(features, sequences, offsets, f"writing {path}: sequences")
+        _fill_features(features, sequences, offsets, f"{where}: sequences")
         features.flush()
         del features
         np.save(staging / OFFSETS_FILE, offsets)
-        np.save(staging / TARGETS_FILE, targets)
+        if kind == "step":
+            shape = (int(offsets[-1]),) if task == "classification" else (int(offsets[-1]), target_dim)
+            dtype = np.int64 if task == "classification" else np.float32
+            stored = open_memmap(staging / TARGETS_FILE, mode="w+", dtype=dtype, shape=shape)
+            _fill_step_targets(stored, targets, offsets, task, num_classes, f"{where}: targets")
+            stored.flush()
+            del stored
+        else:
+            np.save(staging / TARGETS_FILE, targets)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(staging, path)
     except BaseException:
@@ -168,37 +190,69 @@ def _check_inputs(
     num_classes: Any,
     scan_features: bool,
     targets_where: str | None = None,
-) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray, int, np.ndarray, int | None]:
+    target_kind: str | None = None,
+) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray, int, Any, int | None, int | None, str]:
     """The checks `write_sequences` makes on its inputs before writing; with `scan_features`, also
-    the finiteness of the features (which the writer checks while copying them). Messages start
-    with `where` (`targets_where` for the targets, if given).
+    the finiteness of the features and per-step targets (which the writer checks while copying
+    them). Messages start with `where` (`targets_where` for the targets, if given).
 
-    Returns (sequences, lengths, F, targets as stored, num_classes).
+    Returns (sequences, lengths, F, targets, num_classes, target_dim (None for classification),
+    target kind): per-sequence targets as stored, per-step ones as a list of arrays to copy.
     """
     task, num_classes = _check_task(task, num_classes, where)
-    sequences, lengths, num_features = _check_sequences(sequences, where)
-    targets = _check_targets(targets, len(lengths), task, num_classes, targets_where or where)
+    kind = _target_kind(targets, target_kind, where)
+    sequences, lengths, num_features = _check_sequences(sequences, where, allow_no_features=kind == "step")
+    targets_where = targets_where or where
+    if kind == "step":
+        targets, target_dim = _check_step_targets(targets, lengths, task, targets_where)
+    else:
+        targets = _check_targets(targets, len(lengths), task, num_classes, targets_where)
+        target_dim = None if task == "classification" else int(targets.shape[1])
     if scan_features:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        for first_row, block in _feature_blocks(sequences, lengths):
+        for first_row, block in _blocks(sequences, lengths):
             with np.errstate(over="ignore", invalid="ignore"):
                 block = block.astype(np.float32, copy=False)
             if not np.isfinite(block).all():
                 _raise_non_finite(block, first_row, offsets, f"{where}: sequences")
-    return sequences, lengths, num_features, targets, num_classes
+        if kind == "step":
+            for first_row, block in _blocks(targets, lengths):
+                _check_step_block(block, first_row, offsets, task, num_classes, f"{targets_where}: targets")
+    return sequences, lengths, num_features, targets, num_classes, target_dim, kind
 
 
-def _feature_blocks(sequences: list[np.ndarray] | np.ndarray, lengths: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row in features.npy, block [rows, F]): one sequence, or a few fixed-length ones."""
-    if isinstance(sequences, np.ndarray):  # [N, T, F]
-        n, t, f = sequences.shape
-        per_block = max(1, _MAX_CHUNK_VALUES // (t * f))
+def _target_kind(targets: Any, target_kind: Any, where: str) -> str:
+    if target_kind is not None:
+        if target_kind not in TARGET_KINDS:
+            raise DataFormatError(
+                f"{where}: target_kind={target_kind!r}; expected one of {', '.join(map(repr, TARGET_KINDS))}"
+            )
+        return target_kind
+    per_step = (
+        isinstance(targets, (list, tuple))
+        and len(targets) > 0
+        and all(isinstance(t, np.ndarray) and t.ndim >= 1 for t in targets)
+    )
+    return "step" if per_step else "sequence"
+
+
+def _blocks(arrays: list[np.ndarray] | np.ndarray, lengths: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row in the concatenated file, block [rows, ...]): a few fixed-length sequences, or one
+    sequence in chunks of at most `_MAX_CHUNK_VALUES` values (so a long memory-mapped series is
+    copied and checked without ever being read whole)."""
+    if isinstance(arrays, np.ndarray):  # [N, T, ...]
+        n, t = arrays.shape[:2]
+        width = int(np.prod(arrays.shape[2:], dtype=np.int64))
+        per_block = max(1, _MAX_CHUNK_VALUES // max(1, t * width))
         for first in range(0, n, per_block):
-            yield first * t, sequences[first : first + per_block].reshape(-1, f)
+            yield first * t, arrays[first : first + per_block].reshape(-1, *arrays.shape[2:])
         return
     first_row = 0
-    for seq, length in zip(sequences, lengths.tolist(), strict=True):
-        yield first_row, seq
+    for seq, length in zip(arrays, lengths.tolist(), strict=True):
+        width = int(np.prod(seq.shape[1:], dtype=np.int64))
+        rows = max(1, _MAX_CHUNK_VALUES // max(1, width))
+        for first in range(0, length, rows):
+            yield first_row + first, seq[first : first + rows]
         first_row += length
 
 
@@ -206,7 +260,7 @@ def _fill_features(
     features: np.ndarray, sequences: list[np.ndarray] | np.ndarray, offsets: np.ndarray, what: str
 ) -> None:
     """Copy the sequences into the preallocated [S, F] memmap block by block, checking finiteness."""
-    for first_row, block in _feature_blocks(sequences, np.diff(offsets)):
+    for first_row, block in _blocks(sequences, np.diff(offsets)):
         rows = features[first_row : first_row + len(block)]
         with np.errstate(over="ignore", invalid="ignore"):
             rows[...] = block
@@ -214,14 +268,116 @@ def _fill_features(
             _raise_non_finite(rows, first_row, offsets, what)
 
 
+def _locate(offsets: np.ndarray, row: int) -> tuple[int, int]:
+    """(sequence, time step within it) of a row of the concatenated arrays."""
+    seq = int(np.searchsorted(offsets, row, side="right")) - 1
+    return seq, row - int(offsets[seq])
+
+
 def _raise_non_finite(rows: np.ndarray, first_row: int, offsets: np.ndarray, what: str) -> None:
     row, feature = (int(v) for v in np.argwhere(~np.isfinite(rows))[0])
-    step = first_row + row
-    seq = int(np.searchsorted(offsets, step, side="right")) - 1
+    seq, step = _locate(offsets, first_row + row)
     raise DataFormatError(
         f"{what}: non-finite value {rows[row, feature]} in sequence {seq} at time step "
-        f"{step - int(offsets[seq])}, feature {feature}; features must be finite (after conversion to float32)"
+        f"{step}, feature {feature}; features must be finite (after conversion to float32)"
     )
+
+
+def _fill_step_targets(
+    stored: np.ndarray, targets: list[np.ndarray], offsets: np.ndarray, task: str, num_classes: int | None, what: str
+) -> None:
+    """Copy per-step targets into the preallocated [S, O] / [S] memmap block by block, checking each."""
+    for first_row, block in _blocks(targets, np.diff(offsets)):
+        rows = stored[first_row : first_row + len(block)]
+        if task == "classification":
+            _check_step_block(block, first_row, offsets, task, num_classes, what)
+            rows[...] = block
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                rows[...] = block.reshape(len(block), -1)
+            _check_step_block(rows, first_row, offsets, task, num_classes, what)
+
+
+def _check_step_block(
+    block: np.ndarray, first_row: int, offsets: np.ndarray, task: str, num_classes: int | None, what: str
+) -> None:
+    """Per-step targets of rows `first_row...`: finite regression values, or integer labels in range;
+    a problem is reported with its sequence and time step."""
+    if task == "regression":
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = block.astype(np.float32, copy=False).reshape(len(block), -1)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row, column = (int(v) for v in np.argwhere(bad)[0])
+            seq, step = _locate(offsets, first_row + row)
+            raise DataFormatError(
+                f"{what}: non-finite value {values[row, column]} in sequence {seq} at time step {step}, "
+                f"target {column}; regression targets must be finite (as float32)"
+            )
+        return
+    if block.dtype.kind == "f":
+        bad = ~(np.isfinite(block) & (block == np.round(block)))
+        if bad.any():
+            row = int(np.argmax(bad))
+            seq, step = _locate(offsets, first_row + row)
+            raise DataFormatError(
+                f"{what}: label {block[row]} in sequence {seq} at time step {step} is not an integer; "
+                "class labels must be integers"
+            )
+    bad = (block < 0) | (block >= num_classes)
+    if bad.any():
+        row = int(np.argmax(bad))
+        seq, step = _locate(offsets, first_row + row)
+        raise DataFormatError(
+            f"{what}: label {block[row]} in sequence {seq} at time step {step} is out of range; "
+            f"expected 0 <= label < num_classes={num_classes}"
+        )
+
+
+def _check_step_targets(targets: Any, lengths: np.ndarray, task: str, where: str) -> tuple[list[np.ndarray], int | None]:
+    """Shapes and dtypes of per-step targets (values are checked while copying); returns the arrays
+    and O (None for classification)."""
+    what = f"{where}: targets"
+    if isinstance(targets, np.ndarray):  # [N, T] or [N, T, O] for fixed-length [N, T, F] sequences
+        if targets.ndim < 2:
+            raise DataFormatError(
+                f"{what} has shape {targets.shape}; per-step targets are one array per sequence ([T_i] or "
+                "[T_i, O]), or [N, T] / [N, T, O] for fixed-length sequences"
+            )
+        targets = list(targets)
+    elif isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
+        raise DataFormatError(f"{what} is a {type(targets).__name__}; expected a list of per-step arrays")
+    arrays = [np.asarray(t) for t in targets]
+    if len(arrays) != len(lengths):
+        raise DataFormatError(
+            f"{what}: {len(arrays)} per-step target arrays; expected N={len(lengths)}, one per sequence"
+        )
+    target_dim = None
+    for i, (array, length) in enumerate(zip(arrays, lengths.tolist(), strict=True)):
+        item = f"{what}[{i}]"
+        if task == "classification":
+            if array.ndim != 1:
+                raise DataFormatError(f"{item} has shape {array.shape}; expected [T_i] integer class labels per step")
+            if array.dtype.kind not in "iuf":
+                raise DataFormatError(f"{item}: dtype {array.dtype}; class labels must be integers")
+        else:
+            if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[1] == 0):
+                raise DataFormatError(f"{item} has shape {array.shape}; expected [T_i] or [T_i, O] with O >= 1")
+            _check_numeric(array, item)
+            dim = 1 if array.ndim == 1 else array.shape[1]
+            if target_dim is None:
+                target_dim = dim
+            elif dim != target_dim:
+                raise DataFormatError(
+                    f"{item} has {dim} targets per step (shape {array.shape}); expected {target_dim} like targets[0]"
+                )
+        if array.shape[0] != length:
+            raise DataFormatError(
+                f"{item} has {array.shape[0]} steps (shape {array.shape}) but sequence {i} has {length} steps; "
+                "per-step targets need exactly one row per time step (for one target per sequence, pass an "
+                "array [N] / [N, O] or target_kind='sequence')"
+            )
+    return arrays, target_dim
 
 
 def _check_task(task: Any, num_classes: Any, where: str) -> tuple[str, int | None]:
@@ -249,8 +405,11 @@ def _check_numeric(array: np.ndarray, what: str) -> None:
         raise DataFormatError(f"{what}: dtype {array.dtype} is not numeric; expected a float array")
 
 
-def _check_sequences(sequences: Any, where: str) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray, int]:
-    """Shapes and dtypes only (finiteness is checked while copying); returns (sequences, lengths, F)."""
+def _check_sequences(
+    sequences: Any, where: str, allow_no_features: bool = False
+) -> tuple[list[np.ndarray] | np.ndarray, np.ndarray, int]:
+    """Shapes and dtypes only (finiteness is checked while copying); returns (sequences, lengths, F).
+    F = 0 is allowed for step datasets only (a series to forecast from its own history)."""
     if isinstance(sequences, np.ndarray):
         if sequences.ndim != 3:
             raise DataFormatError(
@@ -261,7 +420,7 @@ def _check_sequences(sequences: Any, where: str) -> tuple[list[np.ndarray] | np.
         n, t, f = sequences.shape
         if n == 0:
             raise DataFormatError(f"{where}: sequences has shape {sequences.shape}; expected at least one sequence")
-        if t == 0 or f == 0:
+        if t == 0 or (f == 0 and not allow_no_features):
             raise DataFormatError(
                 f"{where}: sequences has shape {sequences.shape}; expected length T >= 1 and features F >= 1"
             )
@@ -286,7 +445,7 @@ def _check_sequences(sequences: Any, where: str) -> tuple[list[np.ndarray] | np.
             )
         if num_features is None:
             num_features = seq.shape[1]
-            if num_features == 0:
+            if num_features == 0 and not allow_no_features:
                 raise DataFormatError(f"{what} has shape {seq.shape}; expected F >= 1 features")
         elif seq.shape[1] != num_features:
             raise DataFormatError(
@@ -361,9 +520,11 @@ class SequenceFileDataset(torch.utils.data.Dataset):
     `ds.__getitems__(indices)` (what `DataLoader` calls with a batch of indices) returns one padded
     batch `{"x": float32 [B, T_max, F] zero-padded, "lengths": int64 [B], "y": float32 [B, O] or
     int64 [B], "index": int64 [B]}`, so the loader's `collate_fn` must be `collate_identity`.
+    A step dataset (`target_kind == "step"`) has `y` per step: `ds[i]["y"]` float32 [T_i, O] or
+    int64 [T_i], a batch's float32 [B, T_max, O] or int64 [B, T_max], zero-padded.
 
     Opening validates meta.json, the three arrays' dtypes and shapes, the offsets and the targets
-    (O(N) work); it does not scan features.npy (see `validate(path, full=True)`). Pickling keeps only
+    (O(N) work, plus a chunked pass over per-step targets); it does not scan features.npy (see `validate(path, full=True)`). Pickling keeps only
     the path and meta: a DataLoader worker reopens the memory maps on first use.
     """
 
@@ -371,6 +532,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         self.meta = _read_meta(self.path)
         self.task: str = self.meta["task"]
+        self.target_kind: str = self.meta.get("target_kind", "sequence")
         self.num_features: int = self.meta["num_features"]
         self.num_classes: int | None = self.meta.get("num_classes") if self.task == "classification" else None
         self.output_size: int = self.num_classes if self.task == "classification" else self.meta["target_dim"]
@@ -378,7 +540,8 @@ class SequenceFileDataset(torch.utils.data.Dataset):
 
     def _open(self, check_contents: bool) -> None:
         meta, n = self.meta, self.meta["num_sequences"]
-        targets_shape = (n,) if self.task == "classification" else (n, self.output_size)
+        rows = meta["total_steps"] if self.target_kind == "step" else n
+        targets_shape = (rows,) if self.task == "classification" else (rows, self.output_size)
         targets_dtype = np.int64 if self.task == "classification" else np.float32
         self._features = _load_array(self.path / FEATURES_FILE, np.float32, (meta["total_steps"], self.num_features))
         self._targets = _load_array(self.path / TARGETS_FILE, targets_dtype, targets_shape)
@@ -392,11 +555,15 @@ class SequenceFileDataset(torch.utils.data.Dataset):
             for key, value in (("min_length", self._lengths.min()), ("max_length", self._lengths.max())):
                 if key in meta and meta[key] != value:
                     raise DataFormatError(f"{self.path / META_FILE}: {key}={meta[key]}, but offsets.npy gives {value}")
-            targets = np.asarray(self._targets)
-            if self.task == "classification":
-                _check_labels(targets, self.num_classes, f"{self.path / TARGETS_FILE}: targets")
+            what = f"{self.path / TARGETS_FILE}: targets"
+            if self.target_kind == "step":
+                for first, chunk in _chunks(self._targets.view(np.ndarray), 1 << 20):
+                    _check_step_block(chunk, first, offsets, self.task, self.num_classes, what)
+                    self._release_pages()
+            elif self.task == "classification":
+                _check_labels(np.asarray(self._targets), self.num_classes, what)
             else:
-                _check_finite_targets(targets, f"{self.path / TARGETS_FILE}: targets")
+                _check_finite_targets(np.asarray(self._targets), what)
 
     def _ensure_open(self) -> None:
         if self._features is None:
@@ -434,7 +601,9 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         self._ensure_open()
         i = self._index(i)
         x = np.array(self._feature_rows[self._offsets[i] : self._offsets[i + 1]])
-        if self.task == "classification":
+        if self.target_kind == "step":
+            y = torch.from_numpy(np.array(self._targets[self._offsets[i] : self._offsets[i + 1]]))
+        elif self.task == "classification":
             y = torch.tensor(int(self._targets[i]), dtype=torch.int64)
         else:
             y = torch.from_numpy(np.array(self._targets[i]))
@@ -452,9 +621,32 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         rows = self._feature_rows
         starts, ends = self._offsets[index].tolist(), self._offsets[index + 1].tolist()
         sequences = [rows[start:end] for start, end in zip(starts, ends, strict=True)]
-        batch = pad_batch(sequences, self._targets[index], index)
+        if self.target_kind == "step":
+            targets = self._targets.view(np.ndarray)
+            batch = pad_batch(sequences, [targets[start:end] for start, end in zip(starts, ends, strict=True)], index)
+        else:
+            batch = pad_batch(sequences, self._targets[index], index)
         self._release_pages()
         return batch
+
+    def read_steps(
+        self, seq: np.ndarray, starts: np.ndarray, feature_steps: int, target_steps: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Steps `[t, t + feature_steps)` of the features and `[t, t + target_steps)` of the per-step
+        targets of sequences `seq` at starts `t`, copied once into [B, feature_steps, F] and
+        [B, target_steps, O] (or [B, target_steps]) arrays; the caller keeps every slice in range."""
+        self._ensure_open()
+        if self.target_kind != "step":
+            raise DataFormatError(f"{self.path}: has one target per sequence; windows need per-step targets")
+        first = self._offsets[np.asarray(seq, dtype=np.int64)] + np.asarray(starts, dtype=np.int64)
+        features = np.empty((len(first), feature_steps, self.num_features), dtype=np.float32)
+        targets_rows = self._targets.view(np.ndarray)
+        targets = np.empty((len(first), target_steps, *targets_rows.shape[1:]), dtype=targets_rows.dtype)
+        for row, begin in enumerate(first.tolist()):
+            features[row] = self._feature_rows[begin : begin + feature_steps]
+            targets[row] = targets_rows[begin : begin + target_steps]
+        self._release_pages()
+        return features, targets
 
     def _release_pages(self) -> None:
         """Unmap the feature pages this process touched (the page cache keeps them).
@@ -463,9 +655,13 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         around it: over a run, reading random sequences of a 4 GB file would grow each rank's RSS
         towards 4 GB. Dropping the mapping after each batch (about 0.5 ms for a 4 GB file) keeps the
         per-process memory independent of the dataset size; the data stays cached for the next read."""
-        mapping = getattr(self._features, "_mmap", None)
-        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        arrays = (self._features, self._targets) if self.target_kind == "step" else (self._features,)
+        for array in arrays:
+            mapping = getattr(array, "_mmap", None)
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def feature_moments(self, chunk_steps: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature mean and (population) std over all time steps: float32 [F] each.
@@ -492,7 +688,8 @@ class SequenceFileDataset(torch.utils.data.Dataset):
 def _chunks(rows: np.ndarray, chunk_steps: int) -> Iterator[tuple[int, np.ndarray]]:
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps={chunk_steps}; expected >= 1")
-    step = max(1, min(chunk_steps, _MAX_CHUNK_VALUES // max(1, rows.shape[1])))
+    width = int(np.prod(rows.shape[1:], dtype=np.int64))
+    step = max(1, min(chunk_steps, _MAX_CHUNK_VALUES // max(1, width)))
     for first in range(0, len(rows), step):
         yield first, rows[first : first + step]
 
@@ -536,12 +733,18 @@ def _read_meta(path: Path) -> dict:
         raise DataFormatError(
             f'{meta_file}: "task" is {meta.get("task")!r}; expected one of {", ".join(map(repr, TASKS))}'
         )
+    if meta.get("target_kind", "sequence") not in TARGET_KINDS:
+        raise DataFormatError(
+            f'{meta_file}: "target_kind" is {meta["target_kind"]!r}; expected one of '
+            f"{', '.join(map(repr, TARGET_KINDS))} (absent means sequence)"
+        )
     size_key = "num_classes" if meta["task"] == "classification" else "target_dim"
     for key in ("num_sequences", "num_features", size_key, "total_steps"):
         if key not in meta:
             raise DataFormatError(f'{meta_file}: missing key "{key}" (a {meta["task"]} dataset needs it)')
-        if not _is_int(meta[key]) or meta[key] < 1:
-            raise DataFormatError(f'{meta_file}: "{key}" is {meta[key]!r}; expected an integer >= 1')
+        low = 0 if key == "num_features" and meta.get("target_kind") == "step" else 1
+        if not _is_int(meta[key]) or meta[key] < low:
+            raise DataFormatError(f'{meta_file}: "{key}" is {meta[key]!r}; expected an integer >= {low}')
     for key in ("min_length", "max_length"):
         if key in meta and (not _is_int(meta[key]) or meta[key] < 1):
             raise DataFormatError(f'{meta_file}: "{key}" is {meta[key]!r}; expected an integer >= 1')

@@ -22,11 +22,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from dist_gru.config import ConfigError, DataConfig
 from dist_gru.data.batching import collate_identity
+from dist_gru.data.permutation import FeistelPermutation
 from dist_gru.data.synthetic import SYNTHETIC
 
 # With bucketing, sequences are sorted by length inside windows of this many micro-batches, so
 # batches hold similar lengths while the epoch order stays random.
 BUCKET_WINDOW = 64
+# Up to this many samples an epoch's order is an in-memory permutation (32 MiB at most); above, a
+# keyed Feistel permutation computed per micro-batch (see TrainBatchSampler).
+IN_MEMORY_ORDER_MAX = 1 << 22
 
 
 def build_dataset(cfg: DataConfig, split: str) -> Dataset | None:
@@ -42,7 +46,14 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset | None:
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's slice of each global micro-batch, from a settable (epoch, batch) position."""
+    """Yields this rank's slice of each global micro-batch, from a settable (epoch, batch) position.
+
+    Up to `IN_MEMORY_ORDER_MAX` samples the epoch order is `rng.permutation` seeded by (seed,
+    epoch), held in memory (8 bytes per sample). Above it (windows drawn from long series: 10^8
+    samples would take 800 MB per rank) the order is a keyed `FeistelPermutation` of the sample ids,
+    evaluated per micro-batch: O(1) memory, the same contract. `lengths` may be a broadcast view
+    (`np.broadcast_to`), which a window dataset uses to give every window its length for free.
+    """
 
     def __init__(
         self,
@@ -65,15 +76,22 @@ class TrainBatchSampler(torch.utils.data.Sampler):
                 f"the training split has {len(self.lengths)} samples, fewer than one global batch of "
                 f"{micro_batch_size * grad_accum_steps}: lower train.global_batch_size or use more data"
             )
+        self.batches_per_epoch = self.steps_per_epoch * self.accum
+        self.in_memory = len(self.lengths) <= IN_MEMORY_ORDER_MAX
         self.epoch, self.start = 0, 0
         self._cache: tuple[int, np.ndarray] | None = None
+        self._chunk_cache: tuple[tuple[int, int], np.ndarray] | None = None
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        """All global micro-batches of `epoch`, shape [steps_per_epoch * accum, micro]: same on every rank."""
+        """All global micro-batches of `epoch`, shape [steps_per_epoch * accum, micro]: same on every rank.
+
+        Materialises the epoch (8 bytes per sample); training itself reads `micro_batch`."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
+        if not self.in_memory:
+            return np.stack([self.micro_batch(epoch, j) for j in range(self.batches_per_epoch)])
         rng = np.random.default_rng((self.seed, epoch))
-        used = self.steps_per_epoch * self.accum * self.micro
+        used = self.batches_per_epoch * self.micro
         order = rng.permutation(len(self.lengths))[:used]
         if self.bucket_by_length:
             window = BUCKET_WINDOW * self.micro
@@ -87,10 +105,34 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self._cache = (epoch, batches)
         return batches
 
+    def micro_batch(self, epoch: int, j: int) -> np.ndarray:
+        """Global micro-batch `j` of `epoch` (int64 [micro]): row j of `epoch_batches(epoch)`."""
+        if self.in_memory:
+            return self.epoch_batches(epoch)[j]
+        order = FeistelPermutation(len(self.lengths), self.seed, stream=2 * epoch)
+        if not self.bucket_by_length:
+            return order(np.arange(j * self.micro, (j + 1) * self.micro))
+        # As in memory: sort the order by length inside windows of BUCKET_WINDOW micro-batches,
+        # cut them into micro-batches and shuffle those (here: a second keyed permutation).
+        b = int(FeistelPermutation(self.batches_per_epoch, self.seed, stream=2 * epoch + 1)(np.array(j)))
+        chunk, row = divmod(b, BUCKET_WINDOW)
+        if self._chunk_cache is None or self._chunk_cache[0] != (epoch, chunk):
+            window = BUCKET_WINDOW * self.micro
+            ids = order(np.arange(chunk * window, min((chunk + 1) * window, self.batches_per_epoch * self.micro)))
+            self._chunk_cache = ((epoch, chunk), ids[np.argsort(self.lengths[ids], kind="stable")])
+        return self._chunk_cache[1][row * self.micro : (row + 1) * self.micro]
+
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, micro-batch index within the epoch) where optimizer step `step` starts."""
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         return epoch, step_in_epoch * self.accum
+
+    def valid_steps(self, step: int) -> int:
+        """Valid time steps (sum of lengths) of optimizer step `step`'s whole global batch, every
+        rank and micro-batch: the denominator of a per-step mean loss, known to every rank without
+        a collective because every rank can compute every rank's samples."""
+        epoch, start = self.position(step)
+        return int(sum(int(self.lengths[self.micro_batch(epoch, j)].sum()) for j in range(start, start + self.accum)))
 
     def set_position(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
@@ -99,16 +141,23 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         return batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.epoch_batches(self.epoch)[self.start :]:
-            yield self.rank_slice(batch)
+        epoch = self.epoch
+        for j in range(self.start, self.batches_per_epoch):
+            yield self.rank_slice(self.micro_batch(epoch, j))
 
     def __len__(self) -> int:
-        return self.steps_per_epoch * self.accum - self.start
+        return self.batches_per_epoch - self.start
 
-    def padding_fraction(self, epoch: int = 0) -> float:
-        """Fraction of padded time steps over all ranks' micro-batches of an epoch."""
-        slices = self.lengths[self.epoch_batches(epoch)].reshape(-1, self.per_rank)
-        return float(1.0 - slices.sum() / (slices.max(axis=1).sum() * self.per_rank))
+    def padding_fraction(self, epoch: int = 0, max_batches: int | None = None) -> float:
+        """Fraction of padded time steps over all ranks' micro-batches of an epoch (of its first
+        `max_batches` micro-batches, if given)."""
+        count = self.batches_per_epoch if max_batches is None else min(max_batches, self.batches_per_epoch)
+        valid = padded = 0
+        for j in range(count):
+            slices = self.lengths[self.micro_batch(epoch, j)].reshape(-1, self.per_rank)
+            valid += int(slices.sum())
+            padded += int(slices.max(axis=1).sum()) * self.per_rank
+        return float(1.0 - valid / padded)
 
 
 def eval_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
