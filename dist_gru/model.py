@@ -1,28 +1,33 @@
-"""GRU sequence models: ``GRUModel`` (recurrent stack + linear head) and ``SeedGRU``.
+"""GRU sequence models: ``GRUModel`` (a GRU encoder + a small head) and ``SeedGRU``.
 
-Two GRU variants live here, and they compute different functions (see
-``/work/shared/seed/README.md``):
+    python -c "import torch; from dist_gru.model import GRUModel; \
+print(GRUModel(3, 16, cell='seed')(torch.randn(2, 5, 3)).shape)"
 
-* ``cell="torch"``: ``torch.nn.GRU`` (cuDNN form), the reset gate applied *after* the
+Two GRU forms live here, and they compute different functions:
+
+* ``cell="torch"``: ``torch.nn.GRU`` (the cuDNN form), the reset gate applied *after* the
   recurrent product: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``,
   ``h' = (1 - z) n + z h``.
-* ``cell="seed"``: :class:`SeedGRU`, the seed document's equations (Cho et al. 2014
-  form), the reset gate applied *before* the recurrent product::
+* ``cell="seed"``: :class:`SeedGRU`, the equations of the tutorial this project started from
+  (Cho et al. 2014), the reset gate applied *before* the recurrent product, and ``z`` weighting
+  the candidate where ``nn.GRU``'s weights the old state (seed ``z`` = torch ``1 - z``)::
 
       r_t  = sigmoid(W_r x_t + U_r h_{t-1} + b_r)
       z_t  = sigmoid(W_z x_t + U_z h_{t-1} + b_z)
       h~_t = tanh(W_h x_t + U_h (r_t * h_{t-1}) + b_h)
       h_t  = (1 - z_t) * h_{t-1} + z_t * h~_t
 
-The module holds no training logic. Quick check::
-
-    python -c "import torch; from dist_gru.model import GRUModel; \
-print(GRUModel(3, 16, cell='seed')(torch.randn(2, 5, 3)).shape)"
+``GRUModel`` = input scaling, the encoder (either form, one or both directions), and a head from
+``dist_gru.heads`` (``last``, ``step``, ``forecast``) with a point, gaussian or quantile output.
+Variable-length batches are exact in every mode: a padded batch gives each sequence the outputs it
+gets alone. The module holds no training logic (losses: ``dist_gru.losses``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -33,10 +38,14 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from dist_gru.heads import HEADS, OUTPUTS, build_head, shape_output, units_per_output
+from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast, step_mask
 
 TASKS = ("regression", "classification")
 CELLS = ("torch", "seed")
+SCALINGS = ("none", "global", "window")
 # Smallest std set_normalization keeps: a constant feature must not divide by zero.
 MIN_STD = 1e-6
 
@@ -118,10 +127,31 @@ class SeedGRUCell(nn.Module):
         return f"{self.input_size}, {self.hidden_size}"
 
 
+def reverse_within_lengths(x: Tensor, lengths: Tensor | None, time_dim: int = 1) -> Tensor:
+    """Each sequence reversed within its own length; padded steps stay where they are.
+
+    ``x`` is [B, T, F] (``time_dim=1``) or [T, B, F] (``time_dim=0``). Step t of sequence b gets
+    step ``length_b - 1 - t`` for ``t < length_b``: one gather, and its own inverse. A backward
+    pass over the result starts at each sequence's last valid step, not in the padding.
+    """
+    if lengths is None:
+        return x.flip(time_dim)
+    steps = x.shape[time_dim]
+    time = torch.arange(steps, device=x.device)[None, :]
+    lengths = lengths.to(x.device)[:, None]
+    index = torch.where(time < lengths, lengths - 1 - time, time)  # [B, T]
+    if time_dim == 0:
+        index = index.t()
+    return x.gather(time_dim, index.unsqueeze(-1).expand_as(x))
+
+
 class SeedGRU(nn.Module):
     """A batch-first stack of :class:`SeedGRUCell` layers, called like ``nn.GRU``.
 
-    ``dropout`` applies between layers (not after the last), as in ``nn.GRU``.
+    ``dropout`` applies between layers (not after the last), as in ``nn.GRU``. With
+    ``bidirectional=True`` every layer has a second stack of cells (``reverse_cells``) that reads
+    each sequence backwards from its last valid step; a layer's output is the two directions
+    concatenated, and ``h_n`` is ordered like ``nn.GRU``'s (layer 0 forward, layer 0 backward, ...).
     """
 
     def __init__(
@@ -130,16 +160,27 @@ class SeedGRU(nn.Module):
         hidden_size: int,
         num_layers: int = 1,
         dropout: float = 0.0,
+        bidirectional: bool = False,
     ) -> None:
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.dropout = dropout
+        self.bidirectional = bidirectional
         self.batch_first = True
-        self.cells = nn.ModuleList(
-            SeedGRUCell(input_size if layer == 0 else hidden_size, hidden_size) for layer in range(num_layers)
-        )
+        directions = 2 if bidirectional else 1
+
+        def layer_cells() -> nn.ModuleList:
+            return nn.ModuleList(
+                SeedGRUCell(input_size if layer == 0 else directions * hidden_size, hidden_size)
+                for layer in range(num_layers)
+            )
+
+        self.cells = layer_cells()
+        # Only when bidirectional, so a unidirectional state dict is what it always was.
+        if bidirectional:
+            self.reverse_cells = layer_cells()
 
     def flatten_parameters(self) -> None:
         """No-op, so callers can treat it like ``nn.GRU`` (only cuDNN needs it)."""
@@ -150,49 +191,63 @@ class SeedGRU(nn.Module):
         h0: Tensor | None = None,
         lengths: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``x`` [B, T, I] -> ``(out [B, T, H], h_n [num_layers, B, H])``.
+        """``x`` [B, T, I] -> ``(out [B, T, D*H], h_n [num_layers * D, B, H])``, D = 2 if bidirectional.
 
         With ``lengths`` [B], steps at ``t >= length`` leave the state unchanged, so
-        ``h_n`` is each sequence's state after its last valid step, and ``out`` is zero
-        at padded positions (what ``pad_packed_sequence`` gives for ``nn.GRU``).
+        ``h_n`` is each sequence's state after its last valid step (backwards: after step 0), and
+        ``out`` is zero at padded positions (what ``pad_packed_sequence`` gives for ``nn.GRU``).
         """
         batch, steps, _ = x.shape
+        directions = 2 if self.bidirectional else 1
+        expected = (self.num_layers * directions, batch, self.hidden_size)
         if h0 is None:
             # On the input's device and dtype (the seed example made CPU fp32 zeros).
-            h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
-        elif h0.shape != (self.num_layers, batch, self.hidden_size):
-            expected = (self.num_layers, batch, self.hidden_size)
+            h0 = x.new_zeros(expected)
+        elif h0.shape != expected:
             raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {expected}")
         valid = None
         if lengths is not None and bool((lengths < steps).any()):
             # valid[t, b]: step t lies inside sequence b; [T, B, 1] broadcasts over H.
             time = torch.arange(steps, device=lengths.device)
             valid = (time[:, None] < lengths[None, :]).unsqueeze(-1).to(x.device)
+        reverse_lengths = None if valid is None else lengths
 
         # Time-major inside: a layer's projection is [T, B, 3H], so xproj[t] is one
         # contiguous [B, 3H] block that addmm reads without a copy.
         layer_input = x.transpose(0, 1)
         last_states = []
-        for index, cell in enumerate(self.cells):
+        for index in range(self.num_layers):
             if index > 0 and self.dropout > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
-            xproj = cell.input_projection(layer_input)
-            # Concatenate the recurrent weights once per layer, not once per step.
-            u_rz_t, u_h_t = cell.recurrent_weights()
-            h = h0[index]
-            outputs = []
-            for t, xproj_t in enumerate(xproj.unbind(0)):
-                h_new = _seed_step(xproj_t, h, u_rz_t, u_h_t)
-                h = h_new if valid is None else torch.where(valid[t], h_new, h)
-                outputs.append(h)
-            layer_input = torch.stack(outputs)
+            out, h = _seed_layer(self.cells[index], layer_input, h0[directions * index], valid)
             last_states.append(h)
+            if self.bidirectional:
+                backward_input = reverse_within_lengths(layer_input, reverse_lengths, time_dim=0)
+                out_b, h_b = _seed_layer(self.reverse_cells[index], backward_input, h0[2 * index + 1], valid)
+                out = torch.cat([out, reverse_within_lengths(out_b, reverse_lengths, time_dim=0)], dim=-1)
+                last_states.append(h_b)
+            layer_input = out
 
         out = layer_input if valid is None else torch.where(valid, layer_input, 0.0)
         return out.transpose(0, 1), torch.stack(last_states)
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}"
+        return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}" + (
+            ", bidirectional=True" if self.bidirectional else ""
+        )
+
+
+def _seed_layer(cell: SeedGRUCell, layer_input: Tensor, h: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One direction of one layer over time-major ``layer_input`` [T, B, I] -> ([T, B, H], h_last)."""
+    xproj = cell.input_projection(layer_input)
+    # Concatenate the recurrent weights once per layer, not once per step.
+    u_rz_t, u_h_t = cell.recurrent_weights()
+    outputs = []
+    for t, xproj_t in enumerate(xproj.unbind(0)):
+        h_new = _seed_step(xproj_t, h, u_rz_t, u_h_t)
+        h = h_new if valid is None else torch.where(valid[t], h_new, h)
+        outputs.append(h)
+    return torch.stack(outputs), h
 
 
 def _check_lengths(lengths: Tensor, batch: int, steps: int) -> Tensor:
@@ -209,13 +264,22 @@ def _check_lengths(lengths: Tensor, batch: int, steps: int) -> Tensor:
 
 
 class GRUModel(nn.Module, PyTorchModelHubMixin):
-    """A GRU stack whose top layer's last valid state feeds a linear head.
+    """Input scaling, a GRU encoder and a head (``dist_gru.heads``).
 
-    ``forward(x [B, T, F], lengths [B] | None) -> [B, output_size]``: regression
-    outputs, or class logits when ``task="classification"`` (then ``output_size`` is
-    the number of classes). Inputs are standardised inside the model with the
-    ``input_mean`` / ``input_std`` buffers, so training, evaluation and prediction apply
-    one transform and every checkpoint carries it.
+    ``forward(x [B, T, F], lengths [B] | None) ->`` regression values or class logits (then
+    ``output_size`` is the number of classes) in the layout of ``head`` and ``output``:
+    ``[B, O]`` (last), ``[B, T, O]`` (step: every step; padded steps hold values nobody should
+    read), ``[B, horizon, O]`` (forecast); gaussian outputs add a last axis (mean, scale), quantile
+    outputs one of ``len(quantiles)``. Bidirectionally, ``last`` and ``forecast`` read the forward
+    direction's last valid state next to the backward direction's state at step 0.
+
+    Scaling lives in the model, so training, evaluation, prediction and an exported graph apply one
+    transform and every checkpoint carries it: the ``input_mean`` / ``input_std`` buffers always
+    (identity unless ``set_normalization`` filled them: ``scaling="global"``), then with
+    ``scaling="window"`` each sample is centred and scaled per channel by the mean and std of its
+    own valid steps. A forecast head predicts in the scaled units of the first ``output_size``
+    input channels (the target history, by the forecast data contract), and its outputs are mapped
+    back through both transforms.
 
     ``save_pretrained(dir)`` writes ``config.json`` (the init arguments) and
     ``model.safetensors``; ``GRUModel.from_pretrained(dir)`` reads them back (a local
@@ -231,6 +295,12 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         task: str = "regression",
         output_size: int = 1,
         cell: str = "torch",
+        head: str = "last",
+        bidirectional: bool = False,
+        output: str = "point",
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        horizon: int = 0,
+        scaling: str = "none",
     ) -> None:
         super().__init__()
         problems = []
@@ -244,18 +314,43 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
                 return value
             return int(value)
 
+        def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                problems.append(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+
         input_size = integer("input_size", input_size)
         hidden_size = integer("hidden_size", hidden_size)
         num_layers = integer("num_layers", num_layers)
-        if task not in TASKS:
-            problems.append(f"task={task!r}: expected one of {', '.join(TASKS)}")
+        choice("task", task, TASKS)
         min_outputs = 2 if task == "classification" else 1
         output_size = integer("output_size", output_size, min_outputs)
-        if cell not in CELLS:
-            problems.append(f"cell={cell!r}: expected one of {', '.join(CELLS)}")
+        choice("cell", cell, CELLS)
         number = isinstance(dropout, Real) and not isinstance(dropout, bool)
         if not (number and 0 <= dropout < 1):
             problems.append(f"dropout={dropout!r}: expected a number in [0, 1)")
+        choice("head", head, HEADS)
+        choice("output", output, OUTPUTS)
+        choice("scaling", scaling, SCALINGS)
+        if not isinstance(bidirectional, bool):
+            problems.append(f"bidirectional={bidirectional!r}: expected true or false")
+        quantiles = [float(q) if isinstance(q, Real) and not isinstance(q, bool) else q for q in quantiles]
+        problems += quantile_problems("quantiles", quantiles)
+        if task == "classification" and output != "point":
+            problems.append(
+                f"output={output!r} with task='classification': gaussian and quantile outputs are for "
+                "regression; classification outputs class logits (output='point', cross-entropy)"
+            )
+        if head == "forecast":
+            horizon = integer("horizon", horizon)
+            if task == "classification":
+                problems.append("head='forecast' with task='classification': forecasts are regression values")
+            if isinstance(input_size, int) and isinstance(output_size, int) and input_size < output_size:
+                problems.append(
+                    f"head='forecast' with input_size={input_size} < output_size={output_size}: the first "
+                    "output_size input channels must be the target history"
+                )
+        elif horizon != 0:
+            problems.append(f"horizon={horizon!r} with head={head!r}: only head='forecast' has a horizon (use 0)")
         if problems:
             raise ValueError("invalid GRUModel arguments: " + "; ".join(problems))
 
@@ -266,6 +361,12 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         self.task = task
         self.output_size = output_size
         self.cell = cell
+        self.head_kind = head
+        self.bidirectional = bidirectional
+        self.output_kind = output
+        self.quantiles = tuple(quantiles)
+        self.horizon = int(horizon)
+        self.scaling = scaling
         # What save_pretrained writes to config.json. The mixin records the raw call
         # arguments and silently drops any json cannot encode (a numpy int, say).
         self._hub_mixin_config = {
@@ -277,6 +378,21 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "output_size": output_size,
             "cell": cell,
         }
+        # The newer arguments only where they differ from their defaults: a model that uses none of
+        # them keeps the config.json it always had, which older releases can still load.
+        extra = {
+            "head": head,
+            "bidirectional": bidirectional,
+            "output": output,
+            "quantiles": list(self.quantiles),
+            "horizon": self.horizon,
+            "scaling": scaling,
+        }
+        defaults = {"quantiles": list(DEFAULT_QUANTILES)}
+        for name, value in extra.items():
+            default = defaults.get(name, inspect.signature(GRUModel.__init__).parameters[name].default)
+            if value != default:
+                self._hub_mixin_config[name] = value
 
         # Persistent buffers: saved in model.safetensors, loaded back with the weights.
         self.register_buffer("input_mean", torch.zeros(input_size))
@@ -288,14 +404,22 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
                 num_layers,
                 batch_first=True,
                 dropout=self.dropout,
+                bidirectional=bidirectional,
             )
         else:
-            self.rnn = SeedGRU(input_size, hidden_size, num_layers, dropout=self.dropout)
-        self.head = nn.Linear(hidden_size, output_size)
+            self.rnn = SeedGRU(input_size, hidden_size, num_layers, dropout=self.dropout, bidirectional=bidirectional)
+        directions = 2 if bidirectional else 1
+        units = output_size * units_per_output(output, self.quantiles) if task == "regression" else output_size
+        self.head = build_head(head, directions * hidden_size, units, self.horizon)
         # Compute dtype of the recurrence, None = the input's. The trainer sets bfloat16 for
         # train.precision=bf16 on CPU, where autocast leaves nn.GRU in fp32 although this
         # CPU's bf16 matmuls (AMX) are faster. Not part of the saved config.
         self.rnn_dtype: torch.dtype | None = None
+
+    @property
+    def spec(self) -> OutputSpec:
+        """What the outputs mean, for ``dist_gru.losses`` and ``dist_gru.metrics``."""
+        return OutputSpec(self.task, self.head_kind, self.output_kind, self.quantiles)
 
     @property
     def num_parameters(self) -> int:
@@ -320,40 +444,121 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         if isinstance(self.rnn, nn.GRU):
             self.rnn.flatten_parameters()
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """``x`` [B, T, F], ``lengths`` [B] (None: all T) -> [B, output_size]."""
+    def point_forecast(self, output: Tensor) -> Tensor:
+        """One value per channel from ``forward``'s output: the mean (gaussian), the median quantile."""
+        return point_forecast(self.spec, output)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, packed: bool | None = None) -> Tensor:
+        """``x`` [B, T, F], ``lengths`` [B] (None: all T) -> outputs (see the class docstring).
+
+        ``packed`` chooses how ``nn.GRU`` runs a padded batch: packed (cuDNN's native form), or
+        padded on the fused kernel with the backward direction run over each sequence reversed
+        within its length. None: packed on a GPU, padded elsewhere. Both are exact; the choice
+        exists so the packed path can be checked on a machine without a GPU.
+        """
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"x must have shape [batch, time, {self.input_size}], got {tuple(x.shape)}")
         batch, steps, _ = x.shape
-        # Padding is standardised too; harmless, as packing/masking never passes it on.
+        # Padding is scaled too; harmless, as packing/masking never passes it on.
         x = (x - self.input_mean) / self.input_std
         if lengths is not None:
             lengths = _check_lengths(lengths, batch, steps)
             if bool((lengths == steps).all()):
                 lengths = None  # nothing padded: skip the packing overhead
-
+        if self.scaling == "window":
+            loc, scale = _window_moments(x, lengths)
+            x = (x - loc) / scale
         if self.rnn_dtype is not None:
             x = x.to(self.rnn_dtype)
-        if lengths is None:
-            # h_0 = None: the rnn builds zeros on x's device and dtype.
-            _, h_n = self._run_rnn(x)
-            last = h_n[-1]
-        elif isinstance(self.rnn, nn.GRU) and x.device.type == "cuda":
+        if packed is None:
+            packed = x.device.type == "cuda"
+        steps_out, summary = self._encode(x, lengths, packed)
+        dtype = self.head.weight.dtype
+        raw = self.head(None if steps_out is None else steps_out.to(dtype), summary.to(dtype))
+        out = shape_output(raw, self.output_kind, self.output_size) if self.task == "regression" else raw
+        if self.head_kind == "forecast":
+            out = self._target_units(out, *((loc, scale) if self.scaling == "window" else (None, None)))
+        return out
+
+    def _target_units(self, out: Tensor, loc: Tensor | None, scale: Tensor | None) -> Tensor:
+        """Map forecast outputs from the scaled units of the target history back to raw units."""
+        channels = self.output_size
+        mean, std = self.input_mean[:channels], self.input_std[:channels]
+        if loc is not None and scale is not None:
+            # [B, 1, F] window moments -> [B, 1, O]: broadcast over the horizon.
+            mean = loc[..., :channels] * std + mean
+            std = scale[..., :channels] * std
+        if self.output_kind == "point":
+            return out * std + mean
+        # [..., O, K]: the extra axis is gaussian (mean, scale) or the quantile levels.
+        mean, std = mean.unsqueeze(-1), std.unsqueeze(-1)
+        if self.output_kind == "quantile":
+            return out * std + mean
+        centre, spread = out.unbind(-1)
+        return torch.stack([centre * std[..., 0] + mean[..., 0], spread * std[..., 0]], dim=-1)
+
+    def _encode(self, x: Tensor, lengths: Tensor | None, packed: bool) -> tuple[Tensor | None, Tensor]:
+        """``(top layer's outputs [B, T, D*H] or None, summary [B, D*H])``, exact for padded batches."""
+        batch = x.shape[0]
+        wants_steps = self.head_kind == "step"
+        hidden = self.hidden_size
+        if isinstance(self.rnn, SeedGRU) or lengths is None:
+            # SeedGRU masks padded steps itself (both directions), so it needs no packing.
+            extra = {"lengths": lengths} if isinstance(self.rnn, SeedGRU) and lengths is not None else {}
+            out, h_n = self._run_rnn(x, **extra)
+            return out, self._summary_from_states(h_n)
+        if packed:
             # cuDNN runs packed batches natively; h_n comes back in the input's order.
-            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            _, h_n = self._run_rnn(packed)
-            last = h_n[-1]
-        elif isinstance(self.rnn, nn.GRU):
+            packed_x = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            packed_out, h_n = self._run_rnn(packed_x)
+            out = pad_packed_sequence(packed_out, batch_first=True, total_length=x.shape[1])[0] if wants_steps else None
+            return out, self._summary_from_states(h_n)
+        last = torch.arange(batch, device=x.device), lengths.to(x.device) - 1
+        if not self.bidirectional:
             # On the CPU a packed nn.GRU leaves the fused oneDNN kernel and ran ~10x slower per valid
             # step here. The recurrence is causal, so the top layer's output at step length - 1 of a
             # padded run equals the packed result: run padded, gather each sequence's last valid
             # step (length bucketing keeps the wasted padded steps few).
             out, _ = self._run_rnn(x)
-            last = out[torch.arange(batch, device=out.device), lengths.to(out.device) - 1]
-        else:
-            _, h_n = self._run_rnn(x, lengths=lengths)
-            last = h_n[-1]
-        return self.head(last.to(self.head.weight.dtype))
+            return out, out[last]
+        out = self._bidirectional_padded(x, lengths)
+        return out, torch.cat([out[last][:, :hidden], out[:, 0, hidden:]], dim=-1)
+
+    def _summary_from_states(self, h_n: Tensor) -> Tensor:
+        if self.bidirectional:
+            return torch.cat([h_n[-2], h_n[-1]], dim=-1)
+        return h_n[-1]
+
+    def _bidirectional_padded(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """A bidirectional ``nn.GRU`` over a padded batch on the fused kernel, exact per sequence.
+
+        Reading the backward direction of a padded run would start it in the padding. Instead
+        each layer runs its backward weights as a unidirectional pass over every sequence reversed
+        within its own length (one gather), reversed back, then concatenated with the forward
+        pass: the same result as packing, which ran 2x slower on the CPU.
+        """
+        batch = x.shape[0]
+        layer_input = x
+        h0 = x.new_zeros(1, batch, self.hidden_size)
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0:
+                layer_input = F.dropout(layer_input, self.dropout, self.training)
+            directions = []
+            for suffix in ("", "_reverse"):
+                weights = [
+                    self._rnn_weight(f"{name}_l{layer}{suffix}")
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                ]
+                inputs = layer_input if not suffix else reverse_within_lengths(layer_input, lengths)
+                # torch.gru is the op nn.GRU itself dispatches to (one layer, one direction here).
+                out, _ = torch.gru(inputs, h0, weights, True, 1, 0.0, self.training, False, True)
+                directions.append(out if not suffix else reverse_within_lengths(out, lengths))
+            layer_input = torch.cat(directions, dim=-1)
+        return layer_input
+
+    def _rnn_weight(self, name: str) -> Tensor:
+        weight = getattr(self.rnn, name)
+        return weight if self.rnn_dtype is None else weight.to(self.rnn_dtype)
 
     def _run_rnn(self, inputs: Tensor | PackedSequence, **kwargs: Any) -> tuple[Any, Tensor]:
         if self.rnn_dtype is None:
@@ -377,3 +582,33 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         model = super()._from_pretrained(strict=strict, **kwargs)
         model.flatten_parameters()
         return model
+
+
+def _window_moments(x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel mean and std over the valid steps: ([B, 1, F], [B, 1, F])."""
+    if lengths is None:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).square().mean(1, keepdim=True)
+    else:
+        mask = step_mask(lengths, x.shape[0], x.shape[1], x.device).unsqueeze(-1)
+        count = lengths.to(x.device, x.dtype)[:, None, None]
+        mean = torch.where(mask, x, 0.0).sum(1, keepdim=True) / count
+        var = torch.where(mask, (x - mean).square(), 0.0).sum(1, keepdim=True) / count
+    # A constant channel (a flat stretch of a series) must not divide by zero.
+    return mean, var.sqrt().clamp_min(MIN_STD)
+
+
+def quantile_problems(name: str, quantiles: Any) -> list[str]:
+    """Why ``quantiles`` is not a non-empty, strictly increasing list of levels in (0, 1); [] if it is."""
+    if isinstance(quantiles, str) or not isinstance(quantiles, Sequence) or not quantiles:
+        return [f"{name}={quantiles!r}: expected a non-empty list of quantile levels in (0, 1)"]
+    if not all(isinstance(q, Real) and not isinstance(q, bool) and math.isfinite(q) for q in quantiles):
+        return [f"{name}={list(quantiles)!r}: expected numbers (quantile levels in (0, 1))"]
+    outside = [q for q in quantiles if not 0 < q < 1]
+    if outside:
+        return [
+            f"{name}={list(quantiles)!r}: {outside} outside (0, 1); a quantile level is a probability strictly between 0 and 1"
+        ]
+    if any(b <= a for a, b in zip(quantiles, quantiles[1:], strict=False)):
+        return [f"{name}={list(quantiles)!r}: expected strictly increasing levels (no repeats), e.g. [0.1, 0.5, 0.9]"]
+    return []
