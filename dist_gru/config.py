@@ -42,8 +42,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["adding", "sine", "seed_example", "files"] = Field(
-        "adding", description="dataset: adding | sine | seed_example (synthetic) | files (dist_gru.seq/v1 folders)"
+    name: Literal["adding", "sine", "seed_example", "running_count", "seasonal", "files"] = Field(
+        "adding",
+        description="dataset: adding | sine | seed_example | running_count (per-step labels) | seasonal (series "
+        "to forecast) (synthetic) | files (dist_gru.seq/v1 folders)",
     )
     seq_len: int = Field(
         50, ge=1, le=1_000_000, description="sequence length of synthetic data (max length if variable)"
@@ -60,7 +62,23 @@ class DataConfig(_Section):
     train_path: str | None = Field(None, description="files: training split folder (dist_gru.seq/v1)")
     val_path: str | None = Field(None, description="files: validation split folder (dist_gru.seq/v1)")
     normalize: bool = Field(
-        False, description="standardise each input feature with training-split statistics (saved with the model)"
+        False, description="alias of scaling=global: standardise inputs with training-split statistics"
+    )
+    scaling: Literal["none", "global", "window"] = Field(
+        "none",
+        description="none | global (training-split statistics, saved with the model) | window (each context "
+        "window centred and scaled by its own statistics, outputs mapped back)",
+    )
+    window: int | None = Field(
+        None,
+        ge=1,
+        description="context length: samples are windows (sequence i, start t) drawn on the fly from stored "
+        "sequences with per-step targets; null = whole sequences",
+    )
+    horizon: int = Field(0, ge=0, description="forecast steps after each window (> 0 only with model.head=forecast)")
+    window_stride: int = Field(1, ge=1, description="steps between the starts of consecutive windows of a sequence")
+    season: int = Field(
+        1, ge=1, description="season length of the series (seasonal task; seasonal-naive baseline; 1 = naive)"
     )
     num_workers: int | None = Field(
         None,
@@ -101,6 +119,30 @@ class TrainConfig(_Section):
         0, ge=0, description="seed of model init, dropout and the sample order (order depends on (seed, epoch))"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs a GPU)")
+    @model_validator(mode="after")
+    def _scaling_alias(self) -> DataConfig:
+        # normalize=true is the old spelling of scaling=global; the two are kept equal so code and
+        # saved configs reading either key agree.
+        if self.normalize:
+            if self.scaling == "window" or (self.scaling == "none" and "scaling" in self.model_fields_set):
+                raise ValueError(
+                    f"data.normalize=true means data.scaling=global, but data.scaling={self.scaling!r} was given: "
+                    "set only data.scaling"
+                )
+            self.scaling = "global"
+        elif self.scaling == "global":
+            self.normalize = True
+        return self
+
+    @model_validator(mode="after")
+    def _horizon_needs_window(self) -> DataConfig:
+        if self.horizon > 0 and self.window is None:
+            raise ValueError(
+                f"data.horizon={self.horizon} forecasts the steps after a context window, so data.window must "
+                "be set (the context length)"
+            )
+        return self
+
     cpu_bf16: Literal["gru", "autocast"] = Field(
         "gru",
         description="bf16 on CPU: gru = run the GRU itself in bf16 (fp32 master weights), autocast = autocast only",
