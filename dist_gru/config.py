@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections.abc import Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +28,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A config problem a user must fix; the message lists every problem, one per line."""
+
+
+def quantile_problems(name: str, quantiles: Any) -> list[str]:
+    """Why ``quantiles`` is not a non-empty, strictly increasing list of levels in (0, 1); [] if it is."""
+    if isinstance(quantiles, str) or not isinstance(quantiles, Sequence) or not quantiles:
+        return [f"{name}={quantiles!r}: expected a non-empty list of quantile levels in (0, 1)"]
+    if not all(isinstance(q, Real) and not isinstance(q, bool) and math.isfinite(q) for q in quantiles):
+        return [f"{name}={list(quantiles)!r}: expected numbers (quantile levels in (0, 1))"]
+    outside = [q for q in quantiles if not 0 < q < 1]
+    if outside:
+        return [
+            f"{name}={list(quantiles)!r}: {outside} outside (0, 1); a quantile level is a probability strictly between 0 and 1"
+        ]
+    if any(b <= a for a, b in zip(quantiles, quantiles[1:], strict=False)):
+        return [f"{name}={list(quantiles)!r}: expected strictly increasing levels (no repeats), e.g. [0.1, 0.5, 0.9]"]
+    return []
 
 
 class _Section(BaseModel):
@@ -39,6 +58,27 @@ class ModelConfig(_Section):
     hidden_size: int = Field(128, ge=1, le=65536, description="GRU hidden state size")
     num_layers: int = Field(2, ge=1, le=64, description="stacked GRU layers")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between GRU layers (needs num_layers > 1)")
+    head: Literal["last", "step", "forecast"] = Field(
+        "last",
+        description="last (one output per sequence) | step (one per valid step) | forecast (data.horizon steps ahead)",
+    )
+    bidirectional: bool = Field(
+        False, description="also read each sequence backwards from its last valid step (heads last, step, forecast)"
+    )
+    output: Literal["point", "gaussian", "quantile"] = Field(
+        "point", description="point (MSE / cross-entropy) | gaussian (mean, scale; NLL) | quantile (pinball loss)"
+    )
+    quantiles: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5, 0.9],
+        description="quantile levels of output=quantile: strictly increasing, each in (0, 1)",
+    )
+
+    @model_validator(mode="after")
+    def _quantile_levels(self) -> ModelConfig:
+        problems = quantile_problems("model.quantiles", self.quantiles)
+        if problems:
+            raise ValueError(problems[0])
+        return self
 
 
 class DataConfig(_Section):
@@ -207,6 +247,35 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> Config:
+        # Checks that need both sections; every problem at once, like the field checks.
+        model, data = self.model, self.data
+        problems = []
+        if data.horizon > 0 and model.head != "forecast":
+            problems.append(
+                f"data.horizon={data.horizon} with model.head={model.head!r}: only model.head=forecast predicts "
+                "steps after the context window (set data.horizon=0, or model.head=forecast)"
+                + (
+                    "; a bidirectional step head would even read the steps it is asked to forecast"
+                    if model.bidirectional
+                    else ""
+                )
+            )
+        if model.head == "forecast" and (data.window is None or data.horizon < 1):
+            problems.append(
+                f"model.head=forecast needs data.window (the context length) and data.horizon >= 1 (the steps to "
+                f"forecast); got data.window={data.window}, data.horizon={data.horizon}"
+            )
+        if model.head == "forecast" and data.window is not None and data.season > data.window:
+            problems.append(
+                f"data.season={data.season} is longer than data.window={data.window}: the seasonal-naive forecast "
+                "(the MASE baseline) repeats the context's last season, so the context must hold one"
+            )
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from dist_gru.config import quantile_problems
 from dist_gru.heads import HEADS, OUTPUTS, build_head, shape_output, units_per_output
 from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast, step_mask
 
@@ -596,19 +597,3 @@ def _window_moments(x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
         var = torch.where(mask, (x - mean).square(), 0.0).sum(1, keepdim=True) / count
     # A constant channel (a flat stretch of a series) must not divide by zero.
     return mean, var.sqrt().clamp_min(MIN_STD)
-
-
-def quantile_problems(name: str, quantiles: Any) -> list[str]:
-    """Why ``quantiles`` is not a non-empty, strictly increasing list of levels in (0, 1); [] if it is."""
-    if isinstance(quantiles, str) or not isinstance(quantiles, Sequence) or not quantiles:
-        return [f"{name}={quantiles!r}: expected a non-empty list of quantile levels in (0, 1)"]
-    if not all(isinstance(q, Real) and not isinstance(q, bool) and math.isfinite(q) for q in quantiles):
-        return [f"{name}={list(quantiles)!r}: expected numbers (quantile levels in (0, 1))"]
-    outside = [q for q in quantiles if not 0 < q < 1]
-    if outside:
-        return [
-            f"{name}={list(quantiles)!r}: {outside} outside (0, 1); a quantile level is a probability strictly between 0 and 1"
-        ]
-    if any(b <= a for a, b in zip(quantiles, quantiles[1:], strict=False)):
-        return [f"{name}={list(quantiles)!r}: expected strictly increasing levels (no repeats), e.g. [0.1, 0.5, 0.9]"]
-    return []
