@@ -664,25 +664,11 @@ class SequenceFileDataset(torch.utils.data.Dataset):
                 mapping.madvise(mmap.MADV_DONTNEED)
 
     def feature_moments(self, chunk_steps: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature mean and (population) std over all time steps: float32 [F] each.
+        """Per-feature mean and (population) std over all time steps: float32 [F] each, in one
+        streaming pass of at most `chunk_steps` steps at a time (`dist_gru.data.moments`)."""
+        from dist_gru.data.moments import feature_moments
 
-        One streaming pass over features.npy in chunks of at most `chunk_steps` steps (and at most
-        4 Mi values), each chunk's float64 mean and centred sum of squares merged with Chan et al.'s
-        parallel formula, so large offsets do not cancel catastrophically.
-        """
-        self._ensure_open()
-        count, mean, m2 = 0, np.zeros(self.num_features), np.zeros(self.num_features)
-        for _, chunk in _chunks(self._feature_rows, chunk_steps):
-            chunk_mean = chunk.mean(axis=0, dtype=np.float64)
-            centred = chunk - chunk_mean  # float64
-            chunk_m2 = np.einsum("ij,ij->j", centred, centred)
-            total = count + len(chunk)
-            delta = chunk_mean - mean
-            mean = mean + delta * (len(chunk) / total)
-            m2 = m2 + chunk_m2 + delta**2 * (count * len(chunk) / total)
-            count = total
-            self._release_pages()  # a streaming pass must not leave the whole file mapped
-        return mean.astype(np.float32), np.sqrt(m2 / count).astype(np.float32)
+        return feature_moments(self, chunk_steps=chunk_steps)
 
 
 def _chunks(rows: np.ndarray, chunk_steps: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -33,16 +33,34 @@ BUCKET_WINDOW = 64
 IN_MEMORY_ORDER_MAX = 1 << 22
 
 
-def build_dataset(cfg: DataConfig, split: str) -> Dataset | None:
-    """The `train` or `val` split named by the data config (None: a files job without val_path)."""
+def build_dataset(cfg: DataConfig, split: str, head: str | None = None) -> Dataset | None:
+    """The `train` or `val` split named by the data config (None: a files job without val_path).
+
+    With `data.window` set, the samples are windows drawn on the fly from the stored sequences
+    (`WindowDataset`): forecast windows for `head="forecast"`, per-step windows for `"step"`, windows
+    labelled by their last step for `"last"`; without `head`, forecast if `data.horizon > 0`, else step.
+    """
     if cfg.name == "files":
         from dist_gru.data.files import SequenceFileDataset
 
         path = cfg.train_path if split == "train" else cfg.val_path
-        return SequenceFileDataset(path) if path else None
-    size, offset = (cfg.train_size, 0) if split == "train" else (cfg.val_size, cfg.train_size)
-    extra = {"num_features": cfg.num_features} if cfg.name == "seed_example" else {}
-    return SYNTHETIC[cfg.name](size, cfg.seq_len, cfg.seed, offset=offset, variable_length=cfg.variable_length, **extra)
+        if not path:
+            return None
+        source = SequenceFileDataset(path)
+    else:
+        size, offset = (cfg.train_size, 0) if split == "train" else (cfg.val_size, cfg.train_size)
+        extra = {"num_features": cfg.num_features} if cfg.name == "seed_example" else {}
+        if cfg.name == "seasonal":
+            extra = {"season": cfg.season}
+        source = SYNTHETIC[cfg.name](
+            size, cfg.seq_len, cfg.seed, offset=offset, variable_length=cfg.variable_length, **extra
+        )
+    if cfg.window is None:
+        return source
+    from dist_gru.data.windows import WindowDataset
+
+    mode = None if head is None else {"forecast": "forecast", "step": "step", "last": "last"}[head]
+    return WindowDataset(source, cfg.window, cfg.horizon, cfg.window_stride, mode=mode)
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
@@ -198,19 +216,9 @@ def train_stream(loader: DataLoader, sampler: TrainBatchSampler, start_step: int
         epoch, start = epoch + 1, 0
 
 
-def feature_moments(dataset: Dataset, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std over all valid time steps of a split, in one streaming pass."""
-    if hasattr(dataset, "feature_moments"):
-        return dataset.feature_moments()
-    count, total, total_sq = 0, 0.0, 0.0
-    for start in range(0, len(dataset), chunk):
-        batch = dataset.__getitems__(list(range(start, min(start + chunk, len(dataset)))))
-        x = batch["x"].double()
-        mask = torch.arange(x.shape[1])[None, :] < batch["lengths"][:, None]
-        valid = x[mask]
-        count += valid.shape[0]
-        total = total + valid.sum(0)
-        total_sq = total_sq + (valid**2).sum(0)
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(0).sqrt()
-    return mean.float().numpy(), std.float().numpy()
+def feature_moments(dataset: Dataset, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the model input over all valid time steps of a split, in one
+    process; `dist_gru.data.moments` has the sharded form (`moment_sums` on each rank, summed)."""
+    from dist_gru.data.moments import feature_moments as moments
+
+    return moments(dataset, chunk_steps=chunk)

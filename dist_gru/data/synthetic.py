@@ -15,6 +15,17 @@ Tasks:
   one step after the window.
 - `seed_example`: the seed document's shapes (input 10, length 10, output 1) with a target the
   network can learn (the seed trained on fresh noise, so its loss could not fall).
+
+Tasks with per-step targets (`target_kind = "step"`), whose step p of series i is a function of
+(seed, i, p) alone, so any window `[t, t + L)` of a long series is generated directly (the window
+machinery draws windows from them as from files, see `read_steps`):
+- `running_count` (per-step labelling): the input is a random bit per step; the label of step p is
+  the number of ones among steps p - 2 .. p (4 classes). A GRU can learn it exactly (a 3-step
+  memory); the best rule that sees only the current step is right half the time (accuracy 0.5),
+  and always predicting the most frequent class scores 3/8.
+- `seasonal` (forecasting): series i is level + trend * p + a seasonal pattern of period `season`
+  (two harmonics) + N(0, 0.05^2) noise, the parameters drawn from (seed, i); the covariates are the
+  position in the season (sin, cos). The naive and seasonal-naive forecasts are the baselines.
 """
 
 from __future__ import annotations
@@ -44,11 +55,26 @@ def _keys(seed: int, index: np.ndarray, stream: int) -> np.ndarray:
 
 def uniform(seed: int, index: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
     """U[0, 1) float64 of shape [len(index), *shape]: element j is hash(key(seed, i, stream), j)."""
-    keys = _keys(seed, index, stream)
     count = int(np.prod(shape, dtype=np.int64))
+    return uniform_at(seed, index, stream, np.arange(count)[None, :]).reshape(len(index), *shape)
+
+
+def uniform_at(seed: int, index: np.ndarray, stream: int, positions: np.ndarray) -> np.ndarray:
+    """U[0, 1) float64: value `positions[b, ...]` of sample `index[b]`'s stream (the same values as
+    `uniform`'s element j at position j), so any slice of a long series costs only its own size.
+    `positions` (integers >= 0) has shape [len(index), ...] or broadcasts to it."""
+    keys = _keys(seed, index, stream)
+    positions = np.asarray(positions, dtype=np.int64)
+    keys = keys.reshape(len(keys), *([1] * (positions.ndim - 1)))
     with np.errstate(over="ignore"):
-        bits = _splitmix64(keys[:, None] + np.arange(count, dtype=np.uint64)[None, :] * _GOLDEN)
-    return ((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(len(keys), *shape)
+        bits = _splitmix64(keys + positions.astype(np.uint64) * _GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def normal_at(seed: int, index: np.ndarray, stream: int, positions: np.ndarray) -> np.ndarray:
+    """N(0, 1) float64 at `positions` like `uniform_at` (Box-Muller on streams `stream`, `stream + 1`)."""
+    radius = np.sqrt(-2.0 * np.log1p(-uniform_at(seed, index, stream, positions)))
+    return radius * np.cos(2.0 * np.pi * uniform_at(seed, index, stream + 1, positions))
 
 
 def normal(seed: int, index: np.ndarray, stream: int, lengths: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -69,6 +95,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """Base class: subclasses implement `_generate(index, lengths, steps) -> (x [B, steps, F], y [B, O])`."""
 
     task = "regression"
+    target_kind = "sequence"
     num_features = 1
     output_size = 1
     num_classes = None
@@ -98,11 +125,15 @@ class SyntheticDataset(torch.utils.data.Dataset):
         lengths = self.lengths[local]
         steps = int(lengths.max())
         x, y = self._generate(local + self.offset, lengths, steps)
-        x[np.arange(steps)[None, :] >= lengths[:, None]] = 0.0  # padding is zeros
+        padding = np.arange(steps)[None, :] >= lengths[:, None]
+        x[padding] = 0.0  # padding is zeros
+        y = y.astype(np.int64 if self.task == "classification" else np.float32)
+        if self.target_kind == "step":
+            y[padding] = 0
         return {
             "x": torch.from_numpy(x.astype(np.float32)),
             "lengths": torch.from_numpy(lengths),
-            "y": torch.from_numpy(y.astype(np.float32)),
+            "y": torch.from_numpy(y),
             "index": torch.from_numpy(local),
         }
 
@@ -152,4 +183,69 @@ class SeedExampleDataset(SyntheticDataset):
         return x, target[:, None]
 
 
-SYNTHETIC = {"adding": AddingDataset, "sine": SineDataset, "seed_example": SeedExampleDataset}
+class SyntheticSteps(SyntheticDataset):
+    """Base class of per-step tasks: subclasses implement `_steps(index, positions)`, the features
+    [B, L, F] and targets [B, L(, O)] of series `index` at absolute steps `positions` [B, L]."""
+
+    target_kind = "step"
+
+    def _steps(self, index: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _generate(self, index, lengths, steps):
+        return self._steps(index, np.broadcast_to(np.arange(steps), (len(index), steps)))
+
+    def read_steps(
+        self, seq: np.ndarray, starts: np.ndarray, feature_steps: int, target_steps: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The window machinery's read (see `SequenceFileDataset.read_steps`), generated directly."""
+        seq, starts = np.asarray(seq, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+        positions = starts[:, None] + np.arange(max(feature_steps, target_steps))[None, :]
+        x, y = self._steps(seq + self.offset, positions)
+        y = y[:, :target_steps].astype(np.int64 if self.task == "classification" else np.float32)
+        return np.ascontiguousarray(x[:, :feature_steps], dtype=np.float32), y
+
+
+class RunningCountDataset(SyntheticSteps):
+    task = "classification"
+    memory = 3  # the label counts the ones among this many latest steps
+    num_classes = output_size = memory + 1
+
+    def _steps(self, index, positions):
+        # Bits from `memory - 1` steps before the first position on; steps before 0 count as zeros.
+        first = positions[:, :1] - (self.memory - 1)
+        reach = first + np.arange(positions.shape[1] + self.memory - 1)[None, :]
+        bits = np.where(reach >= 0, uniform_at(self.seed, index, 0, np.maximum(reach, 0)) < 0.5, False)
+        bits = bits.astype(np.int64)
+        counts = sum(bits[:, d : d + positions.shape[1]] for d in range(self.memory))
+        x = bits[:, self.memory - 1 :]
+        return x[:, :, None].astype(np.float32), counts
+
+
+class SeasonalDataset(SyntheticSteps):
+    num_features = 2  # covariates: sin and cos of the position in the season
+    noise = 0.05
+
+    def __init__(self, *args, season: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.season = season
+
+    def _steps(self, index, positions):
+        level = -1.0 + 2.0 * uniform(self.seed, index, 0, (1,))
+        trend = 0.01 * (-1.0 + 2.0 * uniform(self.seed, index, 1, (1,)))
+        amplitude = 0.5 + uniform(self.seed, index, 2, (1,))
+        phase = 2 * np.pi * uniform(self.seed, index, 3, (2,))
+        angle = 2 * np.pi * positions / self.season
+        pattern = np.sin(angle + phase[:, :1]) + 0.5 * np.sin(2 * angle + phase[:, 1:])
+        value = level + trend * positions + amplitude * pattern + self.noise * normal_at(self.seed, index, 4, positions)
+        x = np.stack([np.sin(angle), np.cos(angle)], axis=2)
+        return x.astype(np.float32), value[:, :, None]
+
+
+SYNTHETIC = {
+    "adding": AddingDataset,
+    "sine": SineDataset,
+    "seed_example": SeedExampleDataset,
+    "running_count": RunningCountDataset,
+    "seasonal": SeasonalDataset,
+}

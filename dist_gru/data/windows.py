@@ -1,0 +1,259 @@
+"""Windows drawn on the fly from stored sequences with per-step targets: no window is ever copied to disk.
+
+    from dist_gru.data.files import SequenceFileDataset
+    from dist_gru.data.windows import WindowDataset
+    ds = WindowDataset(SequenceFileDataset("data/load/train"), window=168, horizon=24)  # forecast windows
+    batch = ds.__getitems__([0, 5, 10**7])   # x [3, 168, O + F], y [3, 24, O]
+
+    # peak RSS of opening a 10^8-step and a 10^6-step series and drawing 200 random batches of windows
+    python -m dist_gru.data.windows --rss-bench --dir /tmp
+
+Sample k of a window dataset is the window `(sequence i, start t)`: sequence i has
+`max(0, (len_i - window - horizon) // stride + 1)` windows, and a cumulative sum of those counts plus
+`searchsorted` maps k to (i, t) in O(number of sequences) memory, whatever the number of windows
+(Megatron-LM's GPT dataset indexes documents the same way). Reading a batch copies only its own
+windows out of the memory map (or generates them, for synthetic series). Every window has length
+`window`, so `lengths` is a broadcast view that costs nothing for 10^8 windows.
+
+Modes:
+- `step` (model head `step`): x = the window's features [B, W, F], y = its per-step targets
+  [B, W, O] float32 or [B, W] int64;
+- `forecast` (head `forecast`, horizon H >= 1, regression): x = the target history followed by the
+  covariates, concat(targets[t : t + W], features[t : t + W]) [B, W, O + F]; y = the H steps of the
+  targets that follow the window [B, H, O];
+- `last` (head `last`): x as in `step`, y = the targets of the window's last step [B, O] or [B].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_gru.config import ConfigError
+from dist_gru.data.files import DataFormatError
+
+MODES = ("step", "forecast", "last")
+
+
+def describe(source: Any) -> str:
+    """How messages name a dataset: its folder, or the synthetic task's name."""
+    path = getattr(source, "path", None)
+    return str(path) if path is not None else f"synthetic {type(source).__name__}"
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Every window `[t, t + window)` (start t a multiple of `stride`, with `horizon` steps after it
+    inside the sequence) of every sequence of `source`, as a map-style dataset of padded batches.
+
+    `source` is any dataset with per-step targets (`target_kind == "step"`), `lengths` and
+    `read_steps(seq, starts, feature_steps, target_steps)`: a `SequenceFileDataset` of a step
+    dataset, or a synthetic per-step task.
+    """
+
+    def __init__(self, source: Any, window: int, horizon: int = 0, stride: int = 1, mode: str | None = None):
+        mode = mode if mode is not None else ("forecast" if horizon > 0 else "step")
+        where = describe(source)
+        if mode not in MODES:
+            raise ConfigError(f"window mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+        for key, value, low in (("data.window", window, 1), ("data.horizon", horizon, 0), ("data.window_stride", stride, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{key}={value!r}; expected an integer >= {low}")
+        if getattr(source, "target_kind", "sequence") != "step":
+            raise DataFormatError(
+                f"{where}: has one target per sequence; data.window draws windows from sequences with per-step "
+                "targets (write them with per-step target arrays, or `dist-gru prepare --csv ... --series`)"
+            )
+        if mode == "forecast":
+            if horizon < 1:
+                raise ConfigError("data.horizon=0: forecast windows need data.horizon >= 1 steps to forecast")
+            if source.task != "regression":
+                raise DataFormatError(f"{where}: has {source.task} targets; forecasting needs regression targets")
+        elif horizon:
+            raise ConfigError(
+                f"data.horizon={horizon} with {mode} windows: a horizon means forecasting (model.head=forecast)"
+            )
+        if mode != "forecast" and source.num_features == 0:
+            raise DataFormatError(
+                f"{where}: has no input features (F = 0); {mode} windows read the features (only forecasting "
+                "uses the target history as input)"
+            )
+        self.source, self.window, self.horizon, self.stride, self.mode = source, window, horizon, stride, mode
+        lengths = np.asarray(source.lengths, dtype=np.int64)
+        need = window + horizon
+        counts = np.maximum(0, (lengths - need) // stride + 1)
+        if counts.sum() == 0:
+            raise DataFormatError(
+                f"{where}: data.window={window} + data.horizon={horizon} = {need} steps is longer than every "
+                f"sequence (the longest has {int(lengths.max())} steps); lower data.window or data.horizon"
+            )
+        self._first = np.zeros(len(lengths) + 1, dtype=np.int64)  # window number of each sequence's first window
+        np.cumsum(counts, out=self._first[1:])
+        self.task: str = source.task
+        self.num_classes: int | None = source.num_classes
+        self.output_size: int = source.output_size
+        self.target_kind = "sequence" if mode == "last" else "step"
+        self.num_features: int = source.num_features + (source.output_size if mode == "forecast" else 0)
+
+    def __len__(self) -> int:
+        return int(self._first[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [num_windows]: every window's length (a read-only broadcast view, O(1) memory)."""
+        return np.broadcast_to(np.int64(self.window), (len(self),))
+
+    def __repr__(self) -> str:
+        return (
+            f"WindowDataset({describe(self.source)!r}, windows={len(self)}, window={self.window}, "
+            f"horizon={self.horizon}, stride={self.stride}, mode={self.mode!r})"
+        )
+
+    def locate(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence, start step) of each window number in `index`."""
+        index = np.asarray(index, dtype=np.int64)
+        seq = np.searchsorted(self._first, index, side="right") - 1
+        return seq, (index - self._first[seq]) * self.stride
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """One batch of windows (DataLoader's batched fast path; use `collate_identity`)."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if index.size and (index.min() < 0 or index.max() >= n):
+            bad = int(index[(index < 0) | (index >= n)][0])
+            raise IndexError(f"window {bad} out of range for a dataset of {n} windows")
+        seq, starts = self.locate(index)
+        window = self.window
+        target_steps = window + self.horizon
+        features, targets = self.source.read_steps(seq, starts, window, target_steps)
+        if self.mode == "forecast":
+            x = np.concatenate([targets[:, :window], features], axis=2)
+            y = targets[:, window:]
+        elif self.mode == "step":
+            x, y = features, targets
+        else:
+            x, y = features, targets[:, window - 1]
+        return {
+            "x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            "lengths": torch.full((len(index),), window, dtype=torch.int64),
+            "y": torch.from_numpy(np.ascontiguousarray(y)),
+            "index": torch.from_numpy(index),
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        i = operator.index(i)
+        batch = self.__getitems__([i + len(self) if i < 0 else i])
+        return {"x": batch["x"][0], "y": batch["y"][0], "index": int(batch["index"][0])}
+
+
+# ------------------------------------------------------------------------------ memory benchmark
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _write_series(path: Path, steps: int, chunk: int = 1 << 22) -> None:
+    """A one-feature series with one per-step target, written through `write_sequences` from
+    memory-mapped inputs (so the writer holds a chunk, never the series)."""
+    from numpy.lib.format import open_memmap
+
+    from dist_gru.data.files import write_sequences
+
+    scratch = Path(tempfile.mkdtemp(prefix=".inputs-", dir=path.parent))
+    try:
+        features = open_memmap(scratch / "f.npy", mode="w+", dtype=np.float32, shape=(steps, 1))
+        targets = open_memmap(scratch / "t.npy", mode="w+", dtype=np.float32, shape=(steps,))
+        rng = np.random.default_rng(0)
+        for first in range(0, steps, chunk):
+            t = np.arange(first, min(first + chunk, steps))
+            targets[first : first + len(t)] = np.sin(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(len(t))
+            features[first : first + len(t), 0] = np.cos(2 * np.pi * t / 24)
+        features.flush()
+        targets.flush()
+        write_sequences(path, [features], [targets], task="regression")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _probe(path: str, window: int, horizon: int, batches: int, batch_size: int) -> dict:
+    """In a fresh process: open `path` as forecast windows, draw `batches` random batches through the
+    training sampler, report RSS (MB) before and at peak."""
+    from dist_gru.data.files import SequenceFileDataset
+    from dist_gru.data.loading import TrainBatchSampler
+
+    before = _current_rss_mb()
+    dataset = WindowDataset(SequenceFileDataset(path), window=window, horizon=horizon)
+    sampler = TrainBatchSampler(dataset.lengths, batch_size, 1, 0, 1, seed=0)
+    total = 0.0
+    for _, indices in zip(range(batches), sampler, strict=False):
+        total += float(dataset.__getitems__(indices)["y"].sum())
+    return {
+        "steps": int(dataset.source.meta["total_steps"]),
+        "windows": len(dataset),
+        "in_memory_order": sampler.in_memory,
+        "rss_before_open_mb": round(before, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_minus_before_mb": round(_peak_rss_mb() - before, 1),
+        "checksum": round(total, 3),
+    }
+
+
+def rss_bench(directory: str, sizes: list[int], window: int, horizon: int, batches: int, batch_size: int) -> list[dict]:
+    """Write each series under `directory`, measure it in a fresh process, delete it."""
+    results = []
+    for steps in sizes:
+        root = Path(tempfile.mkdtemp(prefix="dist-gru-rss-", dir=directory))
+        try:
+            _write_series(root / "series", steps)
+            command = [sys.executable, "-m", "dist_gru.data.windows", "--probe", str(root / "series")]
+            command += ["--window", str(window), "--horizon", str(horizon)]
+            command += ["--batches", str(batches), "--batch-size", str(batch_size)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), flush=True)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dist_gru.data.windows", description=__doc__.split("\n")[0])
+    parser.add_argument("--rss-bench", action="store_true", help="peak RSS of window datasets of each --sizes")
+    parser.add_argument("--probe", metavar="DIR", help=argparse.SUPPRESS)  # one measurement, in a fresh process
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the series are written (then deleted)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10**6, 10**8], help="series lengths in steps")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--horizon", type=int, default=24)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(_probe(args.probe, args.window, args.horizon, args.batches, args.batch_size)))
+        return 0
+    if not args.rss_bench:
+        parser.error("nothing to do: pass --rss-bench")
+    results = rss_bench(args.dir, args.sizes, args.window, args.horizon, args.batches, args.batch_size)
+    growth = results[-1]["peak_minus_before_mb"] - results[0]["peak_minus_before_mb"]
+    print(json.dumps({"sizes": args.sizes, "peak_rss_growth_mb": round(growth, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
