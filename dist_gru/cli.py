@@ -9,17 +9,26 @@
 
 Every subcommand turns a user error (bad config, bad data file, bad checkpoint, bad launch
 environment) into one `error: ...` message on stderr and exit code 2, leaving files on disk alone.
+Any other exception is a crash: its traceback goes to stderr in one piece, under a line naming
+the process (`dist-gru: rank 1 of 2 (local rank 1, host node2) crashed: ...`), and, under
+torchrun, also into the error file torchrun reads (`@record`), so the agent's failure summary
+names the rank and shows the traceback too. On a cluster every rank's stderr is the job's output,
+but without this nothing says which of the interleaved lines came from which rank.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 import sys
+import traceback
 
 COMMANDS = {
     "train": ("dist_gru.train", "main", "train a model"),
     "evaluate": ("dist_gru.evaluate", "evaluate_main", "print metrics of a saved model as one JSON line"),
     "predict": ("dist_gru.evaluate", "predict_main", "write a saved model's predictions as .npy"),
+    "forecast": ("dist_gru.evaluate", "forecast_main", "write the forecast after the end of every series as .npy"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
     "bench": ("dist_gru.bench", "main", "measure training throughput"),
     "plot": ("dist_gru.plot", "main", "draw PNG curves from a run's metrics.jsonl"),
@@ -41,14 +50,39 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from dist_gru.checkpoint import CheckpointError
     from dist_gru.config import ConfigError
     from dist_gru.data.files import DataFormatError
     from dist_gru.runtime import LaunchError
 
     module, func, _ = COMMANDS[argv[0]]
+
+    @record
+    def run() -> int:
+        try:
+            return getattr(importlib.import_module(module), func)(argv[1:])
+        except (ConfigError, DataFormatError, CheckpointError, LaunchError) as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
+
     try:
-        return getattr(importlib.import_module(module), func)(argv[1:])
-    except (ConfigError, DataFormatError, CheckpointError, LaunchError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return run()
+    except Exception as exc:
+        # One write: the ranks of a job share its output, and their lines must not interleave.
+        report = f"dist-gru: {process_name()} crashed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        sys.stderr.write(report)
+        sys.stderr.flush()
+        return 1
+
+
+def process_name() -> str:
+    """`rank R of W (local rank L, host H)` from the launcher's environment, `host H` for one process."""
+    host = socket.gethostname()
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    if rank is None:
+        return f"host {host}"
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "?"))
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "?"))
+    return f"rank {rank} of {world} (local rank {local}, host {host})"

@@ -1,12 +1,14 @@
-"""Evaluation and prediction, shared by training and the `evaluate` / `predict` commands.
+"""Evaluation, prediction and forecasting, shared by training and the `evaluate` / `predict` / `forecast` commands.
 
     dist-gru evaluate --model runs/adding/model --data adding
     dist-gru evaluate --model runs/files/model --data data/val
     dist-gru predict  --model runs/files/model --data data/val --out preds.npy
+    dist-gru forecast --model runs/forecast/model --data data/series --out forecast.npy
 
 Evaluation runs on every rank over disjoint shards (sample r, r + W, ...), sums per-sample errors in
 float64 and reduces the sums once: every sample counts exactly once, and the metrics equal the
-1-process ones whatever the world size.
+1-process ones whatever the world size. Which metrics depends on the model's head and output
+(`dist_gru.metrics`).
 """
 
 from __future__ import annotations
@@ -15,21 +17,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dist_gru.config import ConfigError, load_config
 from dist_gru.data.loading import build_dataset, eval_batches, make_loader
+from dist_gru.losses import OutputSpec, loss_sum
+from dist_gru.metrics import MetricSums
 
 
 def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean loss of a batch: MSE for regression, cross-entropy for classification."""
-    output = output.float()
-    if task == "classification":
-        return F.cross_entropy(output, target)
-    return F.mse_loss(output, target)
+    """Mean loss of a batch of a head-`last` point model: MSE (regression) or cross-entropy.
+
+    Every other head and output: `dist_gru.losses.loss_sum`, which the trainer divides by the
+    global number of units."""
+    total, units = loss_sum(OutputSpec(task), output, target)
+    return total / units
 
 
 def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,72 +47,94 @@ def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, accelerator, batch_size: int, num_workers: int = 0) -> dict[str, float]:
-    """Metrics over the whole dataset. All ranks participate (one reduce at the end)."""
+def evaluate(
+    model: torch.nn.Module,
+    dataset,
+    accelerator,
+    batch_size: int,
+    num_workers: int = 0,
+    season: int = 1,
+) -> dict[str, float]:
+    """Metrics over the whole dataset for the model's head and output (`dist_gru.metrics`).
+
+    All ranks participate (one reduce at the end). `season` is `data.season`: the seasonal-naive
+    baseline of head `forecast`."""
     was_training = model.training
     model.eval()
-    task = dataset.task
+    sums = MetricSums(model.spec, model.output_size, season, accelerator.device)
     batches = eval_batches(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
-    # sums: loss, squared error, absolute error (regression) / correct (classification), samples
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     for batch in make_loader(dataset, batches, num_workers):
         x, lengths, y = _batch_to(batch, accelerator.device)
         with accelerator.autocast():
-            out = model(x, lengths).float()
-        if task == "classification":
-            sums[0] += F.cross_entropy(out, y, reduction="sum").double()
-            sums[2] += (out.argmax(-1) == y).sum()
-        else:
-            err = (out - y).double()
-            per_sample = (err**2).mean(-1)
-            sums[0] += per_sample.sum()
-            sums[1] += per_sample.sum()
-            sums[2] += err.abs().mean(-1).sum()
-        sums[3] += len(y)
-    sums = accelerator.reduce(sums, reduction="sum")  # all ranks participate
+            out = model(x, lengths)
+        sums.update(out, y, lengths, x)
+    reduced = accelerator.reduce(sums.sums, reduction="sum")  # all ranks participate
     model.train(was_training)
-    n = float(sums[3])
-    metrics = {"loss": float(sums[0]) / n, "num_samples": int(n)}
-    if task == "classification":
-        metrics["accuracy"] = float(sums[2]) / n
-    else:
-        metrics.update(mse=float(sums[1]) / n, mae=float(sums[2]) / n)
-    return metrics
+    return sums.results(reduced)
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> np.ndarray:
-    """Model outputs for every sample, in dataset order (one process)."""
+    """Model outputs for every sample, in dataset order (one process).
+
+    Head `step`: the outputs of every valid step, sequences concatenated along time, so row k
+    lines up with row k of the samples' concatenated steps ([total_steps, ...]); other heads: one
+    row per sample."""
     model.eval()
     outputs = []
     for batch in make_loader(dataset, eval_batches(len(dataset), batch_size, 0, 1), 0):
         x, lengths, _ = _batch_to(batch, device)
-        outputs.append(model(x, lengths).float().cpu().numpy())
-    return np.concatenate(outputs)
+        out = model(x, lengths).float().cpu()
+        if model.head_kind == "step":
+            outputs += [out[i, :length] for i, length in enumerate(lengths.tolist())]
+        else:
+            outputs.append(out)
+    return torch.cat(outputs).numpy()
 
 
-def _load_for_inference(args: argparse.Namespace):
-    """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
+def _load_model(model_dir: Path):
     from dist_gru.model import GRUModel
 
-    model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise ConfigError(f"--model {model_dir}: expected a folder with config.json and model.safetensors")
-    model = GRUModel.from_pretrained(str(model_dir))
+    return GRUModel.from_pretrained(str(model_dir))
+
+
+def _inference_config(args: argparse.Namespace, model, extra: list[str] = ()):
+    """The job's config: the run's config.yaml (or --config) < the model's own head and horizon <
+    `extra` < the user's overrides, then checked against the model."""
+    model_dir = Path(args.model)
     run_config = args.config or (
         model_dir.parent / "config.yaml" if (model_dir.parent / "config.yaml").is_file() else None
     )
-    overrides = list(args.overrides)
+    overrides = [f"model.head={model.head_kind}", f"data.horizon={model.horizon}", *extra, *args.overrides]
     if Path(args.data).exists():
         overrides += ["data.name=files", f"data.val_path={args.data}", f"data.train_path={args.data}"]
     else:
         overrides += [f"data.name={args.data}"]
     cfg = load_config(run_config, overrides)
-    dataset = build_dataset(cfg.data, "val")
-    if dataset.num_features != model.rnn.input_size:
+    for key, want, got in (
+        ("model.head", model.head_kind, cfg.model.head),
+        ("data.horizon", model.horizon, cfg.data.horizon),
+    ):
+        if want != got:
+            raise ConfigError(f"{key}={got!r}, but the model at --model {model_dir} was built with {key}={want!r}")
+    return cfg
+
+
+def _check_features(args: argparse.Namespace, model, num_features: int) -> None:
+    if num_features != model.input_size:
         raise ConfigError(
-            f"--data {args.data}: sequences have {dataset.num_features} features, the model expects {model.rnn.input_size}"
+            f"--data {args.data}: samples have {num_features} input features, the model expects {model.input_size}"
         )
+
+
+def _load_for_inference(args: argparse.Namespace, extra: list[str] = ()):
+    """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
+    model = _load_model(Path(args.model))
+    cfg = _inference_config(args, model, list(extra))
+    dataset = build_dataset(cfg.data, "val")
+    _check_features(args, model, dataset.num_features)
     return cfg, model, dataset
 
 
@@ -132,22 +159,97 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     model = model.to(accelerator.device)
     model.flatten_parameters()
-    metrics = evaluate(model, dataset, accelerator, args.batch_size)
+    metrics = evaluate(model, dataset, accelerator, args.batch_size, season=cfg.data.season)
     if accelerator.is_main_process:
         print(json.dumps(metrics), flush=True)
     return 0
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    """`dist-gru predict`: writes model outputs for every sample as .npy (dataset order)."""
+    """`dist-gru predict`: writes model outputs for every sample as .npy (dataset order).
+
+    A step model reads whole sequences and writes one row per step aligned with the data's
+    features, plus `<out>.offsets.npy` (sequence i is rows offsets[i]:offsets[i + 1])."""
     parser = _parser("dist-gru predict")
     parser.add_argument("--out", required=True, help="output .npy path")
     args = parser.parse_intermixed_args(argv)
-    _, model, dataset = _load_for_inference(args)
+    model = _load_model(Path(args.model))
+    # Whole sequences, not training windows: per-step outputs line up with the stored steps.
+    extra = ["data.window=null"] if model.head_kind == "step" else []
+    _, model, dataset = _load_for_inference(args, extra)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outputs = predict(model.to(device), dataset, args.batch_size, device)
     if dataset.task == "classification":
         outputs = outputs.argmax(-1)
+    out = Path(args.out)
+    written: dict[str, Any] = {"out": str(out), "shape": list(outputs.shape)}
+    if model.head_kind == "step":
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(dataset.lengths, dtype=np.int64))])
+        offsets_path = out.with_name(out.name.removesuffix(".npy") + ".offsets.npy")
+        np.save(offsets_path, offsets)
+        written["offsets"] = str(offsets_path)
+    np.save(out, outputs)
+    print(json.dumps(written), file=sys.stdout)
+    return 0
+
+
+@torch.no_grad()
+def forecast_series(model: torch.nn.Module, dataset, window: int, batch_size: int, device: torch.device) -> np.ndarray:
+    """The `horizon` steps after the end of every stored series: [num_series, horizon, O(, K)].
+
+    The context is each series' last `window` steps as the model was trained on them: its target
+    history followed by its covariates (`dataset` is a `SequenceFileDataset` with per-step targets).
+    """
+    from dist_gru.data.files import DataFormatError
+
+    lengths = np.asarray(dataset.lengths, dtype=np.int64)
+    short = np.flatnonzero(lengths < window)
+    if len(short):
+        raise DataFormatError(
+            f"{dataset.path}: {len(short)} series are shorter than the context window data.window={window} "
+            f"(series {int(short[0])} has {int(lengths[short[0]])} steps); forecasting needs {window} steps of history"
+        )
+    model.eval()
+    outputs = []
+    for start in range(0, len(lengths), batch_size):
+        seq = np.arange(start, min(start + batch_size, len(lengths)))
+        features, targets = dataset.read_steps(seq, lengths[seq] - window, window, window)
+        history = targets.reshape(len(seq), window, -1)
+        x = torch.from_numpy(np.concatenate([history, features], axis=-1)).to(device)
+        outputs.append(model(x).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+def forecast_main(argv: list[str] | None = None) -> int:
+    """`dist-gru forecast`: the forecast after the end of every series of a folder, as .npy."""
+    from dist_gru.data.files import SequenceFileDataset
+
+    parser = _parser("dist-gru forecast")
+    parser.add_argument("--out", required=True, help="output .npy path: [num_series, horizon, O] (+ quantile axis)")
+    args = parser.parse_intermixed_args(argv)
+    model_dir = Path(args.model)
+    model = _load_model(model_dir)
+    if model.head_kind != "forecast":
+        raise ConfigError(
+            f"--model {model_dir}: a model with head {model.head_kind!r} has no horizon to forecast; dist-gru forecast "
+            "needs a model trained with model.head=forecast (use dist-gru predict for this one)"
+        )
+    if not Path(args.data).is_dir():
+        raise ConfigError(f"--data {args.data}: expected a dist_gru.seq/v1 folder of series with per-step targets")
+    cfg = _inference_config(args, model)
+    dataset = SequenceFileDataset(args.data)
+    if dataset.target_kind != "step":
+        raise ConfigError(
+            f"--data {args.data}: has one target per sequence; forecasting reads each series' per-step targets "
+            "as its history (write the series with per-step targets)"
+        )
+    if dataset.output_size != model.output_size:
+        raise ConfigError(
+            f"--data {args.data}: series have {dataset.output_size} target channels, the model forecasts {model.output_size}"
+        )
+    _check_features(args, model, dataset.output_size + dataset.num_features)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    outputs = forecast_series(model.to(device), dataset, cfg.data.window, args.batch_size, device)
     np.save(args.out, outputs)
     print(json.dumps({"out": str(args.out), "shape": list(outputs.shape)}), file=sys.stdout)
     return 0
