@@ -21,6 +21,7 @@ Facts this module rests on (DESIGN.md, measured with torch 2.13 + accelerate 1.1
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 
 import torch
@@ -84,6 +85,30 @@ def _init_process_group(rank: int, world_size: int, backend: str) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=PEER_TIMEOUT)
 
 
+def cuda_device_index(local_rank: int, device_count: int, env: Mapping[str, str]) -> int:
+    """The GPU index this process uses: LOCAL_RANK when it sees the node's GPUs, 0 under a per-task binding.
+
+    Slurm's `--gpus-per-task=1` / `--gpu-bind=single:1` / `map_gpu:...` give each task one GPU
+    (CUDA_VISIBLE_DEVICES names one device), so a task with LOCAL_RANK=1 has no device 1: it uses
+    the one it sees. Any other view that lacks a device for LOCAL_RANK (e.g. two GPUs per task) is
+    ambiguous: ranks could share a GPU, so it is refused with the binding named."""
+    if local_rank < device_count:
+        return local_rank
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and device_count == 1 and len([d for d in visible.split(",") if d.strip()]) == 1:
+        return 0
+    binding = ", ".join(
+        f"{name}={env[name]}"
+        for name in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "SLURM_STEP_GPUS")
+        if name in env
+    )
+    raise LaunchError(
+        f"LOCAL_RANK={local_rank} but this process sees {device_count} GPU(s)"
+        f" ({binding or 'CUDA_VISIBLE_DEVICES unset'}): give every process of a node all its GPUs"
+        " (e.g. --gpus-per-node) so rank uses cuda:LOCAL_RANK, or exactly one GPU per task (--gpus-per-task=1)"
+    )
+
+
 def cpu_threads(cfg: Config, local_world_size: int) -> int:
     """Intra-op threads per process: train.threads, else OMP_NUM_THREADS, else this node's cores shared out.
 
@@ -108,7 +133,7 @@ def make_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelera
         )
     if use_gpu:
         # Before any model is built, so cuDNN state and the GRU's weights land on this rank's GPU.
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(cuda_device_index(local_rank, torch.cuda.device_count(), os.environ))
     _init_process_group(rank, world_size, "nccl" if use_gpu else "gloo")
     torch.set_num_threads(cpu_threads(cfg, local_world_size))
     if cfg.train.deterministic:

@@ -12,9 +12,12 @@
 #
 # Environment (all optional):
 #   PYTHON        the Python that has dist_gru installed               (default: python3)
-#   RDZV_HOST     rendezvous / MASTER_ADDR host (default: the first node of the allocation)
-#   RDZV_PORT     rendezvous / MASTER_PORT port (default: 20000 + SLURM_JOB_ID % 10000: the same after a
-#                 requeue, and below Linux's ephemeral ports (32768-60999), which other connections take)
+#   RDZV_HOST     rendezvous / MASTER_ADDR host (default: the first node of the allocation, where
+#                 the batch shell runs)
+#   RDZV_PORT     rendezvous / MASTER_PORT port (default: chosen by dg_rdzv_port below: the lowest port
+#                 from RDZV_PORT_MIN (20000) that no other job on this node holds and nothing listens on;
+#                 below Linux's ephemeral ports (32768-60999), which outgoing connections take)
+#   DIST_GRU_LOCK_DIR  node-local folder for the port locks (default: /tmp)
 #   MAX_REQUEUES  requeue at most this many times (SLURM_RESTART_COUNT) (default: 5)
 #
 # When the job requeues itself: training left a PREEMPTED marker, the batch shell got no SIGTERM
@@ -61,17 +64,52 @@ dg_setup() {
     # Relative run folders are relative to the job's working directory, the same after a requeue.
     [[ $RUN_DIR == /* ]] || RUN_DIR=$PWD/$RUN_DIR
     export RDZV_HOST=${RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
-    export RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+    if [[ -z ${RDZV_PORT:-} ]]; then
+        dg_rdzv_port || { dg_log "error: no free rendezvous port in $_dg_port_range (set RDZV_PORT)"; exit 2; }
+    fi
+    export RDZV_PORT
     # Slurm 22.05's srun does not inherit --cpus-per-task from the job (a bound step would get 1 CPU).
     [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
     MAX_REQUEUES=${MAX_REQUEUES:-5}
     dg_log "job $SLURM_JOB_ID on ${SLURM_JOB_NUM_NODES:-1} node(s) ($SLURM_JOB_NODELIST)," \
         "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0} (max requeues $MAX_REQUEUES)"
-    dg_log "rendezvous endpoint: $RDZV_HOST:$RDZV_PORT"
+    dg_log "rendezvous endpoint: $RDZV_HOST:$RDZV_PORT${_dg_port_skipped:+ (skipped, in use:$_dg_port_skipped)}"
     dg_log "run folder: $RUN_DIR (train.resume=$resume)"
     if [[ $resume != auto ]]; then
         dg_log "warning: train.resume=$resume: a requeued job will not continue from its own checkpoint"
     fi
+}
+
+# True when nothing on this node holds PORT (bound or listening, on any address).
+dg_port_free() {
+    "$PYTHON" -c 'import socket, sys; socket.socket().bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+
+# Choose this job's rendezvous port and keep it: sets RDZV_PORT. Jobs that share a node must never
+# pick the same port, and a port only becomes busy when torchrun (or rank 0) binds it seconds later:
+# a free-port probe alone would let two jobs starting together take the same one. So each candidate
+# is also claimed with an flock on DIST_GRU_LOCK_DIR/dist-gru-rdzv-PORT.lock, held by this shell's
+# open file until the job ends (the batch shell outlives its steps). Skipped ports are listed in
+# _dg_port_skipped. Call it directly, not in $(...): a subshell would drop the lock when it exits.
+dg_rdzv_port() {
+    local min=${RDZV_PORT_MIN:-20000} count=${RDZV_PORT_COUNT:-1000} dir=${DIST_GRU_LOCK_DIR:-/tmp} port lock fd
+    _dg_port_range="$min-$((min + count - 1))"
+    _dg_port_skipped=""
+    for ((port = min; port < min + count; port++)); do
+        lock=$dir/dist-gru-rdzv-$port.lock
+        # Readable by every user: a lock needs only a read-only descriptor.
+        [[ -e $lock ]] || (umask 0 && : >>"$lock") 2>/dev/null
+        if exec {fd}<"$lock"; then
+            if flock -n "$fd" && dg_port_free "$port"; then
+                RDZV_PORT=$port
+                _dg_port_fd=$fd
+                return 0
+            fi
+            exec {fd}<&-
+        fi 2>/dev/null
+        _dg_port_skipped+=" $port"
+    done
+    return 1
 }
 
 # Local tasks on this node from Slurm's compressed per-node list ("2(x3),1"): for LOCAL_WORLD_SIZE
@@ -122,13 +160,32 @@ dg_run_and_requeue() {
     # Traps run promptly only while bash waits on a background child, not during a foreground one.
     "$@" &
     _dg_pid=$!
-    local rc late
+    local rc late sleeper done_pid
     wait "$_dg_pid"
     rc=$?
     # A trap interrupts `wait` (status 128+n) while srun runs on: wait again.
     while kill -0 "$_dg_pid" 2>/dev/null; do
-        wait "$_dg_pid"
-        rc=$?
+        if [[ -z ${_dg_forwarded:-} ]]; then
+            wait "$_dg_pid"
+            rc=$?
+            continue
+        fi
+        # After a notice: training processes still starting up ignore USR1 until their handler is
+        # installed (the tasks' `trap "" USR1`), so a notice may be lost; repeat it every
+        # DG_RENOTIFY_S seconds until the step ends (a process that has it already just keeps it).
+        sleep "${DG_RENOTIFY_S:-10}" &
+        sleeper=$!
+        done_pid=""
+        wait -n -p done_pid "$_dg_pid" "$sleeper"
+        late=$?
+        kill "$sleeper" 2>/dev/null
+        wait "$sleeper" 2>/dev/null
+        if [[ $done_pid == "$_dg_pid" ]]; then
+            rc=$late
+        elif [[ $done_pid == "$sleeper" ]] && kill -0 "$_dg_pid" 2>/dev/null; then
+            dg_log "repeating the preemption notice: scancel --signal=USR1 $SLURM_JOB_ID"
+            scancel --signal=USR1 "$SLURM_JOB_ID" || kill -s USR1 "$_dg_pid"
+        fi
     done
     # srun may have ended between an interrupted wait and kill -0: collect its real status (127 if taken).
     wait "$_dg_pid" 2>/dev/null
@@ -155,6 +212,11 @@ dg_run_and_requeue() {
         fi
         dg_log "scontrol requeue failed: resubmit the same command to resume"
         exit "$DG_EXIT_PREEMPTED"
+    fi
+    if [[ -n ${_dg_forwarded:-} ]]; then
+        # The notice came, but no checkpoint was marked: training had ended (finished or failed)
+        # before it reached the step boundary, or it failed while saving.
+        dg_log "a preemption notice was forwarded but training left no $DG_PREEMPTED_FILE marker"
     fi
     if ((rc != 0)); then
         dg_log "training failed (exit $rc, no $DG_PREEMPTED_FILE marker): not requeuing"

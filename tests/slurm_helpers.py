@@ -13,7 +13,12 @@ record slurmctld keeps only ~8-12 s after the job ends (MinJobAge=4 plus the pur
 while the job runs (wait_job does) rather than asking long after it ended.
 
 Every subprocess call has a timeout. Set DIST_GRU_REQUIRE_SLURM=1 to make `requires_slurm` tests
-run (and fail) instead of skipping when no cluster answers, so a broken cluster cannot pass CI silently.
+run (and fail) instead of skipping when no cluster answers, so a broken cluster cannot pass CI silently;
+DIST_GRU_REQUIRE_SLURM_MULTINODE=1 does the same for `requires_slurm_multinode` (a cluster of at least
+two usable nodes: `bash slurm/cluster.sh up --nodes 2`).
+
+The dist-gru job helpers (`train_job_env`, `sbatch_train`, `finish`, `header_lines`) submit
+slurm/train.sbatch or slurm/train_tasks.sbatch with `dist-gru train` arguments and read the output back.
 """
 
 from __future__ import annotations
@@ -74,25 +79,38 @@ def _local_controller_down() -> bool:
     return subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, timeout=10).returncode != 0
 
 
-def slurm_available() -> bool:
-    """True when `sinfo` answers and at least one node is idle, mixed or allocated (so jobs can run)."""
+def usable_nodes() -> list[str]:
+    """Names of the nodes that are idle, mixed or allocated (so jobs can run); [] without a cluster."""
     if not shutil.which("sinfo") or not shutil.which("sbatch"):
-        return False
+        return []
     try:
         if _local_controller_down():
-            return False
-        res = _run(["sinfo", "-h", "-N", "-o", "%T"], timeout=20, check=False)
+            return []
+        res = _run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=20, check=False)
     except (SlurmError, OSError, subprocess.SubprocessError):
-        return False
+        return []
     if res.returncode != 0:
-        return False
-    return any(state.strip() in USABLE_NODE_STATES for state in res.stdout.split())
+        return []
+    pairs = [line.split() for line in res.stdout.splitlines() if len(line.split()) == 2]
+    return sorted({name for name, state in pairs if state in USABLE_NODE_STATES})
+
+
+def slurm_available() -> bool:
+    """True when `sinfo` answers and at least one node is idle, mixed or allocated (so jobs can run)."""
+    return bool(usable_nodes())
 
 
 _REQUIRE = os.environ.get("DIST_GRU_REQUIRE_SLURM", "") not in ("", "0")
 requires_slurm = pytest.mark.skipif(
     not _REQUIRE and not slurm_available(),
     reason="no Slurm cluster running: start one with `bash slurm/cluster.sh up` (CI does)",
+)
+
+
+_REQUIRE_MULTINODE = os.environ.get("DIST_GRU_REQUIRE_SLURM_MULTINODE", "") not in ("", "0")
+requires_slurm_multinode = pytest.mark.skipif(
+    not _REQUIRE_MULTINODE and len(usable_nodes()) < 2,
+    reason="no Slurm cluster of 2 nodes running: start one with `bash slurm/cluster.sh up --nodes 2` (CI does)",
 )
 
 
@@ -260,3 +278,98 @@ def cancel(job_id: int, signal: str | None = None, batch: bool = False, full: bo
         return _run(cmd, check=False).returncode == 0
     except SlurmError:
         return False
+
+
+# --------------------------------------------------------------------------------------------------
+# dist-gru jobs
+
+
+def train_job_env(python: str) -> dict[str, str]:
+    """What conftest.test_env gives its subprocesses, plus the interpreter the sbatch scripts should use."""
+    return {
+        "PYTHON": python,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def sbatch_train(
+    script: Path,
+    folder: Path,
+    *train_args: str,
+    python: str,
+    options: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Submit `script` with the dist-gru train arguments; output in `folder`/slurm-<id>.out."""
+    return submit(
+        script,
+        f"--output={folder}/slurm-%j.out",
+        *options,
+        env={**train_job_env(python), **(env or {})},
+        cwd=folder,
+        script_args=train_args,
+    )
+
+
+def finish(job: int, folder: Path, timeout_s: float) -> tuple[dict, str]:
+    """Wait for the job (cancelled if it outlives timeout_s); return its record and output file."""
+    try:
+        info = wait_job(job, timeout_s=timeout_s)
+    finally:
+        cancel(job)
+    return info, (folder / f"slurm-{job}.out").read_text()
+
+
+def header_lines(out: str, prefix: str) -> list[str]:
+    """The job output's `dist-gru slurm: PREFIX...` lines (header, per-node and per-rank lines)."""
+    return [line for line in out.splitlines() if line.startswith(f"dist-gru slurm: {prefix}")]
+
+
+def rendezvous_port(out: str) -> int:
+    """The port of the job's (first) `rendezvous endpoint: HOST:PORT` line."""
+    match = re.search(r"^dist-gru slurm: rendezvous endpoint: \S+:(\d+)", out, re.MULTILINE)
+    if not match:
+        raise AssertionError(f"no rendezvous endpoint line in the job output:\n{out[-3000:]}")
+    return int(match.group(1))
+
+
+def follow_job(job_id: int, timeout_s: float, poll_s: float = 0.25) -> tuple[dict, list[tuple[float, str]]]:
+    """Like wait_job, but also return the job's state changes as (time.monotonic(), "STATE restarts=N")."""
+    deadline = time.monotonic() + timeout_s
+    changes: list[tuple[float, str]] = []
+    while True:
+        info = job_info(job_id)
+        if info is None:
+            raise SlurmError(f"job {job_id} record vanished (states seen: {[s for _, s in changes]})")
+        state = f"{_state(info)} restarts={info.get('Restarts', '0')}"
+        if not changes or changes[-1][1] != state:
+            changes.append((time.monotonic(), state))
+        if _state(info) in TERMINAL_STATES:
+            return _with_exit(info), changes
+        if time.monotonic() >= deadline:
+            cancel(job_id)
+            raise TimeoutError(f"job {job_id} not finished after {timeout_s}s: {[s for _, s in changes]} (cancelled)")
+        time.sleep(poll_s)
+
+
+# The network namespace of a node of `bash slurm/cluster.sh up --nodes N` (node1, node2, ...).
+NETNS_PREFIX = "dist-gru-"
+
+
+def node_pids(node: str) -> list[int]:
+    """Processes running inside the node's network namespace (its slurmd and the job steps it runs)."""
+    res = _run(["ip", "netns", "pids", f"{NETNS_PREFIX}{node}"])
+    return [int(p) for p in res.stdout.split()]
+
+
+def cmdline(pid: int) -> list[str]:
+    """The process's argv, [] once it has exited."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []

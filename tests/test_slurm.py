@@ -10,14 +10,25 @@ cred_expire + 1 = 31 s. The tests that need no cluster check the shell helpers o
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import PY, REPO, TINY, assert_ok, load_weights, max_abs_diff, read_metrics, summary_fields, torchrun
-from slurm_helpers import cancel, requires_slurm, submit, wait_for, wait_job, wait_state
+from slurm_helpers import (
+    cancel,
+    finish,
+    header_lines,
+    rendezvous_port,
+    requires_slurm,
+    sbatch_train,
+    wait_for,
+    wait_state,
+)
 from wandb_reader import find_offline_runs, read_run
 
 TORCHRUN_SBATCH = REPO / "slurm" / "train.sbatch"
@@ -27,42 +38,9 @@ COMMON_SH = REPO / "slurm" / "common.sh"
 LONG = [*TINY, "train.max_steps=300", "train.log_every=10", "checkpoint.every=100"]
 
 
-def job_env() -> dict[str, str]:
-    # What conftest.test_env gives its subprocesses, plus the interpreter the scripts should use.
-    return {
-        "PYTHON": PY,
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 def sbatch(script: Path, folder: Path, *train_args: str, options: tuple[str, ...] = (), env=None) -> int:
     """Submit `script` with the dist-gru train arguments; output in `folder`/slurm-<id>.out."""
-    return submit(
-        script,
-        f"--output={folder}/slurm-%j.out",
-        *options,
-        env={**job_env(), **(env or {})},
-        cwd=folder,
-        script_args=train_args,
-    )
-
-
-def finish(job: int, folder: Path, timeout_s: float) -> tuple[dict, str]:
-    """Wait for the job; return its record and output file."""
-    try:
-        info = wait_job(job, timeout_s=timeout_s)
-    finally:
-        cancel(job)
-    return info, (folder / f"slurm-{job}.out").read_text()
-
-
-def header_lines(out: str, prefix: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith(f"dist-gru slurm: {prefix}")]
+    return sbatch_train(script, folder, *train_args, python=PY, options=options, env=env)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +81,44 @@ def test_run_dir_is_resolved_like_the_trainer_does(tmp_path):
     assert "train.resum: unknown key (value 'none')" in res.stderr, res.stderr
 
 
+@pytest.mark.timeout(60)
+def test_rendezvous_port_skips_ports_held_by_another_job_or_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        base = busy.getsockname()[1]
+        # Another job's batch shell holds base+1's lock (it has not started torchrun yet).
+        lock = tmp_path / f"dist-gru-rdzv-{base + 1}.lock"
+        lock.touch()
+        holder = subprocess.Popen(["flock", str(lock), "sleep", "60"], start_new_session=True)
+        try:
+            wait_for(lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 1, 30, "the lock holder")
+            res = bash(
+                'dg_rdzv_port && echo "$RDZV_PORT|$_dg_port_skipped"',
+                env={"RDZV_PORT_MIN": str(base), "RDZV_PORT_COUNT": "20", "DIST_GRU_LOCK_DIR": str(tmp_path)},
+            )
+        finally:
+            holder.kill()
+            holder.wait()
+    assert res.returncode == 0, res.stderr
+    port, skipped = res.stdout.strip().split("|")
+    assert int(port) >= base + 2, res.stdout
+    assert skipped.split()[:2] == [str(base), str(base + 1)], res.stdout
+    assert (tmp_path / f"dist-gru-rdzv-{port}.lock").exists()
+
+
+@pytest.mark.timeout(60)
+def test_two_jobs_choosing_at_once_get_different_rendezvous_ports(tmp_path):
+    # Two batch shells on one node choose their port at the same moment; each keeps its lock while
+    # it runs (here: 3 s), as a job keeps it until it ends.
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "PYTHON": PY, "DIST_GRU_LOCK_DIR": str(tmp_path)}
+    snippet = f'source "{COMMON_SH}"; dg_rdzv_port && echo "$RDZV_PORT" && sleep 3'
+    shells = [subprocess.Popen(["bash", "-c", snippet], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    ports = [int(shell.communicate(timeout=50)[0].strip()) for shell in shells]
+    assert all(shell.returncode == 0 for shell in shells)
+    assert ports[0] != ports[1] and all(20000 <= port < 21000 for port in ports), ports
+
+
 # --------------------------------------------------------------------------------------------------
 # Real jobs
 
@@ -124,9 +140,10 @@ def test_torchrun_mode_trains_on_two_processes(torchrun_job):
     job, info, out, run_dir = torchrun_job
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
     host = info["NodeList"]  # one node: its name is the first host of the allocation
-    assert header_lines(out, "rendezvous endpoint:") == [
-        f"dist-gru slurm: rendezvous endpoint: {host}:{20000 + job % 10000}"
-    ], out
+    # The lowest free port from 20000 that no other job on the node holds (see the port tests below).
+    port = rendezvous_port(out)
+    assert 20000 <= port < 21000, out
+    assert header_lines(out, "rendezvous endpoint:")[0].startswith(f"dist-gru slurm: rendezvous endpoint: {host}:{port}")
     # One torchrun agent per node, each printing its own (per-task expanded) node rank and host.
     assert header_lines(out, "node_rank=") == [f"dist-gru slurm: node_rank=0 host={host} nproc_per_node=2 task=0"]
     fields = summary_fields(out)
