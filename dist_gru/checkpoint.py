@@ -60,6 +60,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+_ASIDE = ".replaced-step-"  # + step + "-" + pid: the old copy of a step being saved again
 _FILES = ("model.safetensors", "optimizer.pt", "state.json")
 PREEMPTED = "PREEMPTED"
 # "Preempted, checkpoint saved: run me again" (sysexits EX_TEMPFAIL), distinct from 0 and from failures.
@@ -120,16 +121,31 @@ def save_checkpoint(
     marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _FILES}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     _fsync_file(tmp / MARKER)
-    if final.exists():  # a re-save of the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
+    aside = None
+    if final.exists():
+        # A re-save of the same step (a signal right after a periodic save, a run completed at its
+        # last step). A folder cannot be renamed onto a non-empty one, and deleting the old one first
+        # would leave no checkpoint at all for a moment (the only one, with checkpoint.keep=1). So the
+        # old one moves aside under a name `list_checkpoints` still finds, then the new one takes its
+        # place: a crash at any point leaves a complete checkpoint of this step.
+        aside = root / f"{_ASIDE}{step:06d}-{os.getpid()}"
+        os.replace(final, aside)
+        _fsync_dir(root)
     os.replace(tmp, final)
-    dir_fd = os.open(root, os.O_RDONLY)
+    _fsync_dir(root)
+    if aside is not None:
+        shutil.rmtree(aside)
+    prune(run_dir, keep, newest=final)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (a crash after it cannot bring back the old names)."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    prune(run_dir, keep, newest=final)
-    return final
 
 
 def verify(path: Path) -> Checkpoint:
@@ -158,13 +174,33 @@ def verify(path: Path) -> Checkpoint:
     return Checkpoint(path, json.loads((path / "state.json").read_text()))
 
 
+def _step_of(path: Path) -> int | None:
+    """The step of a checkpoint folder name: `step-N`, or `.replaced-step-N-PID` (a re-save's old copy)."""
+    name = path.name
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    if name.startswith(_ASIDE):
+        step, _, pid = name[len(_ASIDE) :].partition("-")
+        if step.isdigit() and pid.isdigit():
+            return int(step)
+    return None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders by step, oldest first (complete or not; temporary folders excluded)."""
+    """Checkpoint folders by step, oldest first (complete or not; temporary folders excluded).
+
+    The old copy a re-save moved aside counts only while its step has no `step-N` folder: then a
+    crash came between the two renames of `save_checkpoint`, and it is the checkpoint of that step.
+    """
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    by_step: dict[int, Path] = {}
+    for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(_ASIDE)):  # `step-N` first
+        step = _step_of(path)
+        if step is not None and path.is_dir():
+            by_step.setdefault(step, path)
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def find_latest(run_dir: Path) -> Checkpoint | None:
@@ -191,6 +227,10 @@ def prune(run_dir: Path, keep: int, newest: Path | None = None) -> None:
     for tmp in checkpoint_dir(run_dir).glob(".tmp-step-*"):
         if time.time() - tmp.stat().st_mtime > 3600:  # left by a crash long ago, not a save in flight
             shutil.rmtree(tmp, ignore_errors=True)
+    listed = set(list_checkpoints(run_dir))
+    for aside in checkpoint_dir(run_dir).glob(f"{_ASIDE}*"):
+        if aside not in listed:  # a crash after a re-save completed: its step-N folder replaces it
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_compatible(ckpt: Checkpoint, expected: dict[str, Any]) -> None:

@@ -136,29 +136,6 @@ class DataConfig(_Section):
             raise ValueError("data.name is 'files', so data.train_path must name a dist_gru.seq/v1 folder")
         return self
 
-
-class OptimConfig(_Section):
-    name: Literal["adamw", "adam"] = Field("adamw", description="optimizer")
-    lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (adamw) or L2 penalty (adam)")
-    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
-    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warm-up")
-    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps from 0 to lr")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
-    grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = no clipping)")
-
-
-class TrainConfig(_Section):
-    global_batch_size: int = Field(
-        64, ge=1, description="samples per optimizer step, summed over all ranks and micro-batches"
-    )
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (each rank)")
-    max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
-    seed: int = Field(
-        0, ge=0, description="seed of model init, dropout and the sample order (order depends on (seed, epoch))"
-    )
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs a GPU)")
     @model_validator(mode="after")
     def _scaling_alias(self) -> DataConfig:
         # normalize=true is the old spelling of scaling=global; the two are kept equal so code and
@@ -183,6 +160,29 @@ class TrainConfig(_Section):
             )
         return self
 
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "adam"] = Field("adamw", description="optimizer")
+    lr: float = Field(3e-3, gt=0.0, le=10.0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (adamw) or L2 penalty (adam)")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warm-up")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps from 0 to lr")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+    grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = no clipping)")
+
+
+class TrainConfig(_Section):
+    global_batch_size: int = Field(
+        64, ge=1, description="samples per optimizer step, summed over all ranks and micro-batches"
+    )
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (each rank)")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
+    seed: int = Field(
+        0, ge=0, description="seed of model init, dropout and the sample order (order depends on (seed, epoch))"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs a GPU)")
     cpu_bf16: Literal["gru", "autocast"] = Field(
         "gru",
         description="bf16 on CPU: gru = run the GRU itself in bf16 (fp32 master weights), autocast = autocast only",
@@ -192,7 +192,9 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="log training metrics every N steps")
     run_dir: str = Field("runs/default", description="run folder: config, metrics, checkpoints, model, W&B files")
     resume: str = Field(
-        "auto", description="auto (newest complete checkpoint in run_dir) | none | PATH to a checkpoint"
+        "auto",
+        description="auto (continue run_dir's run, if any) | none (fresh; refuses a run_dir with checkpoints) | "
+        "overwrite (remove run_dir's run, then start fresh) | PATH to a checkpoint (README: the run folder)",
     )
     threads: int = Field(
         0,
@@ -283,10 +285,50 @@ class Config(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def digest(self, sections: tuple[str, ...] = ("model", "data")) -> str:
-        """A short hash of the sections that decide whether a checkpoint fits this job."""
-        blob = json.dumps({s: self.to_dict()[s] for s in sections}, sort_keys=True)
+    def digest(self) -> str:
+        """A short hash of the trajectory-defining keys (`trajectory`): equal digests, the same run."""
+        blob = json.dumps(trajectory(self.to_dict()), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# What defines a run's trajectory: a checkpoint resumes only under a config equal in these keys
+
+TRAJECTORY_SECTIONS = ("model", "data", "optim", "train")
+# Keys of those sections that do not change the weights a run computes from a checkpoint on: the
+# validation split and how often it is evaluated, logging, loader workers, threads, kernels chosen
+# for determinism (like the world size, they change the summation order, not the computation), the
+# sample audit, where the run lives and how it resumes, and the horizon (`train.max_steps` may be
+# raised to continue a finished run; the cosine schedule then follows the new horizon). Every other
+# key of the four sections defines the trajectory, including keys added later, so a new field is
+# safe by default; the `checkpoint` and `log` sections never do.
+NOT_TRAJECTORY = frozenset(
+    {
+        "data.val_size",
+        "data.val_path",
+        "data.num_workers",
+        "train.max_steps",
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.log_every",
+        "train.run_dir",
+        "train.resume",
+        "train.threads",
+        "train.deterministic",
+        "train.record_samples",
+    }
+)
+
+
+def trajectory(tree: dict[str, Any]) -> dict[str, Any]:
+    """The trajectory-defining keys of a config tree (`Config.to_dict()`), flat: {"optim.lr": 0.003, ...}."""
+    flat: dict[str, Any] = {}
+    for section in TRAJECTORY_SECTIONS:
+        for key, value in (tree.get(section) or {}).items():
+            dotted = f"{section}.{key}"
+            if dotted not in NOT_TRAJECTORY:
+                flat[dotted] = value
+    return flat
 
 
 # ---------------------------------------------------------------------------------------------

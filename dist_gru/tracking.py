@@ -12,17 +12,25 @@ W&B decisions (README "Tracking"):
   shared storage), else into the run folder;
 - W&B is silent on the console (its banner and end-of-run summary are noise next to ours) unless
   the user set `WANDB_SILENT` or `WANDB_QUIET`; our final lines carry the run folder and the
-  `wandb sync` command instead.
+  `wandb sync` command instead;
+- W&B never takes a run down. Online mode starts only when the server answers a TCP connection
+  (a compute node without network, a shared ~/.netrc with a key: offline at once, not a timeout);
+  `wandb.init` waits at most INIT_TIMEOUT_S (or $WANDB_INIT_TIMEOUT); any failure to start online
+  (refused key, server error, timeout) warns once and starts the same run id offline, to be
+  uploaded later with `wandb sync`; a tracker that fails offline too, or later while logging, is
+  dropped with a warning and metrics.jsonl carries on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import netrc
 import os
 import secrets
 import shlex
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,11 @@ from dist_gru.checkpoint import Checkpoint
 from dist_gru.config import Config
 
 WANDB_HOST = "https://api.wandb.ai"
+# wandb.init's own default is 90 s; a start-up that waits longer than this will not succeed anyway.
+INIT_TIMEOUT_S = 30.0
+# A TCP connection to a reachable server opens in milliseconds; an unreachable one fails or hangs.
+PROBE_TIMEOUT_S = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 class Tracker:
@@ -80,6 +93,27 @@ def wandb_mode(cfg_mode: str) -> str:
     return "online" if api_key_configured() else "offline"
 
 
+def wandb_server() -> tuple[str, int]:
+    """(host, port) of the W&B server wandb would talk to (WANDB_BASE_URL, else the public one)."""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or WANDB_HOST)
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+def wandb_server_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the W&B server cannot be reached, or None when a TCP connection to it opens.
+
+    Behind a proxy a direct connection proves nothing: None, and wandb.init's timeout bounds the attempt.
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    host, port = wandb_server()
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+
+
 def wandb_root(run_dir: Path) -> Path:
     """The folder W&B writes `wandb/` into: $WANDB_DIR when set, else the run folder."""
     user_dir = os.environ.get("WANDB_DIR")
@@ -121,12 +155,31 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wandb_settings():
-    """Silent unless the user asked wandb for output (WANDB_SILENT / WANDB_QUIET set to anything)."""
-    if "WANDB_SILENT" in os.environ or "WANDB_QUIET" in os.environ:
-        return None
+    """Silent unless the user asked wandb for output (WANDB_SILENT / WANDB_QUIET set to anything);
+    start-up bounded by INIT_TIMEOUT_S unless the user set WANDB_INIT_TIMEOUT."""
     import wandb
 
-    return wandb.Settings(silent=True)
+    settings: dict[str, Any] = {}
+    if "WANDB_SILENT" not in os.environ and "WANDB_QUIET" not in os.environ:
+        settings["silent"] = True
+    if "WANDB_INIT_TIMEOUT" not in os.environ:
+        settings["init_timeout"] = INIT_TIMEOUT_S
+    return wandb.Settings(**settings)
+
+
+def _stop_wandb() -> None:
+    """Forget a W&B start that failed: wandb's service keeps the run id it could not start and would
+    refuse it to the offline retry ("run ID ... is in use") until it is torn down."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - the service may be gone already; there is nothing left to stop
+        pass
+
+
+def _warn(message: str) -> None:
+    print(f"dist-gru: warning: {message}", file=sys.stderr, flush=True)
 
 
 class RunTracker(Tracker):
@@ -138,6 +191,9 @@ class RunTracker(Tracker):
         self.mode = wandb_mode(cfg.log.mode)
         trackers = active_trackers(cfg)
         init_kwargs: dict[str, Any] = {}
+        if "wandb" in trackers and self.mode == "online" and (why := wandb_server_unreachable()):
+            self.mode = "offline"
+            _warn(f"W&B server unreachable ({why}); logging offline as run {self.run_id} (upload it later: wandb sync)")
         if "wandb" in trackers:
             self.wandb_dir = wandb_root(run_dir)
             self.wandb_dir.mkdir(parents=True, exist_ok=True)
@@ -156,19 +212,57 @@ class RunTracker(Tracker):
         self.active = bool(trackers)
         if not self.active:
             return
-        accelerator.init_trackers(cfg.log.project, init_kwargs=init_kwargs)
+        try:
+            self._start(cfg, init_kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever W&B raises (CommError, UsageError, timeouts)
+            if "wandb" not in trackers or self.mode != "online":
+                self._drop_trackers(exc)
+                return
+            _warn(
+                f"W&B did not start online ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"logging offline as run {self.run_id} (upload it later: wandb sync)"
+            )
+            for tracker in self.accelerator.trackers:  # the other trackers start again with the offline W&B
+                if tracker.name != "wandb":
+                    with contextlib.suppress(Exception):
+                        tracker.finish()
+            _stop_wandb()
+            self.mode = init_kwargs["wandb"]["mode"] = "offline"
+            try:
+                self._start(cfg, init_kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self._drop_trackers(exc)
+
+    def _start(self, cfg: Config, init_kwargs: dict[str, Any]) -> None:
+        self.accelerator.trackers = []  # a failed attempt may have left some behind
+        self.accelerator.init_trackers(cfg.log.project, init_kwargs=init_kwargs)
         # The resolved config: nested for W&B (as in config.yaml), flattened for TensorBoard's hparams.
         config = cfg.to_dict()
-        for tracker in accelerator.trackers:
+        for tracker in self.accelerator.trackers:
             tracker.store_init_configuration(flat_config(config) if tracker.name == "tensorboard" else config)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run retrains the steps after its checkpoint: drop their stale lines first."""
+        """A resumed run retrains the steps after its checkpoint: drop their stale lines first.
+
+        A process killed mid-write leaves a last line cut short; it (and any other unreadable line)
+        is dropped with a warning naming it, instead of failing the resume.
+        """
         if not self.metrics_path.is_file():
             return
-        kept = [
-            line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
+        kept = []
+        lines = self.metrics_path.read_text().splitlines() if step > 0 else []  # from step 0 nothing is kept
+        for number, line in enumerate(lines, 1):
+            try:
+                stale = json.loads(line)["step"] > step
+            except (ValueError, TypeError, KeyError) as exc:
+                where = "its last line" if number == len(lines) else f"line {number}"
+                _warn(
+                    f"{self.metrics_path}: dropping {where}, which is not a metrics record "
+                    f"({type(exc).__name__}; cut short by a killed process?): {line[:80]!r}"
+                )
+                continue
+            if not stale:
+                kept.append(line)
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)
@@ -199,18 +293,15 @@ class RunTracker(Tracker):
         whole job step also kills W&B's service process, and the next log call would then raise
         before the preemption checkpoint is saved. metrics.jsonl keeps every value."""
         self.active = False
-        print(
-            f"dist-gru: warning: experiment tracker failed ({type(exc).__name__}: {exc}); "
-            f"continuing with {self.metrics_path} only",
-            file=sys.stderr,
-            flush=True,
-        )
+        _warn(f"experiment tracker failed ({type(exc).__name__}: {exc}); continuing with {self.metrics_path} only")
 
     def wandb_folders(self) -> list[Path]:
         """This run id's W&B folders, oldest first (a resumed offline run has one per start)."""
         if self.wandb_dir is None:
             return []
-        return sorted((self.wandb_dir / "wandb").glob(f"*run-*-{self.run_id}*"))
+        # Only this mode's folders: an online start that failed leaves a `run-...` folder of its own.
+        prefix = "offline-run" if self.mode == "offline" else "run"
+        return sorted((self.wandb_dir / "wandb").glob(f"{prefix}-*-{self.run_id}*"))
 
     def final_lines(self) -> list[str]:
         if self.wandb_dir is None:

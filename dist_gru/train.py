@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from dist_gru import checkpoint as ckpt_lib
+from dist_gru import run_folder
 from dist_gru.config import (
     Config,
     OptimConfig,
@@ -112,36 +112,6 @@ class Job:
     skipped_steps: int = 0  # fp16 steps the gradient scaler skipped, over the whole run (checkpointed)
 
 
-def resolve_resume(cfg: Config, run_dir: Path, accelerator) -> ckpt_lib.Checkpoint | None:
-    """`auto`: newest complete checkpoint in the run folder; `none`; or an explicit folder (must be valid).
-
-    Global rank 0 decides and every rank loads that same folder (all ranks participate), so ranks
-    never resume from different steps; the run folder must be on storage every node can read."""
-    if cfg.train.resume == "none":
-        return None
-    choice: list[str | None] = [None, None]  # [checkpoint folder, error]: an error must stop every rank
-    chosen = None
-    if accelerator.is_main_process:
-        try:
-            if cfg.train.resume == "auto":
-                chosen = ckpt_lib.find_latest(run_dir)
-            else:
-                chosen = ckpt_lib.verify(Path(cfg.train.resume))
-            choice[0] = str(chosen.path) if chosen else None
-        except ckpt_lib.CheckpointError as exc:
-            choice[1] = str(exc)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(choice)
-    if choice[1] is not None:
-        raise ckpt_lib.CheckpointError(choice[1])
-    if choice[0] is None or chosen is not None:
-        return chosen  # rank 0 has verified its choice already (sha256 of every file): not twice
-    try:
-        return ckpt_lib.verify(Path(choice[0]))
-    except ckpt_lib.CheckpointError as exc:
-        raise ckpt_lib.CheckpointError(f"rank {accelerator.process_index} cannot read {exc}") from None
-
-
 def build(cfg: Config) -> Job:
     # First: a preemption signal during start-up is then honoured at the first step, not fatal.
     preemption = PreemptionFlag(cfg.checkpoint.signals)
@@ -149,12 +119,14 @@ def build(cfg: Config) -> Job:
     world_size, rank = accelerator.num_processes, accelerator.process_index
     per_rank = per_rank_batch_size(cfg, world_size)
     run_dir = Path(cfg.train.run_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_lib.clear_preempted(run_dir)  # a marker left by an earlier attempt is not this one's
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        print(cfg.to_yaml(), end="", flush=True)
-    accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
+    plan = run_folder.resolve(cfg, run_dir, accelerator)  # all ranks participate; nothing is written yet
+    if plan.finished:  # nothing to train, nothing to write: every rank leaves here, with exit code 0
+        if accelerator.is_main_process:
+            print(plan.message, flush=True)
+        accelerator.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(0)
 
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
@@ -177,14 +149,17 @@ def build(cfg: Config) -> Job:
         weight_decay=cfg.optim.weight_decay,
     )
 
-    resume = resolve_resume(cfg, run_dir, accelerator)
+    resume = plan.resume
     if resume is not None:
         ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
         ckpt_lib.load_weights(resume, model, optimizer)
-        if accelerator.is_main_process:
-            print(f"dist-gru: resuming from {resume.path} (step {resume.step})", flush=True)
     elif cfg.data.normalize:
         model.set_normalization(*feature_moments(train_set))
+    if accelerator.is_main_process:  # every check has passed: only now does the run folder change
+        run_folder.commit(plan, cfg, run_dir)
+        if resume is not None:
+            print(f"dist-gru: resuming from {resume.path} (step {resume.step})", flush=True)
+    accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
 
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and cfg.train.cpu_bf16 == "gru":
         model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
@@ -237,6 +212,7 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             "samples_seen": step * cfg.train.global_batch_size,
             "world_size": acc.num_processes,
             "config_digest": cfg.digest(),
+            "config": cfg.to_dict(),  # a resume compares its trajectory keys with the new job's
             "task": job.train_set.task,
             "model_config": job.model_config,
             "tracker_run_id": job.tracker.run_id,
