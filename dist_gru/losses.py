@@ -61,11 +61,12 @@ def gaussian_nll(output: Tensor, target: Tensor) -> Tensor:
 
 def unit_losses(spec: OutputSpec, output: Tensor, target: Tensor) -> Tensor:
     """The loss of every unit: [B] (last, forecast) or [B, T] (step), before any masking."""
-    output = output.float()
+    # fp32 at least (autocast may hand over bf16); float64 stays float64, for metric sums.
+    output = output if output.dtype == torch.float64 else output.float()
     if spec.task == "classification":
         flat = F.cross_entropy(output.flatten(0, -2), target.flatten(), reduction="none")
         return flat.view(target.shape)
-    target = target.float()
+    target = target.to(output.dtype)
     if spec.output == "gaussian":
         per_value = gaussian_nll(output, target)
     elif spec.output == "quantile":

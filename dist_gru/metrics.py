@@ -87,9 +87,10 @@ class MetricSums:
         """Add one batch: model ``output``, ``target`` and ``lengths`` as the batch holds them;
         ``x`` (the raw model input) is needed for head ``forecast``'s naive baselines."""
         spec = self.spec
-        output, device = output.float(), self.sums.device
+        # float64 from here on: sums of float64 terms reduce to the same totals on any world size.
+        output, device = output.double(), self.sums.device
         total, units = loss_sum(spec, output, target, lengths)
-        self._add("loss", total.double())
+        self._add("loss", total)
         self._add("units", float(units))
         self._add("samples", float(target.shape[0]))
         if spec.head == "step":
@@ -103,7 +104,7 @@ class MetricSums:
             if x is None:
                 raise ValueError("forecast metrics need the model input x (its first channels are the history)")
             self._update_baselines(x, lengths, target)
-        point = point_forecast(spec, output).double()
+        point = point_forecast(spec, output)
         target = target.double()
         error = point - target
         self._add("squared", error.square().sum())
@@ -114,9 +115,8 @@ class MetricSums:
             ratio = torch.where(denominator > 0, error.abs() / denominator.clamp_min(1e-300), 0.0)
             self._add("smape", 200.0 * ratio.sum())
         if spec.output == "quantile":
-            quantiles = output.double()
-            self._add("pinball", pinball(quantiles, target, spec.quantiles).mean(-1).sum())
-            covered = (target.unsqueeze(-1) <= quantiles).flatten(0, -2).sum(0)
+            self._add("pinball", pinball(output, target, spec.quantiles).mean(-1).sum())
+            covered = (target.unsqueeze(-1) <= output).flatten(0, -2).sum(0)
             self._add("covered", covered.to(device))
 
     def _update_classes(self, predicted: Tensor, labels: Tensor) -> None:
