@@ -99,6 +99,7 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start = 0, 0
         self._cache: tuple[int, np.ndarray] | None = None
         self._chunk_cache: tuple[tuple[int, int], np.ndarray] | None = None
+        self._orders: tuple[int, FeistelPermutation, FeistelPermutation] | None = None
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """All global micro-batches of `epoch`, shape [steps_per_epoch * accum, micro]: same on every rank.
@@ -127,17 +128,25 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         """Global micro-batch `j` of `epoch` (int64 [micro]): row j of `epoch_batches(epoch)`."""
         if self.in_memory:
             return self.epoch_batches(epoch)[j]
-        order = FeistelPermutation(len(self.lengths), self.seed, stream=2 * epoch)
-        if not self.bucket_by_length:
-            return order(np.arange(j * self.micro, (j + 1) * self.micro))
-        # As in memory: sort the order by length inside windows of BUCKET_WINDOW micro-batches,
-        # cut them into micro-batches and shuffle those (here: a second keyed permutation).
-        b = int(FeistelPermutation(self.batches_per_epoch, self.seed, stream=2 * epoch + 1)(np.array(j)))
+        if self._orders is None or self._orders[0] != epoch:
+            self._orders = (
+                epoch,
+                FeistelPermutation(len(self.lengths), self.seed, stream=2 * epoch),
+                FeistelPermutation(self.batches_per_epoch, self.seed, stream=2 * epoch + 1),
+            )
+        _, order, batch_order = self._orders
+        # As in memory: with bucketing, the order is sorted by length inside windows of
+        # BUCKET_WINDOW micro-batches, cut into micro-batches, and those are shuffled (here by a
+        # second keyed permutation). Without, the same windows are computed (and cached) a whole
+        # window at a time, which makes the per-call cost of the permutation negligible.
+        b = int(batch_order(np.array(j))) if self.bucket_by_length else j
         chunk, row = divmod(b, BUCKET_WINDOW)
         if self._chunk_cache is None or self._chunk_cache[0] != (epoch, chunk):
             window = BUCKET_WINDOW * self.micro
             ids = order(np.arange(chunk * window, min((chunk + 1) * window, self.batches_per_epoch * self.micro)))
-            self._chunk_cache = ((epoch, chunk), ids[np.argsort(self.lengths[ids], kind="stable")])
+            if self.bucket_by_length:
+                ids = ids[np.argsort(self.lengths[ids], kind="stable")]
+            self._chunk_cache = ((epoch, chunk), ids)
         return self._chunk_cache[1][row * self.micro : (row + 1) * self.micro]
 
     def position(self, step: int) -> tuple[int, int]:

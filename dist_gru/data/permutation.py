@@ -4,11 +4,13 @@
     perm(np.arange(64))          # the first 64 entries of a random order of 10^8 sample ids
 
 An epoch's order over 10^8 windows as an array (`rng.permutation`) is 800 MB per rank; this
-computes any slice of the same kind of order on demand, vectorised in numpy. It is a balanced
-Feistel network over [0, 2^(2h)) (the smallest even bit width that holds n) whose round function is
-SplitMix64 of the half-block and a round key; values that land outside [0, n) are encrypted again
-until they land inside ("cycle-walking", Black & Rogaway 2002), which keeps it a bijection of
-[0, n). The domain is less than 4n, so on average fewer than 4 encryptions are needed per value.
+computes any slice of the same kind of order on demand, vectorised in numpy. It is a Feistel
+network over [0, 2^b), b the smallest bit width that holds n, split into a high and a low part
+(unequal when b is odd) that take turns: each round XORs one part with SplitMix64 of the other part
+and a round key, masked to its width, which is invertible whatever the widths. Values that land
+outside [0, n) are encrypted again until they land inside ("cycle-walking", Black & Rogaway 2002),
+which keeps it a bijection of [0, n); the domain is less than 2n, so on average fewer than 2
+encryptions are needed per value.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from dist_gru.data.synthetic import _keys, _splitmix64
 
-_ROUNDS = 6  # 4 rounds already give a pseudo-random permutation (Luby-Rackoff); 2 more for margin
+_ROUNDS = 6  # each round updates one part; 4 make a pseudo-random permutation (Luby-Rackoff), 2 for margin
 
 
 class FeistelPermutation:
@@ -28,16 +30,20 @@ class FeistelPermutation:
             raise ValueError(f"n={n}; a permutation needs at least one element")
         self.n = int(n)
         bits = max(2, (self.n - 1).bit_length())
-        self.half = (bits + 1) // 2
-        self.mask = np.uint64((1 << self.half) - 1)
-        self.round_keys = _keys(key, np.arange(_ROUNDS, dtype=np.uint64), stream)
+        self.low_bits = bits // 2
+        self.low_mask = np.uint64((1 << self.low_bits) - 1)
+        self.high_mask = np.uint64((1 << (bits - self.low_bits)) - 1)
+        self.round_keys = _keys(key, np.arange(_ROUNDS, dtype=np.uint64), stream).tolist()
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        shift = np.uint64(self.half)
-        left, right = x >> shift, x & self.mask
-        for key in self.round_keys:
-            left, right = right, left ^ (_splitmix64(right ^ key) & self.mask)
-        return (left << shift) | right
+        shift = np.uint64(self.low_bits)
+        high, low = x >> shift, x & self.low_mask
+        for r, key in enumerate(self.round_keys):
+            if r % 2 == 0:
+                high = high ^ (_splitmix64(low ^ np.uint64(key)) & self.high_mask)
+            else:
+                low = low ^ (_splitmix64(high ^ np.uint64(key)) & self.low_mask)
+        return (high << shift) | low
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         """The permuted values (int64) at `positions` (integers in [0, n), any shape)."""
