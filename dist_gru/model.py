@@ -334,7 +334,6 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         choice("scaling", scaling, SCALINGS)
         if not isinstance(bidirectional, bool):
             problems.append(f"bidirectional={bidirectional!r}: expected true or false")
-        quantiles = [float(q) if isinstance(q, Real) and not isinstance(q, bool) else q for q in quantiles]
         problems += quantile_problems("quantiles", quantiles)
         if task == "classification" and output != "point":
             problems.append(
@@ -365,7 +364,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         self.head_kind = head
         self.bidirectional = bidirectional
         self.output_kind = output
-        self.quantiles = tuple(quantiles)
+        self.quantiles = tuple(float(q) for q in quantiles)
         self.horizon = int(horizon)
         self.scaling = scaling
         # What save_pretrained writes to config.json. The mixin records the raw call
@@ -389,10 +388,10 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "horizon": self.horizon,
             "scaling": scaling,
         }
-        defaults = {"quantiles": list(DEFAULT_QUANTILES)}
+        signature = inspect.signature(GRUModel.__init__).parameters
         for name, value in extra.items():
-            default = defaults.get(name, inspect.signature(GRUModel.__init__).parameters[name].default)
-            if value != default:
+            default = signature[name].default
+            if value != (list(default) if name == "quantiles" else default):
                 self._hub_mixin_config[name] = value
 
         # Persistent buffers: saved in model.safetensors, loaded back with the weights.

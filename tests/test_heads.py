@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_model import seed_reference_step
 from torch import Tensor
 
+from dist_gru import cli as dist_gru_cli
 from dist_gru.config import ConfigError, load_config
-from dist_gru.model import GRUModel, SeedGRU, reverse_within_lengths
+from dist_gru.data import write_sequences
+from dist_gru.data.files import SequenceFileDataset
+from dist_gru.model import GRUModel, SeedGRU, model_kwargs, reverse_within_lengths
 
 LENGTHS = [3, 7, 1, 5]  # unsorted, with length 1 and the full length
 STEPS = 7
@@ -310,3 +314,42 @@ def test_head_keys_validate_and_default_to_todays_model() -> None:
 )
 def test_bad_combinations_are_one_clear_message_each(overrides: list[str], message: str) -> None:
     assert message in config_error(*overrides)
+
+
+def test_the_model_section_must_fit_the_data(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    sequences = [rng.standard_normal((n, 2)).astype(np.float32) for n in (4, 6)]
+    write_sequences(tmp_path / "labels", sequences, np.array([0, 2]), task="classification", num_classes=3)
+    write_sequences(tmp_path / "steps", sequences, [np.zeros((n, 1), np.float32) for n in (4, 6)], task="regression")
+    labels, steps = SequenceFileDataset(tmp_path / "labels"), SequenceFileDataset(tmp_path / "steps")
+
+    def problem(dataset, *overrides: str) -> str:
+        path = dataset.path
+        cfg = load_config(None, ["data.name=files", f"data.train_path={path}", *overrides])
+        with pytest.raises(ConfigError) as info:
+            model_kwargs(cfg, dataset)
+        return str(info.value)
+
+    assert "model.output=gaussian needs a regression task, but " in problem(labels, "model.output=gaussian")
+    assert "is a classification task with 3 classes" in problem(labels, "model.output=quantile")
+    assert "model.head=step needs a target at every step" in problem(labels, "model.head=step")
+    assert "model.head=last needs one target per sequence" in problem(steps)
+    cfg = load_config(
+        None, ["data.name=files", f"data.train_path={steps.path}", "model.head=step", "data.scaling=window"]
+    )
+    kwargs = model_kwargs(cfg, steps)
+    assert (kwargs["input_size"], kwargs["head"], kwargs["scaling"], kwargs["horizon"]) == (2, "step", "window", 0)
+    assert GRUModel(**kwargs)(torch.randn(2, 5, 2)).shape == (2, 5, 1)
+
+
+def test_a_bad_combination_exits_2_through_the_command_before_anything_is_written(tmp_path, capsys) -> None:
+    run_dir = tmp_path / "never"
+    overrides = [f"train.run_dir={run_dir}", "model.head=forecast", "model.quantiles=[0.5, 0.2]"]
+    assert dist_gru_cli.main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "model.quantiles=[0.5, 0.2]: expected strictly increasing levels" in err
+    assert "Traceback" not in err
+    assert not run_dir.exists()
+    assert dist_gru_cli.main(["train", f"train.run_dir={run_dir}", "model.head=forecast"]) == 2
+    assert "model.head=forecast needs data.window" in capsys.readouterr().err
+    assert not run_dir.exists()
