@@ -133,7 +133,7 @@ def _load_for_inference(args: argparse.Namespace, extra: list[str] = ()):
     """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
     model = _load_model(Path(args.model))
     cfg = _inference_config(args, model, list(extra))
-    dataset = build_dataset(cfg.data, "val")
+    dataset = build_dataset(cfg.data, "val", head=model.head_kind)
     _check_features(args, model, dataset.num_features)
     return cfg, model, dataset
 
