@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +70,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class PreemptionFlag:
-    """Signal handlers only set a flag; ranks agree on it at the next step boundary."""
+    """Signal handlers only set a flag; ranks agree on it at a step boundary, all at the same step.
+
+    The agreement costs no blocking collective per step: the all-reduce of the flag started at one
+    step boundary runs in the background (gloo's worker thread) while the next step computes, and is
+    read at the next boundary. Every rank reads the same reduced value at the same step, so all of
+    them save the same step; a signal is acted on one or two steps after it arrives. The flag
+    travels as a CPU tensor over gloo (a side group next to NCCL on GPUs), so the check never waits
+    for the GPU's queue of work."""
 
     def __init__(self, names: list[str]):
         self.signum = 0
         self._group = None
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
         for name in names:
             signal.signal(getattr(signal, name), self._handler)
 
@@ -79,17 +90,26 @@ class PreemptionFlag:
         self.signum = signum
 
     def agreed(self) -> bool:
-        """True on every rank if any rank was signalled. All ranks participate.
-
-        The flag travels as a CPU tensor over gloo (a side group next to NCCL on GPUs), so this
-        per-step check never waits for the GPU's queue of work."""
+        """True on every rank, at the same step, if any rank was signalled. All ranks participate."""
         if not dist.is_initialized():
             return bool(self.signum)
         if self._group is None:  # first call: every rank is here at the same step
             self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        if self._pending is not None:
+            work, flag = self._pending
+            self._pending = None
+            work.wait()
+            if flag.item():
+                return True  # every rank returns here, so no rank starts another all-reduce
         flag = torch.tensor([1 if self.signum else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return False
+
+    def drain(self) -> None:
+        """Wait for the all-reduce in flight (all ranks started it), before the process group goes."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 @dataclass
@@ -422,10 +442,37 @@ def main(argv: list[str] | None = None) -> int:
     job = build(cfg)
     try:
         code, _ = train_loop(job)
+        job.preemption.drain()
         job.tracker.finish()  # rank 0 flushes W&B (about a second) ...
         job.accelerator.wait_for_everyone()  # ... while the others wait: all ranks exit together
-        return code
     finally:
         job.tracker.finish()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    exit_process(code)
+    return code
+
+
+def exit_process(code: int) -> None:
+    """End a finished or preempted process with exactly `code`, every time. All ranks call it.
+
+    Two things went wrong at exit on a loaded machine, both during interpreter finalisation:
+    - gloo's worker threads outlive `destroy_process_group()` (DDP's C++ side keeps the group alive,
+      so its threads are never joined). A worker that drops the last reference to a tensor made in
+      Python must take the GIL; during finalisation CPython ends such a thread with pthread_exit,
+      whose forced unwind through a noexcept C++ frame calls std::terminate: "terminate called
+      without an active exception", exit -6, after a run that had finished.
+    - finalisation restores the default action of signals Python handles: when one rank exits 75
+      first, torchrun SIGTERMs the others, and a rank still finalising died with -15 instead of 75.
+    So once the code is decided: ignore the launcher's follow-up signals, destroy the process
+    group, flush everything Python would flush, and leave with os._exit, which skips finalisation.
+    A single process without a process group has no such threads and returns normally."""
+    if not dist.is_initialized():
+        return
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)  # SIG_IGN survives until the exit below
+    dist.destroy_process_group()
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()  # its service process, which an atexit hook would stop
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
