@@ -553,3 +553,165 @@ def test_prepare_errors_exit_2_with_one_line(tmp_path, capsys):
                                             "p.csv", "split", "x.npy", "x4.npy", "y.npy"]  # fmt: skip
     assert os.listdir(tmp_path / "foreign") == ["keep.txt"]
     assert os.listdir(tmp_path / "split") == ["val"]  # train was not written either
+
+
+# -------------------------------------------------------------------------------- per-step targets
+
+
+def test_step_targets_round_trip(tmp_path):
+    sequences = _variable(n=4, f=2, seed=3)
+    labels = [np.arange(len(s)) % 3 for s in sequences]
+    values = [np.random.default_rng(i).standard_normal((len(s), 2)) for i, s in enumerate(sequences)]
+    write_sequences(tmp_path / "c", sequences, labels, task="classification", num_classes=3)
+    write_sequences(tmp_path / "r", sequences, values, task="regression")
+    lengths = [len(s) for s in sequences]
+    for name, targets, dtype in (("c", labels, torch.int64), ("r", values, torch.float32)):
+        ds = SequenceFileDataset(tmp_path / name)
+        meta = json.loads((tmp_path / name / "meta.json").read_text())
+        assert (meta["target_kind"], ds.target_kind, ds.num_features) == ("step", "step", 2)
+        stored = np.load(tmp_path / name / "targets.npy")
+        assert stored.shape == ((sum(lengths),) if name == "c" else (sum(lengths), 2))
+        batch = ds.__getitems__([3, 0, 2])
+        assert batch["y"].dtype == dtype and batch["y"].shape[:2] == (3, max(lengths[i] for i in (3, 0, 2)))
+        for row, i in enumerate((3, 0, 2)):
+            expected = torch.from_numpy(np.asarray(targets[i])).to(dtype)
+            assert torch.equal(batch["y"][row, : lengths[i]], expected)
+            assert not batch["y"][row, lengths[i] :].any()  # padded with zeros past the length
+            assert torch.equal(ds[i]["y"], expected)
+    # a per-step regression target of one value per step may be [T_i]; a univariate series has F = 0
+    write_sequences(tmp_path / "u", [np.zeros((6, 0))], [np.arange(6.0)], task="regression")
+    ds = SequenceFileDataset(tmp_path / "u")
+    assert (ds.num_features, ds.output_size, ds[0]["y"][:, 0].tolist()) == (0, 1, [0, 1, 2, 3, 4, 5])
+    assert validate(tmp_path / "u")["num_features"] == 0
+    with pytest.raises(DataFormatError, match=r"sequences\[0\] has shape \(6, 0\); expected F >= 1 features"):
+        write_sequences(tmp_path / "x", [np.zeros((6, 0))], np.zeros(1), task="regression")
+
+
+@pytest.mark.parametrize(
+    ("targets", "kwargs", "message"),
+    [
+        (
+            [np.zeros(5), np.zeros(2), np.zeros(4)],
+            {},
+            "targets[1] has 2 steps (shape (2,)) but sequence 1 has 3 steps; per-step targets need exactly one row",
+        ),
+        (
+            [np.zeros(5), np.array([0.0, np.inf, 0.0]), np.zeros(4)],
+            {},
+            "targets: non-finite value inf in sequence 1 at time step 1, target 0; regression targets must be finite",
+        ),
+        ([np.zeros((5, 2)), np.zeros((3, 1)), np.zeros((4, 2))], {}, "targets[1] has 1 targets per step"),
+        (
+            [np.zeros(5, int), np.array([0, 1, 3]), np.zeros(4, int)],
+            {"task": "classification", "num_classes": 3},
+            "targets: label 3 in sequence 1 at time step 2 is out of range; expected 0 <= label < num_classes=3",
+        ),
+        (
+            [np.zeros(5), np.array([0.0, 0.5, 1.0]), np.zeros(4)],
+            {"task": "classification", "num_classes": 3},
+            "label 0.5 in sequence 1 at time step 1 is not an integer",
+        ),
+        ([np.zeros(5), np.zeros(3)], {}, "targets: 2 per-step target arrays; expected N=3, one per sequence"),
+    ],
+)
+def test_write_rejects_bad_step_targets(tmp_path, targets, kwargs, message):
+    sequences = [np.zeros((n, 2)) for n in (5, 3, 4)]
+    with pytest.raises(DataFormatError) as err:
+        write_sequences(tmp_path / "ds", sequences, targets, **{"task": "regression", **kwargs})
+    assert message in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_open_rejects_bad_step_targets_on_disk(tmp_path):
+    sequences = [np.zeros((n, 1)) for n in (4, 3)]
+    write_sequences(tmp_path / "c", sequences, [np.zeros(4, int), np.ones(3, int)], task="classification", num_classes=2)
+    np.save(tmp_path / "c" / "targets.npy", np.array([0, 0, 0, 0, 1, 5, 1]))
+    with pytest.raises(DataFormatError, match="targets.npy: targets: label 5 in sequence 1 at time step 1 is out of range"):
+        SequenceFileDataset(tmp_path / "c")
+    np.save(tmp_path / "c" / "targets.npy", np.zeros(2, dtype=np.int64))  # per-sequence shape in a step dataset
+    with pytest.raises(DataFormatError, match=r"targets.npy: shape \(2,\); expected \(7,\) according to meta.json"):
+        SequenceFileDataset(tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    (tmp_path / "c" / "meta.json").write_text(json.dumps({**meta, "target_kind": "frame"}))
+    with pytest.raises(DataFormatError, match="\"target_kind\" is 'frame'; expected one of 'sequence', 'step'"):
+        SequenceFileDataset(tmp_path / "c")
+
+
+def test_long_memory_mapped_series_is_written_in_chunks(tmp_path, monkeypatch):
+    from dist_gru.data import files
+
+    monkeypatch.setattr(files, "_MAX_CHUNK_VALUES", 64)  # a "long" series is then a few hundred steps
+    source = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=(1000, 2))
+    source[:] = np.arange(2000, dtype=np.float32).reshape(1000, 2)
+    targets = np.arange(1000.0)
+    targets[777] = np.nan
+    with pytest.raises(DataFormatError, match="non-finite value nan in sequence 0 at time step 777"):
+        write_sequences(tmp_path / "s", [source], [targets], task="regression")
+    targets[777] = 0.0
+    write_sequences(tmp_path / "s", [source], [targets], task="regression")
+    ds = SequenceFileDataset(tmp_path / "s")
+    np.testing.assert_array_equal(ds[0]["x"].numpy(), source)
+    np.testing.assert_array_equal(ds[0]["y"][:, 0].numpy(), targets)
+
+
+SALES = "store,day,units,price\n" + "".join(
+    f"{store},{day},{day * 2 + (store == 'a')},{1.5 + day}\n" for store in ("b", "a") for day in range(10)
+)
+
+
+def test_prepare_csv_series_mode_stores_each_series_once(tmp_path, capsys):
+    (tmp_path / "s.csv").write_text(SALES)
+    base = ["--csv", str(tmp_path / "s.csv"), "--series", "--target-columns", "units"]
+    assert prepare([*base, "--series-column", "store", "--feature-columns", "price", "--out", str(tmp_path / "d"),
+                    "--val-fraction", "0.2"]) == 0  # fmt: skip
+    summary = _summary(capsys)
+    assert summary["train"]["num_sequences"] == summary["val"]["num_sequences"] == 2
+    assert (summary["num_features"], summary["target_dim"], summary["target_kind"]) == (1, 1, "step")
+    train, val = SequenceFileDataset(tmp_path / "d" / "train"), SequenceFileDataset(tmp_path / "d" / "val")
+    assert train.lengths.tolist() == [8, 8] and val.lengths.tolist() == [2, 2]  # the last 20 % of each series
+    # series in order of first appearance (b, then a), rows in file order; val is each series' future
+    assert train[0]["y"][:, 0].tolist() == [2.0 * d for d in range(8)]
+    assert train[1]["x"][:, 0].tolist() == [1.5 + d for d in range(8)]
+    assert val[1]["y"][:, 0].tolist() == [17.0, 19.0]
+    assert (train.meta["total_steps"], val.meta["total_steps"]) == (16, 4)  # no window copies
+    # default features: every column but the targets and the series column; none at all is fine
+    assert prepare([*base, "--series-column", "store", "--out", str(tmp_path / "e")]) == 0
+    assert _summary(capsys)["num_features"] == 2
+    assert prepare([*base, "--feature-columns", "units", "--out", str(tmp_path / "one")]) == 0
+    assert _summary(capsys)["num_sequences"] == 1
+    assert SequenceFileDataset(tmp_path / "one").lengths.tolist() == [20]  # without --series-column: one series
+    (tmp_path / "u.csv").write_text("load\n" + "".join(f"{v}\n" for v in range(6)))
+    assert prepare(["--csv", str(tmp_path / "u.csv"), "--series", "--target-columns", "load", "--out",
+                    str(tmp_path / "u")]) == 0  # fmt: skip
+    assert _summary(capsys)["num_features"] == 0
+    # classification: per-step integer labels
+    assert prepare([*base, "--series-column", "store", "--task", "classification", "--num-classes", "20",
+                    "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    assert SequenceFileDataset(tmp_path / "c")[0]["y"].dtype == torch.int64
+
+
+def test_prepare_csv_series_mode_errors_exit_2_and_write_nothing(tmp_path, capsys):
+    (tmp_path / "s.csv").write_text(SALES + "c,0,1,1.0\n")
+    (tmp_path / "nan.csv").write_text("id,v\nx,1\nx,nan\n")
+    base = ["--csv", str(tmp_path / "s.csv"), "--series", "--target-columns", "units", "--out", str(tmp_path / "o")]
+    cases = [
+        ([*base, "--window", "4"], "--window cuts window copies; --series stores each series once"),
+        ([*base, "--series-column", "store", "--val-fraction", "0.2"],
+         "--val-fraction 0.2 of series 'c' (1 rows) leaves 1 training and 0 validation rows"),
+        ([*base, "--series-column", "shop"], "--series-column: unknown column(s) 'shop'"),
+        ([*base, "--series-column", "store", "--feature-columns", "store"], "names the series; it cannot be a feature"),
+        ([*base, "--series-column", "units"], "--series-column 'units' is also a target column"),
+        ([*base, "--feature-columns", "price", "--task", "classification", "--num-classes", "3"],
+         "(series): targets: label 4.0 in sequence 0 at time step 2 is out of range"),  # units 0, 2, 4, ...
+        (["--csv", str(tmp_path / "nan.csv"), "--series", "--target-columns", "v", "--series-column", "id", "--out", str(tmp_path / "o")],
+         "nan.csv: column 'v', line 3: 'nan' is not finite"),
+        (["--npz", "x.npz", "--series", "--task", "regression", "--out", str(tmp_path / "o")],
+         "--series only applies to --csv"),
+        ([*base[:2], "--series-column", "store", "--window", "3", "--target-columns", "units", "--out", "o"],
+         "--series-column goes with --series"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert prepare(argv) == 2, argv
+        line = _error(capsys)
+        assert message in line, (argv, line)
+    assert sorted(os.listdir(tmp_path)) == ["nan.csv", "s.csv"]

@@ -9,6 +9,11 @@
     # the last 20 % of the rows (in time order) become DIR/val
     dist-gru prepare --csv prices.csv --window 50 --horizon 1 --target-columns price \\
         --out data/prices --val-fraction 0.2
+    # series mode: each series stored once with per-step targets (windows are drawn at training
+    # time with data.window / data.horizon); one series per value of `store`, covariates `price`
+    # and `promo`; the last 20 % of every series (in time order) become DIR/val
+    dist-gru prepare --csv sales.csv --series --series-column store --target-columns units \\
+        --feature-columns price,promo --out data/sales --val-fraction 0.2
     # validate a dataset, features included, and print its meta
     dist-gru prepare --check data/prices/train
 
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--npz", type=Path, help=".npz with `features` [N, T_max, F], `targets`, optional `lengths` [N]"
     )
-    source.add_argument("--csv", type=Path, help="CSV time series with a header row, cut into windows")
+    source.add_argument("--csv", type=Path, help="CSV time series with a header row (windows, or --series)")
     source.add_argument("--check", type=Path, metavar="DIR", help="validate DIR (features included), print its meta")
     parser.add_argument("--targets", type=Path, help=".npy targets for --features: [N] or [N, O]")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output dataset directory")
@@ -66,13 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, help="classification: number of classes (default: max label + 1)")
     parser.add_argument("--val-fraction", type=float, help="write DIR/train and DIR/val, this fraction in val")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val permutation for arrays (default 0)")
+    parser.add_argument(
+        "--series",
+        action="store_true",
+        help="CSV: store each series once with per-step targets (no window copies; windows are drawn at "
+        "training time with data.window)",
+    )
+    parser.add_argument(
+        "--series-column", help="CSV --series: one series per value of this column (rows in file order)"
+    )
     parser.add_argument("--window", type=int, help="CSV: rows per window (sequence length)")
     parser.add_argument(
         "--horizon", type=int, help="CSV: the target is this many rows after the window's end (default 1)"
     )
     parser.add_argument("--stride", type=int, help="CSV: rows between window starts (default 1)")
     parser.add_argument("--target-columns", help="CSV: comma-separated target columns")
-    parser.add_argument("--feature-columns", help="CSV: comma-separated feature columns (default: all columns)")
+    parser.add_argument(
+        "--feature-columns",
+        help="CSV: comma-separated feature columns (default: all columns; with --series all but the target "
+        "and series columns, possibly none)",
+    )
     return parser
 
 
@@ -93,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> dict:
     if args.check is not None:
         return _check(args.check)
-    csv_options = ("window", "horizon", "stride", "target_columns", "feature_columns")
+    csv_options = ("window", "horizon", "stride", "target_columns", "feature_columns", "series_column")
     if args.csv is None:
         given = [f"--{name.replace('_', '-')}" for name in csv_options if getattr(args, name) is not None]
+        given += ["--series"] if args.series else []
         if given:
             raise _UsageError(f"{', '.join(given)} {'only applies' if len(given) == 1 else 'only apply'} to --csv")
     if args.features is None and args.targets is not None:
@@ -105,7 +124,15 @@ def _run(args: argparse.Namespace) -> dict:
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise _UsageError(f"--val-fraction {args.val_fraction}; expected a number strictly between 0 and 1")
 
+    if args.csv is not None and args.series:
+        task = args.task or "regression"
+        if task == "regression" and args.num_classes is not None:
+            raise _UsageError("--num-classes applies to --task classification")
+        splits, num_classes = _csv_series_splits(args, task)
+        return _write_splits(args.out, splits, task, num_classes)
     if args.csv is not None:
+        if args.series_column is not None:
+            raise _UsageError("--series-column goes with --series")
         if args.task not in (None, "regression"):
             raise _UsageError(f"--task {args.task}: CSV windows have regression targets; expected --task regression")
         if args.num_classes is not None:
@@ -313,15 +340,7 @@ def _csv_splits(args: argparse.Namespace) -> dict:
     for option, value, low in (("--window", args.window, 1), ("--horizon", horizon, 0), ("--stride", stride, 1)):
         if value < low:
             raise _UsageError(f"{option} {value}; expected an integer >= {low}")
-    if not file.is_file():
-        raise DataFormatError(f"{file}: no such file")
-    with file.open(newline="", encoding="utf-8-sig") as f:
-        header = [name.strip() for name in next(csv.reader(f), [])]
-    if not header or not any(header):
-        raise DataFormatError(f"{file}: no header row; expected column names on the first line")
-    duplicated = sorted({name for name in header if header.count(name) > 1})
-    if duplicated:
-        raise DataFormatError(f"{file}: duplicate column name(s) {', '.join(map(repr, duplicated))} in the header")
+    header = _csv_header(file)
     feature_cols = (
         list(range(len(header)))
         if args.feature_columns is None
@@ -353,6 +372,95 @@ def _csv_splits(args: argparse.Namespace) -> dict:
     return splits
 
 
+def _csv_header(file: Path) -> list[str]:
+    if not file.is_file():
+        raise DataFormatError(f"{file}: no such file")
+    with file.open(newline="", encoding="utf-8-sig") as f:
+        header = [name.strip() for name in next(csv.reader(f), [])]
+    if not header or not any(header):
+        raise DataFormatError(f"{file}: no header row; expected column names on the first line")
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise DataFormatError(f"{file}: duplicate column name(s) {', '.join(map(repr, duplicated))} in the header")
+    return header
+
+
+def _csv_series_splits(args: argparse.Namespace, task: str) -> tuple[dict, int | None]:
+    """Series mode: every series once, per-step targets aligned with the features, no windows."""
+    file = args.csv
+    given = [option for option in ("window", "horizon", "stride") if getattr(args, option) is not None]
+    if given:
+        raise _UsageError(
+            f"--{given[0]} cuts window copies; --series stores each series once and windows are drawn at training "
+            "time (set data.window, data.horizon, data.window_stride in the config)"
+        )
+    if args.target_columns is None:
+        raise _UsageError("--csv --series needs --target-columns")
+    header = _csv_header(file)
+    target_cols = _columns(file, "--target-columns", args.target_columns, header)
+    if task == "classification" and len(target_cols) != 1:
+        raise _UsageError(f"--task classification takes one --target-columns column of labels; got {len(target_cols)}")
+    series_col = None
+    if args.series_column is not None:
+        (series_col,) = _columns(file, "--series-column", args.series_column, header)
+        if series_col in target_cols:
+            raise _UsageError(f"--series-column {header[series_col]!r} is also a target column")
+    if args.feature_columns is None:
+        feature_cols = [c for c in range(len(header)) if c not in target_cols and c != series_col]
+    else:
+        feature_cols = _columns(file, "--feature-columns", args.feature_columns, header)
+        if series_col in feature_cols:
+            raise _UsageError(f"--series-column {header[series_col]!r} names the series; it cannot be a feature")
+    used = sorted(set(feature_cols) | set(target_cols))
+    data = _read_csv(file, used, header)
+    features = data[:, [used.index(c) for c in feature_cols]].astype(np.float32)
+    targets = data[:, [used.index(c) for c in target_cols]]
+    if len(data) == 0:
+        raise DataFormatError(f"{file}: no data rows")
+    if series_col is None:
+        names, groups = [None], [np.arange(len(data))]
+    else:
+        keys = np.loadtxt(
+            file, delimiter=",", skiprows=1, usecols=[series_col], dtype=str, ndmin=1, comments=None,
+            encoding="utf-8-sig",
+        )  # fmt: skip
+        keys = np.char.strip(keys)
+        names, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # series in order of first appearance
+        rows = np.argsort(inverse, kind="stable")  # rows grouped by series, file order inside
+        groups = np.split(rows, np.cumsum(np.bincount(inverse))[:-1])
+        names, groups = names[order].tolist(), [groups[i] for i in order]
+    if task == "classification":
+        targets = targets[:, 0]
+        num_classes = _num_classes(targets, args, str(file))
+    else:
+        num_classes = None
+    parts: dict[str, tuple[list, list]] = {"": ([], [])}
+    if args.val_fraction is not None:
+        parts = {"train": ([], []), "val": ([], [])}
+    for name, rows in zip(names, groups, strict=True):
+        if args.val_fraction is None:
+            pieces = {"": rows}
+        else:  # the last fraction of each series in time order: val is the future of train
+            cut = len(rows) - round(len(rows) * args.val_fraction)
+            label = f"series {name!r} ({len(rows)} rows)" if name is not None else f"the series ({len(rows)} rows)"
+            if not 0 < cut < len(rows):
+                raise DataFormatError(
+                    f"{file}: --val-fraction {args.val_fraction} of {label} leaves {cut} training and "
+                    f"{len(rows) - cut} validation rows; expected at least one in each"
+                )
+            pieces = {"train": rows[:cut], "val": rows[cut:]}
+        for split, piece in pieces.items():
+            parts[split][0].append(features[piece])
+            parts[split][1].append(targets[piece])
+    for split, (sequences, step_targets) in parts.items():
+        where = f"{file} ({split} series)" if split else f"{file} (series)"
+        _check_inputs(
+            where, sequences, step_targets, task=task, num_classes=num_classes, scan_features=True, target_kind="step"
+        )
+    return parts, num_classes
+
+
 # --------------------------------------------------------------------------------------- writing
 
 
@@ -375,7 +483,10 @@ def _write_splits(out: Path, splits: dict, task: str, num_classes: int | None) -
     if task == "classification":
         summary["num_classes"] = num_classes
     else:
-        summary["target_dim"] = 1 if np.ndim(targets) == 1 else int(np.shape(targets)[1])
+        sample = targets[0] if isinstance(targets, list) else targets  # per-step: one array per series
+        summary["target_dim"] = 1 if np.ndim(sample) == 1 else int(np.shape(sample)[1])
+    if isinstance(targets, list):
+        summary["target_kind"] = "step"
     return summary
 
 
