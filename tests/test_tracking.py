@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import conftest
@@ -304,3 +306,95 @@ def test_a_failing_tracker_does_not_stop_training(tmp_path, capsys):
     assert [(m["step"], m["train/loss"]) for m in lines] == [(1, 0.5), (2, 0.25)]
     err = capsys.readouterr().err
     assert err.count("experiment tracker failed (ConnectionResetError: Connection lost)") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# W&B never takes a run down: start-up failures fall back to an offline run under the same id
+
+
+def _keyed_env(base_url: str, **extra: str) -> dict[str, str]:
+    """A configured (fake) key and a server URL; log.mode alone decides (no WANDB_MODE)."""
+    env = conftest.test_env(WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=base_url, **extra)
+    env.pop("WANDB_MODE")
+    return env
+
+
+def _assert_one_offline_run_equal_to_metrics(run_dir: Path, result) -> str:
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    (folder,) = find_offline_runs(run_dir)
+    run = read_run(folder)
+    assert run.run_id == run_id
+    metrics = read_metrics(run_dir)
+    assert history_series(run, "train/loss") == _series(metrics, "train/loss") != []
+    assert f"W&B run:      {folder} (id {run_id}, offline)" in result.stdout
+    assert f"wandb sync --id {run_id} " in result.stdout
+    assert FAKE_KEY not in result.output
+    assert "experiment tracker failed" not in result.output  # W&B did run, offline
+    return run_id
+
+
+@pytest.mark.timeout(240)
+def test_auto_mode_with_a_key_but_an_unreachable_server_trains_offline(tmp_path):
+    run_dir, port = tmp_path / "run", conftest.free_port()  # nothing listens on that port
+    env = _keyed_env(f"http://127.0.0.1:{port}")
+    result = assert_ok(cli("train", *TINY, f"train.run_dir={run_dir}", "log.mode=auto", env=env, timeout=200))
+    warning = f"dist-gru: warning: W&B server unreachable (127.0.0.1:{port}: Connection refused); logging offline as run"
+    assert result.stderr.count(warning) == 1, result.stderr[-3000:]
+    _assert_one_offline_run_equal_to_metrics(run_dir, result)
+
+
+class _RefusingServer(BaseHTTPRequestHandler):
+    """A W&B server that refuses every request (a revoked or wrong key): 401."""
+
+    def do_POST(self):  # noqa: N802 - the http.server interface
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.mark.timeout(240)
+def test_an_online_start_that_fails_continues_offline_under_the_same_run_id(tmp_path, refusing_server):
+    run_dir = tmp_path / "run"
+    env = _keyed_env(refusing_server, WANDB_INIT_TIMEOUT="30")  # bounded even if W&B retried
+    args = ("train", *TINY, f"train.run_dir={run_dir}", "log.mode=online", "log.trackers=[wandb,tensorboard]")
+    result = assert_ok(cli(*args, env=env, timeout=200))
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("dist-gru: warning:")]
+    assert len(warnings) == 1 and "W&B did not start online (CommError" in warnings[0], result.stderr[-3000:]
+    run_id = _assert_one_offline_run_equal_to_metrics(run_dir, result)
+    assert f"logging offline as run {run_id} (upload it later: wandb sync)" in warnings[0]
+    # TensorBoard, started again next to the offline W&B run, has every step once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "dist-gru"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12]
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path, capsys):
+    from dist_gru.config import load_config
+    from dist_gru.tracking import RunTracker
+
+    lines = ['{"step": 4, "train/loss": 0.5}', '{"step": 8, "train/loss": 0.4}', '{"step": 12, "train/loss": 0.3}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 16, "train/lo')
+    resumed = Checkpoint(tmp_path / "checkpoints" / "step-000008", {"step": 8})
+    RunTracker(load_config(None, ["log.trackers=[]"]), object(), tmp_path, resumed)
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"  # line 12 is retrained
+    err = capsys.readouterr().err
+    assert err.count("dist-gru: warning:") == 1
+    assert f"{tmp_path / 'metrics.jsonl'}: dropping its last line, which is not a metrics record" in err
+    assert "'{\"step\": 16, \"train/lo'" in err
