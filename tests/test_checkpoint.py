@@ -256,3 +256,75 @@ def test_preemption_marker(tmp_path):
     ckpt_lib.clear_preempted(tmp_path)
     ckpt_lib.clear_preempted(tmp_path)  # idempotent
     assert ckpt_lib.read_preempted(tmp_path) is None
+
+
+class _Crash(BaseException):
+    """A process dying at one point of a save (BaseException: nothing in the writer may catch it)."""
+
+
+def _crash_at(monkeypatch, point: int) -> list[str]:
+    """Make the `point`-th rename or removal of the checkpoint writer die; returns the calls seen."""
+    calls: list[str] = []
+    real_replace, real_rmtree = os.replace, ckpt_lib.shutil.rmtree
+
+    def step(name, real):
+        def wrapped(*args, **kwargs):
+            calls.append(f"{name}({Path(args[0]).name})")
+            if len(calls) == point + 1:
+                raise _Crash(calls[-1])
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(ckpt_lib.os, "replace", step("replace", real_replace))
+    monkeypatch.setattr(ckpt_lib.shutil, "rmtree", step("rmtree", real_rmtree))
+    return calls
+
+
+def test_resaving_a_step_with_keep_1_leaves_a_loadable_checkpoint_whatever_the_crash_point(tmp_path, monkeypatch):
+    """A signal right after a periodic save writes the same step again. The old folder moves aside
+    and the new one takes its name; a crash at any rename or removal leaves a complete checkpoint of
+    that step, the only one there is with checkpoint.keep=1."""
+    points = []
+    for point in range(20):
+        run_dir = tmp_path / f"run-{point}"
+        _save(run_dir, 7, keep=1)
+        model, optimizer = _trained()
+        calls = _crash_at(monkeypatch, point)
+        try:
+            ckpt_lib.save_checkpoint(run_dir, 7, model, optimizer, _state(epoch=2), keep=1)
+            crashed = False
+        except _Crash:
+            crashed = True
+        monkeypatch.undo()
+        found = ckpt_lib.find_latest(run_dir)
+        assert found is not None and found.step == 7, (calls, _names(run_dir))
+        fresh = GRUModel(**MODEL_CONFIG)
+        ckpt_lib.load_weights(found, fresh, torch.optim.AdamW(fresh.parameters()))
+        points.append((calls[-1], found.state["epoch"], found.path.name))
+        if not crashed:
+            assert found.path.name == "step-000007" and found.state["epoch"] == 2  # the new save
+            assert _names(run_dir) == ["step-000007"]  # the old copy is gone
+            break
+    else:
+        pytest.fail("the save never completed")
+    renames = [call for call, _, _ in points if call.startswith("replace(")]
+    assert renames == ["replace(step-000007)", f"replace(.tmp-step-000007-{os.getpid()})"]
+    # Between the two renames the old copy, moved aside, is the checkpoint of the step.
+    between = [entry for entry in points if entry[0] == renames[1]]
+    assert between == [(renames[1], 1, f".replaced-step-000007-{os.getpid()}")]
+
+
+def test_a_copy_moved_aside_counts_only_while_its_step_has_no_folder_and_is_pruned_after(tmp_path):
+    path = _save(tmp_path, 3)
+    aside = path.with_name(".replaced-step-000003-4242")
+    os.replace(path, aside)  # a crash between the two renames
+    assert ckpt_lib.list_checkpoints(tmp_path) == [aside] and ckpt_lib.find_latest(tmp_path).path == aside
+    _save(tmp_path, 3)  # the resumed run saves that step again: the aside copy is redundant
+    assert _names(tmp_path) == ["step-000003"]
+    _save(tmp_path, 5)
+    stale = tmp_path / "checkpoints" / ".replaced-step-000005-4243"
+    stale.mkdir()
+    assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path)] == ["step-000003", "step-000005"]
+    _save(tmp_path, 6)
+    assert not stale.exists()
