@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -39,13 +40,14 @@ from dist_gru.config import (
 from dist_gru.data.loading import (
     TrainBatchSampler,
     build_dataset,
-    feature_moments,
     loader_workers,
     make_loader,
     train_stream,
 )
-from dist_gru.evaluate import evaluate, loss_fn
-from dist_gru.model import GRUModel
+from dist_gru.data.moments import moment_sums, moments_from_sums
+from dist_gru.evaluate import evaluate
+from dist_gru.losses import loss_sum
+from dist_gru.model import GRUModel, model_kwargs
 from dist_gru.runtime import make_accelerator, summary
 from dist_gru.tracking import active_trackers, make_tracker
 
@@ -145,21 +147,13 @@ def build(cfg: Config) -> Job:
             print(plan.message, flush=True)
         accelerator.wait_for_everyone()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            exit_process(0)
         raise SystemExit(0)
 
-    train_set = build_dataset(cfg.data, "train")
-    val_set = build_dataset(cfg.data, "val")
+    train_set = build_dataset(cfg.data, "train", head=cfg.model.head)
+    val_set = build_dataset(cfg.data, "val", head=cfg.model.head)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model_config = {
-        "input_size": train_set.num_features,
-        "hidden_size": cfg.model.hidden_size,
-        "num_layers": cfg.model.num_layers,
-        "dropout": cfg.model.dropout,
-        "task": train_set.task,
-        "output_size": train_set.output_size,
-        "cell": cfg.model.cell,
-    }
+    model_config = model_kwargs(cfg, train_set)
     model = GRUModel(**model_config)
     optimizer_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(
@@ -173,8 +167,8 @@ def build(cfg: Config) -> Job:
     if resume is not None:
         ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
         ckpt_lib.load_weights(resume, model, optimizer)
-    elif cfg.data.normalize:
-        model.set_normalization(*feature_moments(train_set))
+    elif cfg.data.scaling == "global":
+        model.set_normalization(*_global_moments(train_set, accelerator))
     if accelerator.is_main_process:  # every check has passed: only now does the run folder change
         run_folder.commit(plan, cfg, run_dir)
         if resume is not None:
@@ -220,6 +214,28 @@ def build(cfg: Config) -> Job:
     )
 
 
+def loss_units(job: Job, step: int) -> int:
+    """The units the loss of optimizer step `step` averages over, in the whole global batch.
+
+    Head `step`: every valid time step of every sequence of the global batch (all ranks, all
+    micro-batches), which every rank knows from the sampling contract without a collective. A
+    per-rank mean instead would weight a rank holding short sequences as much as one holding long
+    ones, and N ranks would no longer compute what 1 rank computes. Other heads: the samples."""
+    if job.cfg.model.head == "step":
+        return job.sampler.valid_steps(step)
+    return job.cfg.train.global_batch_size
+
+
+def _global_moments(train_set, accelerator) -> tuple[np.ndarray, np.ndarray]:
+    """Input statistics for `data.scaling=global`: each rank sums its shard of the training split
+    (float64), one all-reduce adds the shards (all ranks participate), so no rank reads it whole."""
+    sums = moment_sums(train_set, accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        total = torch.from_numpy(sums).to(accelerator.device)
+        sums = accelerator.reduce(total, reduction="sum").cpu().numpy()
+    return moments_from_sums(sums, train_set)
+
+
 def save(job: Job, step: int, epoch: int) -> Path | None:
     """A checkpoint at an optimizer-step boundary. All ranks participate; global rank 0 writes."""
     acc, cfg = job.accelerator, job.cfg
@@ -247,7 +263,8 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
 def train_loop(job: Job) -> tuple[int, dict[str, float]]:
     """Returns (exit code, final eval metrics)."""
     cfg, acc, model, optimizer = job.cfg, job.accelerator, job.model, job.optimizer
-    task, device = job.train_set.task, acc.device
+    device, world_size = acc.device, acc.num_processes
+    spec = acc.unwrap_model(model).spec
     max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum_steps
     stream = train_stream(job.loader, job.sampler, job.start_step)
     progress = tqdm(
@@ -258,7 +275,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         desc="train",
     )
     # Per-interval accumulators stay on the device: no host sync until a log step.
-    loss_sum = torch.zeros((), device=device)
+    loss_acc = torch.zeros((), device=device)
     samples = seq_steps = interval_steps = 0
     data_wait = 0.0
     interval_start = time.perf_counter()
@@ -272,6 +289,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         lr = lr_at(step, cfg.optim, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        units = loss_units(job, step)
 
         # Forward/backward over the micro-batches of one optimizer step; DDP syncs on the last one.
         for _ in range(accum):
@@ -281,9 +299,12 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             x = batch["x"].to(device, non_blocking=True)
             y = batch["y"].to(device, non_blocking=True)
             with acc.accumulate(model):
-                loss = loss_fn(task, model(x, batch["lengths"]), y)
+                total, _ = loss_sum(spec, model(x, batch["lengths"]), y, batch["lengths"])
+                # Scaled so that DDP's mean over ranks and Accelerate's division by the accumulation
+                # steps leave the mean over every unit of the global batch (see `loss_units`).
+                loss = total.float() * (world_size * accum / units)
                 acc.backward(loss)
-            loss_sum += loss.detach() / accum
+            loss_acc += loss.detach() / accum
             samples += len(y)
             if sample_log is not None:
                 sample_log.write(json.dumps({"step": step, "epoch": epoch, "index": batch["index"].tolist()}) + "\n")
@@ -301,7 +322,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             elapsed = time.perf_counter() - interval_start
             local = torch.tensor(
                 [
-                    float(loss_sum),
+                    float(loss_acc),
                     samples,
                     seq_steps,
                     data_wait / max(elapsed, 1e-9),
@@ -335,7 +356,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                     f"samples/s {metrics['perf/samples_per_s']:.0f}",
                     flush=True,
                 )
-            loss_sum.zero_()
+            loss_acc.zero_()
             samples = seq_steps = interval_steps = 0
             data_wait = 0.0
             interval_start = time.perf_counter()
@@ -381,6 +402,7 @@ def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
         acc,
         job.cfg.train.eval_batch_size,
         loader_workers(job.cfg.data, acc.device),
+        season=job.cfg.data.season,
     )
     job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if acc.is_main_process:
@@ -396,6 +418,13 @@ def _print_final(job: Job, final: dict[str, float], checkpoint: Path | None) -> 
         lines.append(f"  final eval mse: {final['mse']:.6g}{baseline}")
     if "accuracy" in final:
         lines.append(f"  final eval accuracy: {final['accuracy']:.4f}")
+    if "macro_f1" in final:
+        lines.append(f"  final eval macro-F1: {final['macro_f1']:.4f}")
+    if "mase" in final:
+        lines.append(
+            f"  final eval forecast mae: {final['mae']:.6g} (naive: {final['naive_mae']:.6g}, seasonal naive: "
+            f"{final['seasonal_naive_mae']:.6g}), mase {final['mase']:.4g}"
+        )
     lines += [
         f"  run folder:   {job.run_dir}",
         f"  model:        {job.run_dir / 'model'}",
