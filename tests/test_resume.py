@@ -400,7 +400,8 @@ def test_a_checkpoint_of_another_model_shape_is_refused(finished, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_restart_after_a_killed_worker_continues_the_same_wandb_run(tmp_path, launch):
-    """Issue 5: a torchrun restart resumes the W&B run of its checkpoint, with steps that go on."""
+    """A torchrun restart resumes the W&B run of its checkpoint, with steps that go on: one run id,
+    never a second W&B run that starts over at step 0 (W&B would drop its steps as out of order)."""
     from wandb_reader import find_offline_runs, history_series, read_run
 
     run_dir = tmp_path / "run"

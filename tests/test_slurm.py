@@ -253,7 +253,8 @@ def test_per_task_mode_preemption_past_max_requeues_exits_75(tmp_path):
 @pytest.mark.timeout(300)
 def test_cancelled_job_saves_but_is_not_requeued(tmp_path):
     # scancel sends TERM to the batch shell and every process: the job is ending, not preempted.
-    # (log.mode=disabled: TERM also kills W&B's service process, see the closing note of issue 6.)
+    # (log.mode=disabled: the TERM kills W&B's service process too; the run survives that, with a
+    # warning, as test_tracking.py checks, but a W&B shutdown is not what this test is about.)
     run_dir = tmp_path / "run"
     args = (*LONG, f"train.run_dir={run_dir}", "log.mode=disabled")
     job = sbatch(TASKS_SBATCH, tmp_path, *args, options=("--ntasks=2",))
