@@ -365,7 +365,13 @@ EOF
             echo "NodeName=$n NodeAddr=$(node_addr "$n") ${hw} State=UNKNOWN"
         done
     fi
-    echo "PartitionName=debug Nodes=${nodes_csv} Default=YES MaxTime=INFINITE State=UP"
+    if [[ $MODE == single ]]; then
+        echo "PartitionName=debug Nodes=${nodes_csv} Default=YES MaxTime=INFINITE State=UP"
+    else
+        # The nodes share this machine's cores anyway: let two jobs share each core, so a test
+        # stage can run its multi-node scenarios side by side (memory stays a consumable limit).
+        echo "PartitionName=debug Nodes=${nodes_csv} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2"
+    fi
 }
 
 # Writes the config; returns 0 if it changed (daemons must (re)start), 1 if unchanged.
@@ -508,7 +514,7 @@ cmd_up() {
         running="$(mode_daemons "$other")"
         [[ -z $running ]] || die "the '$other' cluster is running ($running): run \`bash $0 down\` first"
     done
-    if command -v slurmctld >/dev/null && cluster_usable; then
+    if command -v slurmctld >/dev/null && cluster_usable && [[ "$(render_conf)" == "$(cat "$CONF")" ]]; then
         log "Slurm is already up: ${NODES[*]} usable"
         return 0
     fi

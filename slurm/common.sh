@@ -172,7 +172,8 @@ dg_run_and_requeue() {
         fi
         # After a notice: training processes still starting up ignore USR1 until their handler is
         # installed (the tasks' `trap "" USR1`), so a notice may be lost; repeat it every
-        # DG_RENOTIFY_S seconds until the step ends (a process that has it already just keeps it).
+        # DG_RENOTIFY_S seconds until the checkpoint is marked or the step ends (a process that
+        # has the notice already just keeps it).
         sleep "${DG_RENOTIFY_S:-10}" &
         sleeper=$!
         done_pid=""
@@ -182,7 +183,8 @@ dg_run_and_requeue() {
         wait "$sleeper" 2>/dev/null
         if [[ $done_pid == "$_dg_pid" ]]; then
             rc=$late
-        elif [[ $done_pid == "$sleeper" ]] && kill -0 "$_dg_pid" 2>/dev/null; then
+        elif [[ $done_pid == "$sleeper" ]] && kill -0 "$_dg_pid" 2>/dev/null &&
+            [[ ! -e $RUN_DIR/$DG_PREEMPTED_FILE ]]; then
             dg_log "repeating the preemption notice: scancel --signal=USR1 $SLURM_JOB_ID"
             scancel --signal=USR1 "$SLURM_JOB_ID" || kill -s USR1 "$_dg_pid"
         fi

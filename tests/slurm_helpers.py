@@ -367,6 +367,19 @@ def node_pids(node: str) -> list[int]:
     return [int(p) for p in res.stdout.split()]
 
 
+def job_pids(node: str, job_id: int) -> list[int]:
+    """The processes of one job on a node of the namespaced cluster (their SLURM_JOB_ID says so)."""
+    mine = []
+    for pid in node_pids(node):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in environ:
+            mine.append(pid)
+    return mine
+
+
 def cmdline(pid: int) -> list[str]:
     """The process's argv, [] once it has exited."""
     try:
