@@ -127,6 +127,8 @@ def decide(cfg: Config, run_dir: Path) -> Plan:
     existing = ckpt_lib.list_checkpoints(run_dir)
     if mode == OVERWRITE:
         remove = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+        if not {"checkpoints", "config.yaml", "metrics.jsonl", "wandb_run_id"} & set(remove):
+            remove = []  # not a run folder: a `model/` or `plots/` there is someone else's
         remove += sorted(p.name for p in Path(run_dir).glob(".overwritten-*"))  # an overwrite interrupted
         message = f"dist-gru: train.resume={OVERWRITE}: removing the earlier run in {run_dir} ({', '.join(remove)})"
         return Plan(remove=remove, message=message if remove else "")
