@@ -275,7 +275,7 @@ def test_seasonal_series_have_trend_season_and_small_noise():
     y = ds.__getitems__(list(range(64)))["y"][:, :, 0].double()
     season_diff = y[:, 12:] - y[:, :-12]  # removes level and season: trend * 12 + noise
     trend = season_diff.mean(1) / 12
-    assert float(trend.abs().max()) < 0.011 and float(trend.abs().mean()) > 0.002
+    assert float(trend.abs().max()) < 0.031 and float(trend.abs().mean()) > 0.006
     residual = season_diff - 12 * trend[:, None]
     assert float(residual.std()) == pytest.approx(0.05 * 2**0.5, rel=0.1)  # the noise, twice
     naive = (y[:, 1:] - y[:, :-1]).abs().mean()

@@ -232,7 +232,7 @@ class SeasonalDataset(SyntheticSteps):
 
     def _steps(self, index, positions):
         level = -1.0 + 2.0 * uniform(self.seed, index, 0, (1,))
-        trend = 0.01 * (-1.0 + 2.0 * uniform(self.seed, index, 1, (1,)))
+        trend = 0.03 * (-1.0 + 2.0 * uniform(self.seed, index, 1, (1,)))
         amplitude = 0.5 + uniform(self.seed, index, 2, (1,))
         phase = 2 * np.pi * uniform(self.seed, index, 3, (2,))
         angle = 2 * np.pi * positions / self.season
