@@ -42,7 +42,7 @@ for precision in "${precisions[@]}"; do
     cmd=("$PYTHON" -m dist_gru train --config "$CONFIG" --quiet "train.precision=$precision"
         "model.hidden_size=$HIDDEN" "data.seq_len=$SEQ_LEN" "train.global_batch_size=$BATCH"
         "train.max_steps=$STEPS" "train.log_every=$(((STEPS + 9) / 10))" train.eval_every=0 checkpoint.every=0
-        log.mode=disabled train.resume=none "train.run_dir=$OUT_DIR/$precision" "$@")
+        log.mode=disabled train.resume=overwrite "train.run_dir=$OUT_DIR/$precision" "$@")
     printf '+'
     printf ' %q' "${cmd[@]}"
     printf '\n'
