@@ -119,7 +119,7 @@ def test_windowed_run_resumed_mid_epoch_equals_the_uninterrupted_run(forecast_ru
 def test_per_step_labelling_is_learned_beyond_the_memoryless_baseline(tmp_path):
     args = [arg for arg in STEP if not arg.startswith(("train.max_steps", "model.hidden_size", "data.train_size"))]
     result = _train(1, tmp_path / "run", *args, "model.hidden_size=32", "train.max_steps=150", "data.train_size=2048")
-    metrics = cli("evaluate", "--model", str(tmp_path / "run" / "model")).json_last_line()
+    metrics = cli("evaluate", "--model", str(tmp_path / "run" / "model"), "--data", "running_count").json_last_line()
     print(f"\nrunning_count, 150 steps: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     # Seeing only the current step, the best rule is right half the time; the majority class 3/8.
     assert metrics["accuracy"] > 0.65
@@ -130,7 +130,7 @@ def test_per_step_labelling_is_learned_beyond_the_memoryless_baseline(tmp_path):
 def test_seasonal_forecast_is_learned_beyond_the_naive_forecast(tmp_path):
     args = [arg for arg in FORECAST if not arg.startswith(("model.hidden_size", "optim.schedule"))]
     _train(1, tmp_path / "run", *args, "model.hidden_size=32", "train.max_steps=150", "train.global_batch_size=32")
-    metrics = cli("evaluate", "--model", str(tmp_path / "run" / "model")).json_last_line()
+    metrics = cli("evaluate", "--model", str(tmp_path / "run" / "model"), "--data", "seasonal").json_last_line()
     print(
         f"\nseasonal forecast, 150 steps: mae {metrics['mae']:.4f}, naive {metrics['naive_mae']:.4f}, "
         f"seasonal naive {metrics['seasonal_naive_mae']:.4f}, mase {metrics['mase']:.3f}"
