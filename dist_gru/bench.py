@@ -6,7 +6,7 @@
     dist-gru bench train.precision=bf16 model.hidden_size=512
     dist-gru bench --config configs/files.yaml data.bucket_by_length=true
 
-The reference workload (issue #7): GRU 32 -> 128 x 2 layers, length 100, batch 64 per process,
+The reference workload: GRU 32 -> 128 x 2 layers, length 100, batch 64 per process,
 fp32. Our loop is measured by running `train.build` + `train.train_loop` themselves (logging every
 `--window` steps, as a user would) and reading the figures they log; warm-up windows are dropped.
 With `--compare-bare`, rounds alternate ours / bare so that drifting machine load hits both alike,

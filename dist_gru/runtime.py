@@ -1,6 +1,6 @@
 """The distributed boundary: process group, Accelerator, devices, threads, launch checks.
 
-Facts this module rests on (DESIGN.md, measured with torch 2.13 + accelerate 1.15):
+Facts this module rests on (measured with torch 2.13 + accelerate 1.15):
 - under torchrun on a machine without GPUs, a plain `Accelerator()` silently trains one full copy
   per process without DDP; it needs `cpu=True` to go MULTI_CPU with gloo. We pass it whenever CUDA
   is absent and then check that Accelerate's world size equals the launcher's.

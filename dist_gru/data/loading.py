@@ -1,6 +1,6 @@
 """Datasets from the config, and the sharding contract as samplers.
 
-The contract (DESIGN.md, "Sharding semantics"):
+The sampling contract:
 - an epoch's sample order is a permutation that depends only on (seed, epoch);
 - training runs in global batches of `global_batch_size` samples, each made of `grad_accum_steps`
   global micro-batches; rank r of W takes the r-th of W equal contiguous slices of each
