@@ -147,7 +147,7 @@ _dg_on_signal() {
     fi
     _dg_forwarded=1
     dg_log "forwarding SIGUSR1 to the training processes: scancel --signal=USR1 $SLURM_JOB_ID"
-    scancel --signal=USR1 "$SLURM_JOB_ID" || kill -s USR1 "$_dg_pid"
+    scancel --signal=USR1 "$SLURM_JOB_ID" || { [[ -n ${_dg_pid:-} ]] && kill -s USR1 "$_dg_pid"; }
 }
 
 # dg_run_and_requeue CMD...: run CMD (the srun step) in the background, wait for it while
@@ -155,14 +155,10 @@ _dg_on_signal() {
 dg_run_and_requeue() {
     # A marker from an earlier attempt must not be taken for this one's.
     rm -f "$RUN_DIR/$DG_PREEMPTED_FILE"
-    trap '_dg_on_signal USR1' USR1
-    trap '_dg_on_signal TERM' TERM
     # Traps run promptly only while bash waits on a background child, not during a foreground one.
     "$@" &
     _dg_pid=$!
-    local rc late sleeper done_pid
-    wait "$_dg_pid"
-    rc=$?
+    local rc=0 late sleeper done_pid
     # A trap interrupts `wait` (status 128+n) while srun runs on: wait again.
     while kill -0 "$_dg_pid" 2>/dev/null; do
         if [[ -z ${_dg_forwarded:-} ]]; then
@@ -227,3 +223,9 @@ dg_run_and_requeue() {
 }
 
 export -f dg_tasks_on_node
+
+# From the moment this file is sourced (the first lines of the batch script): a notice that comes
+# while the job is still setting up would otherwise kill the batch shell (USR1's default action).
+# It is remembered (_dg_forwarded) and repeated to the training processes once they run.
+trap '_dg_on_signal USR1' USR1
+trap '_dg_on_signal TERM' TERM

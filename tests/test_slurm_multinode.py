@@ -147,6 +147,20 @@ def preempted_job(folder: Path, jobs: list[int]) -> dict:
             "changes": changes}
 
 
+def early_notice_job(folder: Path, jobs: list[int]) -> dict:
+    """A per-task 2-node job that gets its preemption notice before any training process can handle it."""
+    run_dir = folder / "run"
+    job = sbatch(TASKS_SBATCH, folder, *LONG, f"train.run_dir={run_dir}", options=(*TWO_NODES, *TASKS))
+    jobs.append(job)
+    output = folder / f"slurm-{job}.out"
+    # The header is written once the batch shell's trap is in place, before the tasks start Python.
+    wait_for(lambda: output.is_file() and "rendezvous endpoint" in output.read_text(), JOB_TIMEOUT_S, "the header")
+    before_start = "dist-gru: world_size=" not in output.read_text()
+    assert cancel(job, signal="USR1", batch=True)
+    info, changes = follow_job(job, timeout_s=JOB_TIMEOUT_S)
+    return {"job": job, "info": info, "out": output.read_text(), "before_start": before_start, "run_dir": run_dir}
+
+
 def killed_node_job(folder: Path, jobs: list[int]) -> dict:
     """Kill node2's training processes after the first checkpoint; then resubmit the same command."""
     run_dir = folder / "run"
@@ -203,6 +217,7 @@ def scenarios(tmp_path_factory):
             ("preempt", preempted_job),
             ("kill", killed_node_job),
             ("crash", crashed_rank_job),
+            ("early_notice", early_notice_job),
         ]:
             futures[name] = pool.submit(fn, tmp_path_factory.mktemp(name), jobs)
             time.sleep(0.5)
@@ -331,3 +346,20 @@ def test_a_crash_on_the_second_node_names_its_rank_in_the_job_output(scenarios):
         and "injected failure in the third forward pass" in block
         for block in summaries
     ), out
+
+
+@pytest.mark.timeout(1000)
+def test_a_notice_before_the_handlers_exist_kills_no_task_and_still_requeues(scenarios):
+    r = result(scenarios, "early_notice")
+    job, info, out = r["job"], r["info"], r["out"]
+    assert r["before_start"], out  # the notice came before training started
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
+    # No task died of the signal (tasks ignore USR1 until dist_gru's handler is in place); the notice
+    # was repeated until a handler took it, then the job was preempted and requeued once.
+    assert "User defined signal 1" not in out and "exit code 138" not in out, out
+    assert "repeating the preemption notice" in out, out
+    assert info["restarts"] == 1 and f"requeuing job {job}" in out, out
+    preempted = re.findall(r"preempted by signal 10; checkpoint \S+step-(\d+)", out)
+    assert len(preempted) == 1, out
+    print(f"\njob {job}: notice before start-up, preempted at step {preempted[0]} after "
+          f"{out.count('repeating the preemption notice')} repeat(s), requeued, finished")
