@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_gru.config import Config, load_config
-from dist_gru.runtime import launch_world
+from dist_gru.runtime import exit_process, launch_world
 
 REFERENCE = [
     "data.name=seed_example",
@@ -246,6 +246,5 @@ def main(argv: list[str] | None = None) -> int:
         width = max(map(len, report))
         print("\n".join(f"{k:<{width}}  {v}" for k, v in report.items()))
         print(json.dumps(report), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    exit_process(0)
     return 0

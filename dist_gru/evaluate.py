@@ -152,7 +152,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """`dist-gru evaluate`: one JSON line of metrics on the last line of stdout. Works under torchrun too."""
-    from dist_gru.runtime import make_accelerator
+    from dist_gru.runtime import exit_process, make_accelerator
 
     args = _parser("dist-gru evaluate").parse_intermixed_args(argv)
     cfg, model, dataset = _load_for_inference(args)
@@ -162,6 +162,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     metrics = evaluate(model, dataset, accelerator, args.batch_size, season=cfg.data.season)
     if accelerator.is_main_process:
         print(json.dumps(metrics), flush=True)
+    exit_process(0)
     return 0
 
 

@@ -20,7 +20,10 @@ Facts this module rests on (measured with torch 2.13 + accelerate 1.15):
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -178,3 +181,32 @@ def _device_per_rank(accelerator: Accelerator) -> str:
     if accelerator.device.type == "cuda":
         return "cuda:LOCAL_RANK"
     return accelerator.device.type
+
+
+def exit_process(code: int) -> None:
+    """End a finished or preempted process with exactly `code`, every time. All ranks call it.
+
+    Used by every command that may run under a launcher (train, evaluate, bench).
+
+    Two things went wrong at exit on a loaded machine, both during interpreter finalisation:
+    - gloo's worker threads outlive `destroy_process_group()` (DDP's C++ side keeps the group alive,
+      so its threads are never joined). A worker that drops the last reference to a tensor made in
+      Python must take the GIL; during finalisation CPython ends such a thread with pthread_exit,
+      whose forced unwind through a noexcept C++ frame calls std::terminate: "terminate called
+      without an active exception", exit -6, after a run that had finished.
+    - finalisation restores the default action of signals Python handles: when one rank exits 75
+      first, torchrun SIGTERMs the others, and a rank still finalising died with -15 instead of 75.
+    So once the code is decided: ignore the launcher's follow-up signals, destroy the process
+    group, flush everything Python would flush, and leave with os._exit, which skips finalisation.
+    A single process without a process group has no such threads and returns normally."""
+    if not dist.is_initialized():
+        return
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)  # SIG_IGN survives until the exit below
+    dist.destroy_process_group()
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()  # its service process, which an atexit hook would stop
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

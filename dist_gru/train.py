@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +45,7 @@ from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
-from dist_gru.runtime import make_accelerator, summary
+from dist_gru.runtime import exit_process, make_accelerator, summary
 from dist_gru.tracking import active_trackers, make_tracker
 
 # Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits
@@ -385,6 +382,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                 return EXIT_PREEMPTED, metrics
 
     progress.close()
+    job.preemption.drain()  # no collective left in flight once the loop is done
     final_path = save(job, max_steps, epoch)
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(job.run_dir / "model")
@@ -471,37 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     job = build(cfg)
     try:
         code, _ = train_loop(job)
-        job.preemption.drain()
         job.tracker.finish()  # rank 0 flushes W&B (about a second) ...
         job.accelerator.wait_for_everyone()  # ... while the others wait: all ranks exit together
     finally:
         job.tracker.finish()
     exit_process(code)
     return code
-
-
-def exit_process(code: int) -> None:
-    """End a finished or preempted process with exactly `code`, every time. All ranks call it.
-
-    Two things went wrong at exit on a loaded machine, both during interpreter finalisation:
-    - gloo's worker threads outlive `destroy_process_group()` (DDP's C++ side keeps the group alive,
-      so its threads are never joined). A worker that drops the last reference to a tensor made in
-      Python must take the GIL; during finalisation CPython ends such a thread with pthread_exit,
-      whose forced unwind through a noexcept C++ frame calls std::terminate: "terminate called
-      without an active exception", exit -6, after a run that had finished.
-    - finalisation restores the default action of signals Python handles: when one rank exits 75
-      first, torchrun SIGTERMs the others, and a rank still finalising died with -15 instead of 75.
-    So once the code is decided: ignore the launcher's follow-up signals, destroy the process
-    group, flush everything Python would flush, and leave with os._exit, which skips finalisation.
-    A single process without a process group has no such threads and returns normally."""
-    if not dist.is_initialized():
-        return
-    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)  # SIG_IGN survives until the exit below
-    dist.destroy_process_group()
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()  # its service process, which an atexit hook would stop
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
