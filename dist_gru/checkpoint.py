@@ -239,10 +239,16 @@ def prune(run_dir: Path, keep: int, newest: Path | None = None) -> None:
 
 
 def check_compatible(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
-    """Refuse a checkpoint of another model shape or task, naming every mismatched field."""
+    """Refuse a checkpoint of another model shape or task, naming every mismatched field.
+
+    A field the checkpoint does not record is newer than the checkpoint: it was trained with that
+    field's default, which the trajectory check (run_folder) compares, so it is not a mismatch here.
+    """
     saved = {"task": ckpt.state.get("task"), **ckpt.state.get("model_config", {})}
     wrong = [
-        f"{k}: checkpoint has {saved.get(k)!r}, this job has {v!r}" for k, v in expected.items() if saved.get(k) != v
+        f"{k}: checkpoint has {saved.get(k)!r}, this job has {v!r}"
+        for k, v in expected.items()
+        if k in saved and saved[k] != v
     ]
     if wrong:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit this job:\n  " + "\n  ".join(wrong))

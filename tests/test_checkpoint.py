@@ -193,6 +193,8 @@ def test_check_compatible_names_every_mismatched_field(tmp_path):
     assert "input_size: checkpoint has 2, this job has 3" in message
     assert "task: checkpoint has 'regression', this job has 'classification'" in message
     assert "num_layers" not in message  # only the fields that differ
+    # A field added after the checkpoint was written (absent from its model_config) is not a mismatch.
+    ckpt_lib.check_compatible(ckpt, {"task": "regression", **MODEL_CONFIG, "bidirectional": False})
 
 
 class _Bomb:
