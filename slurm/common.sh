@@ -146,8 +146,14 @@ _dg_on_signal() {
         return
     fi
     _dg_forwarded=1
+    if [[ -z ${_dg_pid:-} ]] || ((SECONDS - _dg_step_start < ${DG_STEP_GRACE_S:-5})); then
+        # The step's tasks may not have reached their `trap "" USR1` yet (the first line of each
+        # task's shell): a USR1 now would kill them. The loop in dg_run_and_requeue sends it.
+        dg_log "the training step is starting: the notice goes to it in ${DG_RENOTIFY_S:-10} s"
+        return
+    fi
     dg_log "forwarding SIGUSR1 to the training processes: scancel --signal=USR1 $SLURM_JOB_ID"
-    scancel --signal=USR1 "$SLURM_JOB_ID" || { [[ -n ${_dg_pid:-} ]] && kill -s USR1 "$_dg_pid"; }
+    scancel --signal=USR1 "$SLURM_JOB_ID" || kill -s USR1 "$_dg_pid"
 }
 
 # dg_run_and_requeue CMD...: run CMD (the srun step) in the background, wait for it while
@@ -156,6 +162,7 @@ dg_run_and_requeue() {
     # A marker from an earlier attempt must not be taken for this one's.
     rm -f "$RUN_DIR/$DG_PREEMPTED_FILE"
     # Traps run promptly only while bash waits on a background child, not during a foreground one.
+    _dg_step_start=$SECONDS
     "$@" &
     _dg_pid=$!
     local rc=0 late sleeper done_pid

@@ -133,7 +133,8 @@ def preempted_job(folder: Path, jobs: list[int]) -> dict:
         *LONG,
         f"train.run_dir={run_dir}",
         options=TWO_NODES,
-        env={**TORCHRUN_ENV, "MAX_RESTARTS": "1"},
+        # LOGLEVEL=INFO: torchrun's agents then say when they restart a worker group, or finish.
+        env={**TORCHRUN_ENV, "MAX_RESTARTS": "1", "LOGLEVEL": "INFO"},
     )
     jobs.append(job)
     t_submit = time.monotonic()
@@ -161,6 +162,20 @@ def early_notice_job(folder: Path, jobs: list[int]) -> dict:
     return {"job": job, "info": info, "out": output.read_text(), "before_start": before_start, "run_dir": run_dir}
 
 
+def kill_training_processes(job: int, node: str) -> list[int]:
+    """SIGKILL the job's training processes on the node: the workers (and the bash parent each runs
+    under), not their torchrun agent: what an out-of-memory kill takes first."""
+    victims = [
+        pid
+        for pid in job_pids(node, job)
+        if "-m dist_gru train" in " ".join(cmdline(pid)) and "torch.distributed.run" not in cmdline(pid)
+    ]
+    assert victims, f"no training process of job {job} on {node}: {[cmdline(p) for p in job_pids(node, job)]}"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    return victims
+
+
 def killed_node_job(folder: Path, jobs: list[int]) -> dict:
     """Kill node2's training processes after the first checkpoint; then resubmit the same command."""
     run_dir = folder / "run"
@@ -169,15 +184,7 @@ def killed_node_job(folder: Path, jobs: list[int]) -> dict:
     jobs.append(job)
     wait_state(job, "RUNNING", timeout_s=JOB_TIMEOUT_S)
     wait_for(lambda: complete_checkpoints(run_dir), timeout_s=JOB_TIMEOUT_S, what="the first checkpoint")
-    # The workers, not their torchrun agent: what an out-of-memory kill or a node crash takes first.
-    victims = [
-        pid
-        for pid in job_pids("node2", job)
-        if "-m dist_gru train" in " ".join(cmdline(pid)) and "torch.distributed.run" not in cmdline(pid)
-    ]
-    assert victims, f"no training process of job {job} on node2: {[cmdline(p) for p in job_pids('node2', job)]}"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+    victims = kill_training_processes(job, "node2")
     t_kill = time.monotonic()
     info, changes = follow_job(job, timeout_s=JOB_TIMEOUT_S)
     out = (folder / f"slurm-{job}.out").read_text()
@@ -187,6 +194,27 @@ def killed_node_job(folder: Path, jobs: list[int]) -> dict:
     again_info, again_out = finish(again, folder, JOB_TIMEOUT_S)
     return {"job": job, "info": info, "out": out, "t_kill": t_kill, "changes": changes, "victims": victims,
             "checkpoints": checkpoints, "again": (again, again_info, again_out), "run_dir": run_dir}
+
+
+def restarted_job(folder: Path, jobs: list[int]) -> dict:
+    """MAX_RESTARTS=1: kill node2's training processes after the first checkpoint; torchrun restarts."""
+    run_dir = folder / "run"
+    job = sbatch(
+        TORCHRUN_SBATCH,
+        folder,
+        *LONG,
+        f"train.run_dir={run_dir}",
+        options=TWO_NODES,
+        env={**TORCHRUN_ENV, "MAX_RESTARTS": "1", "LOGLEVEL": "INFO"},
+    )
+    jobs.append(job)
+    wait_state(job, "RUNNING", timeout_s=JOB_TIMEOUT_S)
+    wait_for(lambda: complete_checkpoints(run_dir), timeout_s=JOB_TIMEOUT_S, what="the first checkpoint")
+    checkpoints = complete_checkpoints(run_dir)
+    kill_training_processes(job, "node2")
+    info, _ = follow_job(job, timeout_s=JOB_TIMEOUT_S)
+    return {"job": job, "info": info, "out": (folder / f"slurm-{job}.out").read_text(), "run_dir": run_dir,
+            "checkpoints": checkpoints}
 
 
 def crashed_rank_job(folder: Path, jobs: list[int]) -> dict:
@@ -218,6 +246,7 @@ def scenarios(tmp_path_factory):
             ("kill", killed_node_job),
             ("crash", crashed_rank_job),
             ("early_notice", early_notice_job),
+            ("restart", restarted_job),
         ]:
             futures[name] = pool.submit(fn, tmp_path_factory.mktemp(name), jobs)
             time.sleep(0.5)
@@ -298,7 +327,7 @@ def test_preempted_two_node_job_requeues_and_finishes_like_an_uninterrupted_run(
     # marker stayed, the batch shell requeued. One resume only: the requeued run's.
     assert re.findall(r"resuming from (\S+)", out) == [f"{run_dir}/checkpoints/step-{step:06d}"], out
     assert out.count("training step exited with code 0") == 2, out
-    assert "will restart worker group" not in out, out
+    assert "will restart worker group" not in out and "worker group successfully finished" in out, out
     diff = max_abs_diff(weights(run_dir), ref)
     print(f"preempted at step {step}, resumed after the requeue; max abs weight difference to the "
           f"uninterrupted 1-process run: {diff:.2e}")
@@ -363,3 +392,18 @@ def test_a_notice_before_the_handlers_exist_kills_no_task_and_still_requeues(sce
     assert len(preempted) == 1, out
     print(f"\njob {job}: notice before start-up, preempted at step {preempted[0]} after "
           f"{out.count('repeating the preemption notice')} repeat(s), requeued, finished")
+
+
+@pytest.mark.timeout(1000)
+def test_max_restarts_restarts_both_nodes_after_a_failure_and_the_job_finishes(scenarios):
+    r = result(scenarios, "restart")
+    job, info, out, run_dir = r["job"], r["info"], r["out"], r["run_dir"]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
+    assert info["restarts"] == 0, out  # torchrun restarted the workers; Slurm did not requeue
+    assert "Worker group FAILED. 1/1 attempts left; will restart worker group" in out, out
+    resumed = re.findall(r"resuming from \S+step-(\d+)", out)
+    assert len(resumed) == 1 and int(resumed[0]) >= r["checkpoints"][0], out
+    diff = max_abs_diff(weights(run_dir), weights(result(scenarios, "reference_long")))
+    print(f"\njob {job}: node2's workers killed, torchrun restarted both nodes' workers from step "
+          f"{int(resumed[0])}; max abs weight difference to the uninterrupted 1-process run: {diff:.2e}")
+    assert diff <= TOLERANCE
