@@ -5,12 +5,19 @@ Real jobs on a real cluster; skipped when none runs (`bash slurm/cluster.sh up` 
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 from slurm_helpers import (
+    SLURM_CONF,
     cancel,
     parse_job_line,
     requires_slurm,
     submit,
+    usable_nodes,
     wait_for,
     wait_job,
     wait_state,
@@ -112,3 +119,39 @@ def test_usr1_then_self_requeue_restarts_with_count_1(tmp_path):
     assert info["restarts"] == 1, out
     assert "USR1 in batch shell" in out and "not signalled" not in out, out
     assert (tmp_path / "restart_count").read_text().strip() == "1", out
+
+
+CLUSTER_SH = Path(__file__).resolve().parents[1] / "slurm" / "cluster.sh"
+
+
+def cluster_sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="slurm/cluster.sh needs root")
+@pytest.mark.timeout(120)
+def test_cluster_sh_rejects_a_bad_node_count():
+    res = cluster_sh("up", "--nodes", "abc")
+    assert res.returncode == 1
+    assert res.stderr.strip() == "[cluster.sh] ERROR: --nodes must be 1..16, got 'abc'"
+
+
+@requires_slurm
+@pytest.mark.slurm
+@pytest.mark.skipif(os.geteuid() != 0, reason="slurm/cluster.sh needs root")
+@pytest.mark.timeout(120)
+def test_up_in_the_other_mode_is_refused_while_a_cluster_runs_and_changes_nothing():
+    conf = SLURM_CONF.read_text()
+    mode = re.search(r"^# dist-gru cluster mode: (\w+) ", conf, re.MULTILINE)
+    assert mode, conf[:300]
+    nodes = usable_nodes()
+    other = ["up", "--nodes", "2"] if mode.group(1) == "single" else ["up"]
+    res = cluster_sh(*other)
+    assert res.returncode == 1, res.stderr
+    assert f"ERROR: the '{mode.group(1)}' cluster is running (slurmctld" in res.stderr, res.stderr
+    assert "run `bash " in res.stderr and "cluster.sh down` first" in res.stderr, res.stderr
+    assert SLURM_CONF.read_text() == conf and usable_nodes() == nodes
+    # The same mode again: already up, nothing restarted.
+    same = ["up"] if mode.group(1) == "single" else ["up", "--nodes", str(len(nodes))]
+    res = cluster_sh(*same)
+    assert res.returncode == 0 and "Slurm is already up" in res.stderr, res.stderr

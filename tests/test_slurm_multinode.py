@@ -34,6 +34,7 @@ from slurm_helpers import (
     rendezvous_port,
     requires_slurm_multinode,
     sbatch_train,
+    usable_nodes,
     wait_for,
     wait_state,
 )
@@ -264,6 +265,13 @@ def result(scenarios: dict[str, Future], name: str):
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_the_cluster_has_two_idle_nodes_and_leaves_the_machines_hosts_file_alone():
+    assert usable_nodes() == ["node1", "node2"]
+    # Each node's name resolves inside its own mount namespace only.
+    assert not re.search(r"\bnode[12]\b", Path("/etc/hosts").read_text())
 
 
 @pytest.mark.timeout(1000)
