@@ -368,9 +368,9 @@ EOF
     if [[ $MODE == single ]]; then
         echo "PartitionName=debug Nodes=${nodes_csv} Default=YES MaxTime=INFINITE State=UP"
     else
-        # The nodes share this machine's cores anyway: let two jobs share each core, so a test
+        # The nodes share this machine's cores anyway: let up to four jobs share each core, so a test
         # stage can run its multi-node scenarios side by side (memory stays a consumable limit).
-        echo "PartitionName=debug Nodes=${nodes_csv} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2"
+        echo "PartitionName=debug Nodes=${nodes_csv} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
     fi
 }
 

@@ -7,8 +7,9 @@ resumes; a crash on the second node names its rank in the job output.
     DIST_GRU_REQUIRE_SLURM_MULTINODE=1 .venv/bin/pytest -q -s tests/test_slurm_multinode.py
 
 Each node of the test cluster is a network namespace of this machine with 2 CPUs, each shared by up to
-two jobs (OverSubscribe=FORCE:2); a job here takes 1 CPU per node, so four jobs run at once. To keep the stage short, every scenario starts at once in
-its own thread when the module starts (the jobs queue in Slurm), and each test checks one of them.
+four jobs (OverSubscribe=FORCE:4); a job here takes 1 CPU per node. To keep the stage short, every
+scenario starts at once in its own thread when the module starts (jobs beyond the node's room queue
+in Slurm), and each test checks one of them.
 With -s the tests print the weight differences, the requeue timeline and the time from the kill to
 FAILED.
 """
