@@ -143,8 +143,7 @@ def build(cfg: Config) -> Job:
         if accelerator.is_main_process:
             print(plan.message, flush=True)
         accelerator.wait_for_everyone()
-        if dist.is_initialized():
-            exit_process(0)
+        exit_process(0)  # under a launcher it ends the process here; a single process raises below
         raise SystemExit(0)
 
     train_set = build_dataset(cfg.data, "train", head=cfg.model.head)
