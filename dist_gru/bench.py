@@ -1,7 +1,7 @@
 """`dist-gru bench`: throughput of the real training loop, against a bare PyTorch loop if asked.
 
     dist-gru bench                                         # the reference workload, 1 process
-    dist-gru bench --compare-bare                          # + a hand-written loop, same model/data/batch
+    dist-gru bench --compare-bare                          # + an independent hand-written loop, same shapes
     torchrun --nproc-per-node 2 -m dist_gru bench --compare-bare
     dist-gru bench train.precision=bf16 model.hidden_size=512
     dist-gru bench --config configs/files.yaml data.bucket_by_length=true
@@ -9,8 +9,9 @@
 The reference workload: GRU 32 -> 128 x 2 layers, length 100, batch 64 per process,
 fp32. Our loop is measured by running `train.build` + `train.train_loop` themselves (logging every
 `--window` steps, as a user would) and reading the figures they log; warm-up windows are dropped.
-With `--compare-bare`, rounds alternate ours / bare so that drifting machine load hits both alike,
-and the ratio compares their median throughput. Prints a table and one JSON line (last line).
+With `--compare-bare`, rounds alternate ours / an independent loop (plain `nn.GRU` + `nn.Linear`, an
+in-memory TensorDataset and a DataLoader, DDP under torchrun: see `run_bare`) so that drifting
+machine load hits both alike, and the ratio compares their median throughput. Prints a table and one JSON line (last line).
 """
 
 from __future__ import annotations
@@ -121,34 +122,67 @@ def run_ours(args: argparse.Namespace, world_size: int) -> dict:
     }
 
 
-def run_bare(cfg: Config, dataset, model_config: dict, steps: int, warmup: int, device: torch.device) -> float:
-    """A minimal hand-written loop of the same model, data and batch: samples/s over all ranks."""
-    from dist_gru.model import GRUModel
+class BareRegressor(torch.nn.Module):
+    """`nn.GRU` + `nn.Linear` on the last step: what a user writes by hand, nothing of dist_gru."""
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    def __init__(self, num_features: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.gru = torch.nn.GRU(num_features, hidden_size, num_layers=num_layers, batch_first=True)
+        self.head = torch.nn.Linear(hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+def run_bare(cfg: Config, num_features: int, steps: int, warmup: int, device: torch.device) -> float:
+    """An independent hand-written loop at the job's shapes: an in-memory TensorDataset through a
+    DataLoader (DistributedSampler under torchrun), plain DDP, the job's optimizer, LR and clipping.
+    Nothing of dist_gru runs in it, so the ratio compares our loop with the loop users would write.
+    Fixed-length sequences of `data.seq_len`: compare with `data.variable_length=false` jobs.
+    Returns samples/s over all ranks."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
     world_size = dist.get_world_size() if dist.is_initialized() else 1
+    per_rank = cfg.train.global_batch_size // world_size
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    # Up to 8192 samples (the peers' benchmark size) within 256 MiB, at least two global batches.
+    fits = (256 << 20) // (4 * cfg.data.seq_len * num_features)
+    count = max(2 * cfg.train.global_batch_size, min(8192, fits))
+    x = torch.randn(count, cfg.data.seq_len, num_features, generator=generator)
+    dataset = TensorDataset(x, x[:, :, :1].mean(dim=1))
+    sampler = DistributedSampler(dataset, seed=cfg.train.seed) if world_size > 1 else None
+    loader = DataLoader(dataset, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                        generator=generator if sampler is None else None)
     torch.manual_seed(cfg.train.seed)
-    model = GRUModel(**model_config).to(device)
+    model = BareRegressor(num_features, cfg.model.hidden_size, cfg.model.num_layers).to(device)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
-    per_rank = cfg.train.global_batch_size // world_size
-    start = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        first = (step * cfg.train.global_batch_size + rank * per_rank) % (len(dataset) - per_rank)
-        batch = dataset.__getitems__(list(range(first, first + per_rank)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-            out = model(batch["x"].to(device), batch["lengths"])
-        loss = F.mse_loss(out.float(), batch["y"].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip:  # the same job: clipping is part of the step when the config asks for it
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+    optimizer_class = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
+    optimizer = optimizer_class(
+        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
+    )
+    step, epoch, start = 0, 0, 0.0
+    while step < warmup + steps:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for xb, yb in loader:
+            if step == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+                out = model(xb.to(device, non_blocking=True))
+            loss = F.mse_loss(out.float(), yb.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            if step == warmup + steps:
+                break
+        epoch += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
     return _sum_over_ranks(per_rank * steps / (time.perf_counter() - start))
@@ -213,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_bare:
             job = result["job"]
             bare.append(
-                run_bare(
-                    result["cfg"], job.train_set, job.model_config, args.steps, args.warmup, job.accelerator.device
-                )
+                run_bare(result["cfg"], job.train_set.num_features, args.steps, args.warmup, job.accelerator.device)
             )
     job, cfg = ours[-1]["job"], ours[-1]["cfg"]
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32

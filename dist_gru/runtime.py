@@ -12,10 +12,12 @@ Facts this module rests on (measured with torch 2.13 + accelerate 1.15):
   Measured (tests/test_resume.py, kill -9 of rank 1 under `--max-restarts 1`): without the prefix
   2 of 3 restarts failed with `Gloo connectFullMesh failed ... Connection refused`; with it 9 of 9
   restarts resumed and finished with weights equal to the uninterrupted run.
-  Limit: all agents of an attempt must agree on TORCHELASTIC_RESTART_COUNT. That holds for one
-  node and for fixed multi-node jobs (every agent restarts together); an elastic job that replaces
-  a node mid-run (`--nnodes MIN:MAX`) would give the new node's workers count 0 while the others
-  have 1, and they would wait for each other until PEER_TIMEOUT.
+  Limit: every worker of an attempt must see the same TORCHELASTIC_RESTART_COUNT. That holds on
+  one node. On several nodes torchrun counts only its own node's failures: after a worker on node 2
+  fails, node 2's new workers see 1 while node 1 (restarted because a peer left) sees 0, and they
+  wait for each other until the peer timeout. slurm/train.sbatch therefore sets the count itself
+  (each worker's start count in the job step, which all nodes agree on), and
+  launch/torchrun_multinode.sh refuses MAX_RESTARTS > 0.
 """
 
 from __future__ import annotations

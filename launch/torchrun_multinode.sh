@@ -14,11 +14,20 @@
 #   NPROC_PER_NODE  processes per node                                  (default: as NPROC in torchrun.sh:
 #                   the GPUs on the node, else 2)
 #   RDZV_ID         job id, the same on every node                      (default: $SLURM_JOB_ID, else dist-gru)
-#   CONFIG, MAX_RESTARTS, LOG_RANKS, TORCHRUN: as in launch/torchrun.sh (this script runs it).
+#   CONFIG, LOG_RANKS, TORCHRUN: as in launch/torchrun.sh (this script runs it); MAX_RESTARTS must be 0.
 set -euo pipefail
 
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the rendezvous (the first node and a free port), the same on every node}"
 export RDZV_ENDPOINT
+# torchrun's restart count is per node, and workers key their store by it: after one node's worker
+# fails, the nodes would wait for each other until the peer timeout. slurm/train.sbatch sets an
+# attempt number all nodes agree on; this plain launcher cannot, so it runs without restarts.
+if [[ "${MAX_RESTARTS:-0}" != 0 ]]; then
+    echo "error: MAX_RESTARTS=$MAX_RESTARTS: launch/torchrun_multinode.sh runs without worker restarts" \
+        "(expected MAX_RESTARTS=0; restarts on several nodes need slurm/train.sbatch, or resubmit the" \
+        "job: it resumes from the last checkpoint)" >&2
+    exit 2
+fi
 export NNODES=${NNODES:-2}
 export RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-dist-gru}}
 if [[ -n "${NPROC_PER_NODE:-}" ]]; then

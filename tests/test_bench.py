@@ -88,3 +88,32 @@ def test_bench_variable_length_files_with_bucketing(tmp_path):
         ).stdout
     )
     assert bucketed["padding_fraction"] < plain["padding_fraction"] / 2
+
+
+def test_the_bare_loop_runs_nothing_of_dist_gru():
+    """The comparison loop is independent: while it trains, no function of the package runs except
+    its own (in bench.py), so the ratio compares our loop with a hand-written one."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    import dist_gru
+    from dist_gru.bench import run_bare
+    from dist_gru.config import load_config
+
+    package = Path(dist_gru.__file__).parent
+    called: set[str] = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(str(package)):
+            called.add(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+    cfg = load_config(None, ["model.hidden_size=8", "data.seq_len=6", "train.global_batch_size=4"])
+    sys.setprofile(profile)
+    try:
+        samples_per_s = run_bare(cfg, num_features=3, steps=3, warmup=1, device=torch.device("cpu"))
+    finally:
+        sys.setprofile(None)
+    assert samples_per_s > 0
+    assert called == {"bench.py:run_bare", "bench.py:__init__", "bench.py:forward", "bench.py:_sum_over_ranks"}

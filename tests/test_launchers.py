@@ -100,6 +100,10 @@ def test_multinode_launchers_refuse_to_start_without_a_rendezvous():
     result = _launch("accelerate.sh", ACCELERATE_CONFIG=cfg, MAIN_PROCESS_IP="127.0.0.1")
     assert result.returncode != 0 and "set MACHINE_RANK" in result.stderr
     assert "+ " not in result.stdout  # nothing was launched
+    # Restarts on several nodes would hang (torchrun's restart count is per node): refused up front.
+    result = _launch("torchrun_multinode.sh", "train.max_steps=1", RDZV_ENDPOINT="127.0.0.1:1", MAX_RESTARTS="1")
+    assert result.returncode == 2 and "error: MAX_RESTARTS=1" in result.stderr
+    assert "+ " not in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------

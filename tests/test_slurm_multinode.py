@@ -126,9 +126,8 @@ def two_node_jobs(folder: Path, jobs: list[int]) -> dict:
     }
 
 
-def preempted_job(folder: Path, jobs: list[int]) -> dict:
-    """A 2-node torchrun job with MAX_RESTARTS=1, preempted once its first metrics are written."""
-    run_dir = folder / "run"
+def restartable_job(folder: Path, run_dir: Path, jobs: list[int]) -> int:
+    """Submit a long 2-node torchrun job with MAX_RESTARTS=1."""
     job = sbatch(
         TORCHRUN_SBATCH,
         folder,
@@ -139,6 +138,13 @@ def preempted_job(folder: Path, jobs: list[int]) -> dict:
         env={**TORCHRUN_ENV, "MAX_RESTARTS": "1", "LOGLEVEL": "INFO"},
     )
     jobs.append(job)
+    return job
+
+
+def preempted_job(folder: Path, jobs: list[int]) -> dict:
+    """A 2-node torchrun job with MAX_RESTARTS=1, preempted once its first metrics are written."""
+    run_dir = folder / "run"
+    job = restartable_job(folder, run_dir, jobs)
     t_submit = time.monotonic()
     wait_state(job, "RUNNING", timeout_s=JOB_TIMEOUT_S)
     wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), timeout_s=JOB_TIMEOUT_S, what="the first metrics")
@@ -201,15 +207,7 @@ def killed_node_job(folder: Path, jobs: list[int]) -> dict:
 def restarted_job(folder: Path, jobs: list[int]) -> dict:
     """MAX_RESTARTS=1: kill node2's training processes after the first checkpoint; torchrun restarts."""
     run_dir = folder / "run"
-    job = sbatch(
-        TORCHRUN_SBATCH,
-        folder,
-        *LONG,
-        f"train.run_dir={run_dir}",
-        options=TWO_NODES,
-        env={**TORCHRUN_ENV, "MAX_RESTARTS": "1", "LOGLEVEL": "INFO"},
-    )
-    jobs.append(job)
+    job = restartable_job(folder, run_dir, jobs)
     wait_state(job, "RUNNING", timeout_s=JOB_TIMEOUT_S)
     wait_for(lambda: complete_checkpoints(run_dir), timeout_s=JOB_TIMEOUT_S, what="the first checkpoint")
     checkpoints = complete_checkpoints(run_dir)
