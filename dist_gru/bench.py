@@ -152,15 +152,24 @@ def run_bare(cfg: Config, num_features: int, steps: int, warmup: int, device: to
     x = torch.randn(count, cfg.data.seq_len, num_features, generator=generator)
     dataset = TensorDataset(x, x[:, :, :1].mean(dim=1))
     sampler = DistributedSampler(dataset, seed=cfg.train.seed) if world_size > 1 else None
-    loader = DataLoader(dataset, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        generator=generator if sampler is None else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        generator=generator if sampler is None else None,
+    )
     torch.manual_seed(cfg.train.seed)
     model = BareRegressor(num_features, cfg.model.hidden_size, cfg.model.num_layers).to(device)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer_class = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
     optimizer = optimizer_class(
-        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        weight_decay=cfg.optim.weight_decay,
     )
     step, epoch, start = 0, 0, 0.0
     while step < warmup + steps:

@@ -117,3 +117,33 @@ def test_the_bare_loop_runs_nothing_of_dist_gru():
         sys.setprofile(None)
     assert samples_per_s > 0
     assert called == {"bench.py:run_bare", "bench.py:__init__", "bench.py:forward", "bench.py:_sum_over_ranks"}
+
+
+def test_the_sweep_covers_both_axes_and_draws_its_table_and_curves(tmp_path):
+    from dist_gru.sweep import bench_command, figure, points, table
+
+    sweep = points(quick=True)
+    assert len(sweep) == (3 + 3) * 2 * 2  # values x processes x precisions
+    two = next(p for p in sweep if p["processes"] == 2 and p["axis"] == "seq_len" and p["value"] == 2000)
+    cmd = bench_command(two, tmp_path / "b", steps=10)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node" in cmd
+    assert {
+        "data.seq_len=2000",
+        "model.hidden_size=128",
+        "train.threads=1",
+        "train.precision=" + two["precision"],
+    } <= set(cmd)
+    rows = [
+        {
+            **{k: p[k] for k in ("axis", "value", "processes", "precision")},
+            "samples_per_s": 100.0 * (i + 1),
+            "median_step_s": 0.01,
+            "fraction_of_matmul": 0.5,
+            "data_wait_frac": 0.01,
+        }
+        for i, p in enumerate(sweep)
+    ]
+    text = table(rows)
+    assert text.count("\n") == len(rows) + 2 and "| seq_len | 2000 | 2 |" in text
+    figure(rows, "t").savefig(tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
