@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 2
+# pytest-xdist workers for `make test` (TEST_WORKERS=0: one process, in collection order)
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test lint clean slurm-up slurm-down
 
@@ -22,7 +24,7 @@ train: setup
 		-m dist_gru train --config configs/adding.yaml --quiet
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -219,3 +219,23 @@ def load_weights(path: Path) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+# `make test` runs the suite in two pytest-xdist workers: most of a test's time is process start-up,
+# rendezvous and waiting on a scheduler, not both cores computing, so two at once fill the machine.
+# Each file stays on one worker (its module fixtures, such as the baseline runs, are made once), and
+# the files that submit jobs to the single-node Slurm cluster share a worker, so their jobs never
+# queue behind each other's on the one node.
+SLURM_FILES = {"tests/test_slurm.py", "tests/test_slurm_cluster.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm" if path in SLURM_FILES else path
+
+    return FileScheduling(config, log)
