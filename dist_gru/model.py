@@ -456,6 +456,50 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         within its length. None: packed on a GPU, padded elsewhere. Both are exact; the choice
         exists so the packed path can be checked on a machine without a GPU.
         """
+        x, lengths, moments = self._scale_inputs(x, lengths)
+        if packed is None:
+            packed = x.device.type == "cuda"
+        steps_out, summary = self._encode(x, lengths, packed)
+        return self._head_outputs(steps_out, summary, moments)
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """The state :meth:`step` starts a sequence from: zeros ``[num_layers, batch, hidden_size]``."""
+        if device is None:
+            device = self.input_mean.device
+        return torch.zeros(self.num_layers, batch, self.hidden_size, device=device, dtype=self.input_mean.dtype)
+
+    def step(self, x: Tensor, state: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Streaming inference: the next chunk ``x`` [B, T, F] of every sequence -> ``(outputs, state)``.
+
+        Feeding a sequence chunk by chunk from :meth:`initial_state` gives what ``forward`` gives for
+        the whole sequence: ``step`` heads the outputs of the chunk's steps ``[B, T, ...]``, ``last``
+        and ``forecast`` heads the output of the sequence so far (after each sequence's last valid
+        step of the chunk). ``lengths`` [B] are the valid steps of each sequence in this chunk
+        (at least 1); the returned state is each sequence's state after its last valid step.
+        Unidirectional models only, and not with ``scaling="window"`` (both need the whole sequence).
+        """
+        if self.bidirectional:
+            raise ValueError("step() needs a unidirectional model: a backward direction reads the sequence's end first")
+        if self.scaling == "window":
+            raise ValueError('step() cannot scale per window (scaling="window" needs the whole sequence)')
+        expected = (self.num_layers, x.shape[0], self.hidden_size)
+        if state.shape != expected:
+            raise ValueError(f"state has shape {tuple(state.shape)}, expected {expected} (see initial_state)")
+        x, lengths, moments = self._scale_inputs(x, lengths)
+        state = state.to(x.dtype)
+        if isinstance(self.rnn, SeedGRU):
+            out, state = self._run_rnn(x, state, **({} if lengths is None else {"lengths": lengths}))
+        elif lengths is None:
+            out, state = self._run_rnn(x, state)
+        else:
+            # Every layer's state at each sequence's last valid step: packing gives all of them.
+            packed_x = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            packed_out, state = self._run_rnn(packed_x, state)
+            out = pad_packed_sequence(packed_out, batch_first=True, total_length=x.shape[1])[0]
+        return self._head_outputs(out, state[-1], moments), state
+
+    def _scale_inputs(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None, tuple]:
+        """Checked and scaled inputs: ``(x, lengths or None when nothing is padded, window moments)``."""
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"x must have shape [batch, time, {self.input_size}], got {tuple(x.shape)}")
         batch, steps, _ = x.shape
@@ -465,19 +509,21 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             lengths = _check_lengths(lengths, batch, steps)
             if bool((lengths == steps).all()):
                 lengths = None  # nothing padded: skip the packing overhead
+        moments: tuple = (None, None)
         if self.scaling == "window":
-            loc, scale = _window_moments(x, lengths)
-            x = (x - loc) / scale
+            moments = _window_moments(x, lengths)
+            x = (x - moments[0]) / moments[1]
         if self.rnn_dtype is not None:
             x = x.to(self.rnn_dtype)
-        if packed is None:
-            packed = x.device.type == "cuda"
-        steps_out, summary = self._encode(x, lengths, packed)
+        return x, lengths, moments
+
+    def _head_outputs(self, steps_out: Tensor | None, summary: Tensor, moments: tuple) -> Tensor:
+        """The head over the encoder's outputs, in the output kind's layout and the data's units."""
         dtype = self.head.weight.dtype
         raw = self.head(None if steps_out is None else steps_out.to(dtype), summary.to(dtype))
         out = shape_output(raw, self.output_kind, self.output_size) if self.task == "regression" else raw
         if self.head_kind == "forecast":
-            out = self._target_units(out, *((loc, scale) if self.scaling == "window" else (None, None)))
+            out = self._target_units(out, *moments)
         return out
 
     def _target_units(self, out: Tensor, loc: Tensor | None, scale: Tensor | None) -> Tensor:
@@ -560,13 +606,13 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         weight = getattr(self.rnn, name)
         return weight if self.rnn_dtype is None else weight.to(self.rnn_dtype)
 
-    def _run_rnn(self, inputs: Tensor | PackedSequence, **kwargs: Any) -> tuple[Any, Tensor]:
+    def _run_rnn(self, inputs: Tensor | PackedSequence, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
         if self.rnn_dtype is None:
-            return self.rnn(inputs, **kwargs)
+            return self.rnn(inputs, *args, **kwargs)
         # Low-precision compute on fp32 master weights: the cast is part of the graph, so
         # gradients (and the optimizer state) stay fp32.
         params = {name: p.to(self.rnn_dtype) for name, p in self.rnn.named_parameters()}
-        return functional_call(self.rnn, params, (inputs,), kwargs)
+        return functional_call(self.rnn, params, (inputs, *args), kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # On a GPU, flatten_parameters() makes the GRU weights views into one cuDNN buffer, which
