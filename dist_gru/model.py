@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,8 @@ class SeedGRU(nn.Module):
             )
 
         self.cells = layer_cells()
+        # The time loop; an export swaps in torch.jit.script(seed_scan) so the loop survives tracing.
+        self.scan: Callable = seed_scan
         # Only when bidirectional, so a unidirectional state dict is what it always was.
         if bidirectional:
             self.reverse_cells = layer_cells()
@@ -220,11 +222,11 @@ class SeedGRU(nn.Module):
         for index in range(self.num_layers):
             if index > 0 and self.dropout > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
-            out, h = _seed_layer(self.cells[index], layer_input, h0[directions * index], valid)
+            out, h = _seed_layer(self.cells[index], layer_input, h0[directions * index], valid, self.scan)
             last_states.append(h)
             if self.bidirectional:
                 backward_input = reverse_within_lengths(layer_input, reverse_lengths, time_dim=0)
-                out_b, h_b = _seed_layer(self.reverse_cells[index], backward_input, h0[2 * index + 1], valid)
+                out_b, h_b = _seed_layer(self.reverse_cells[index], backward_input, h0[2 * index + 1], valid, self.scan)
                 out = torch.cat([out, reverse_within_lengths(out_b, reverse_lengths, time_dim=0)], dim=-1)
                 last_states.append(h_b)
             layer_input = out
@@ -238,14 +240,27 @@ class SeedGRU(nn.Module):
         )
 
 
-def _seed_layer(cell: SeedGRUCell, layer_input: Tensor, h: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+def _seed_layer(
+    cell: SeedGRUCell, layer_input: Tensor, h: Tensor, valid: Tensor | None, scan: Callable | None = None
+) -> tuple[Tensor, Tensor]:
     """One direction of one layer over time-major ``layer_input`` [T, B, I] -> ([T, B, H], h_last)."""
     xproj = cell.input_projection(layer_input)
     # Concatenate the recurrent weights once per layer, not once per step.
     u_rz_t, u_h_t = cell.recurrent_weights()
+    return (scan or seed_scan)(xproj, h, u_rz_t, u_h_t, valid)
+
+
+def seed_scan(
+    xproj: Tensor, h: Tensor, u_rz_t: Tensor, u_h_t: Tensor, valid: Optional[Tensor]  # noqa: UP045
+) -> tuple[Tensor, Tensor]:
+    """The seed recurrence over time: ``xproj`` [T, B, 3H], ``h`` [B, H] -> ([T, B, H], h_last).
+
+    Where ``valid[t]`` ([B, 1]) is False the state stays. TorchScript can compile this function
+    (``torch.jit.script``), which keeps the time loop in a traced graph instead of unrolling it.
+    """
     outputs = []
-    for t, xproj_t in enumerate(xproj.unbind(0)):
-        h_new = _seed_step(xproj_t, h, u_rz_t, u_h_t)
+    for t in range(xproj.shape[0]):
+        h_new = _seed_step(xproj[t], h, u_rz_t, u_h_t)
         h = h_new if valid is None else torch.where(valid[t], h_new, h)
         outputs.append(h)
     return torch.stack(outputs), h
