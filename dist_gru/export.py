@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(
                 f"the exported graph differs from the PyTorch model by {difference:.3g} (> {TOLERANCE}); nothing written"
             )
+        # mkstemp makes the file private; the export gets the permissions any new file would.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

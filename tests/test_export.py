@@ -149,3 +149,29 @@ def test_a_folder_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 2 and err.startswith(f"error: --model {folder}: "), err
     assert err.count("\n") == 1
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_bench_inference_reports_the_three_runtimes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    save_model(tmp_path / "model", cell="seed", head="last")
+    args = ["bench", "--inference", "--model", str(tmp_path / "model"), "--length", "6", "--batch-size", "4",
+            "--rounds", "1", "--latency-calls", "2", "--throughput-calls", "1"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["length"] == 6 and report["batch_size"] == 4 and report["cell"] == "seed"
+    for runtime in ("eager", "torchscript", "onnxruntime"):
+        assert report[runtime]["latency_ms"] > 0 and report[runtime]["throughput_seq_per_s"] > 0
+        assert report[runtime]["max_difference"] <= export.TOLERANCE
+        assert out.count(f"\n{runtime} ") == 1  # one row of the table each
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the exports lived in a temporary folder
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--inference"], "--inference needs --model RUN/model"),
+     (["--inference", "--model", "m", "--length", "0"], "--length 0: expected an integer >= 1")],
+)
+def test_bench_inference_bad_options(capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
+    assert cli_main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid bench options:") and message in err, err
