@@ -20,6 +20,15 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small graphs: on a shared machine, idle OpenMP threads spinning cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def save_model(folder: Path, **kwargs) -> GRUModel:
     torch.manual_seed(0)
     args = {"input_size": 3, "hidden_size": 8, "num_layers": 2, "output_size": 2, "scaling": "global", **kwargs}
