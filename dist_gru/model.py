@@ -20,7 +20,8 @@ Two GRU forms live here, and they compute different functions:
 ``GRUModel`` = input scaling, the encoder (either form, one or both directions), and a head from
 ``dist_gru.heads`` (``last``, ``step``, ``forecast``) with a point, gaussian or quantile output.
 Variable-length batches are exact in every mode: a padded batch gives each sequence the outputs it
-gets alone. The module holds no training logic (losses: ``dist_gru.losses``).
+gets alone. ``initial_state`` and ``step`` run a unidirectional model over a stream, chunk
+by chunk, with the state carried between calls. The module holds no training logic (losses: ``dist_gru.losses``).
 """
 
 from __future__ import annotations
