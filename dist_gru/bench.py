@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 2 -m dist_gru bench --compare-bare
     dist-gru bench train.precision=bf16 model.hidden_size=512
     dist-gru bench --config configs/files.yaml data.bucket_by_length=true
+    dist-gru bench --inference --model runs/adding/model   # eager vs TorchScript vs onnxruntime
 
 The reference workload: GRU 32 -> 128 x 2 layers, length 100, batch 64 per process,
 fp32. Our loop is measured by running `train.build` + `train.train_loop` themselves (logging every
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_gru.config import Config, load_config
+from dist_gru import inference_bench
+from dist_gru.config import Config, ConfigError, load_config
 from dist_gru.runtime import exit_process, launch_world
 
 REFERENCE = [
@@ -235,7 +237,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--make-files", metavar="DIR", help="only write a skewed-length dataset to DIR and exit")
     parser.add_argument("--files-mb", type=float, default=40.0, help="size of --make-files's features in MiB")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    inference_bench.add_arguments(parser)
     args = parser.parse_intermixed_args(argv)
+    problems = inference_bench.check_arguments(args)
+    if problems:
+        raise ConfigError("invalid bench options:\n  " + "\n  ".join(problems))
     if args.warmup % args.window or args.steps % args.window:
         parser.error("--warmup and --steps must be multiples of --window")
     return args
@@ -243,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.inference:
+        return inference_bench.main(args)
     if args.make_files:
         print(json.dumps(make_skewed_files(args.make_files, args.files_mb)))
         return 0

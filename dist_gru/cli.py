@@ -3,6 +3,7 @@
     dist-gru train    --config configs/adding.yaml train.max_steps=500
     dist-gru evaluate --model runs/adding/model --data adding
     dist-gru predict  --model runs/adding/model --data data/val --out preds.npy
+    dist-gru export   --model runs/adding/model --format onnx --out adding.onnx
     dist-gru prepare  --npz arrays.npz --out data/ --task classification --num-classes 3 --val-fraction 0.1
     dist-gru bench    --compare-bare
     dist-gru plot     runs/adding
@@ -29,6 +30,7 @@ COMMANDS = {
     "evaluate": ("dist_gru.evaluate", "evaluate_main", "print metrics of a saved model as one JSON line"),
     "predict": ("dist_gru.evaluate", "predict_main", "write a saved model's predictions as .npy"),
     "forecast": ("dist_gru.evaluate", "forecast_main", "write the forecast after the end of every series as .npy"),
+    "export": ("dist_gru.export", "main", "export a saved model to ONNX or TorchScript, checked against its runtime"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
     "bench": ("dist_gru.bench", "main", "measure training throughput"),
     "plot": ("dist_gru.plot", "main", "draw PNG curves from a run's metrics.jsonl"),

@@ -20,17 +20,18 @@ Two GRU forms live here, and they compute different functions:
 ``GRUModel`` = input scaling, the encoder (either form, one or both directions), and a head from
 ``dist_gru.heads`` (``last``, ``step``, ``forecast``) with a point, gaussian or quantile output.
 Variable-length batches are exact in every mode: a padded batch gives each sequence the outputs it
-gets alone. The module holds no training logic (losses: ``dist_gru.losses``).
+gets alone. ``initial_state`` and ``step`` run a unidirectional model over a stream, chunk
+by chunk, with the state carried between calls. The module holds no training logic (losses: ``dist_gru.losses``).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +180,8 @@ class SeedGRU(nn.Module):
             )
 
         self.cells = layer_cells()
+        # The time loop; an export swaps in torch.jit.script(seed_scan) so the loop survives tracing.
+        self.scan: Callable = seed_scan
         # Only when bidirectional, so a unidirectional state dict is what it always was.
         if bidirectional:
             self.reverse_cells = layer_cells()
@@ -220,11 +223,11 @@ class SeedGRU(nn.Module):
         for index in range(self.num_layers):
             if index > 0 and self.dropout > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
-            out, h = _seed_layer(self.cells[index], layer_input, h0[directions * index], valid)
+            out, h = _seed_layer(self.cells[index], layer_input, h0[directions * index], valid, self.scan)
             last_states.append(h)
             if self.bidirectional:
                 backward_input = reverse_within_lengths(layer_input, reverse_lengths, time_dim=0)
-                out_b, h_b = _seed_layer(self.reverse_cells[index], backward_input, h0[2 * index + 1], valid)
+                out_b, h_b = _seed_layer(self.reverse_cells[index], backward_input, h0[2 * index + 1], valid, self.scan)
                 out = torch.cat([out, reverse_within_lengths(out_b, reverse_lengths, time_dim=0)], dim=-1)
                 last_states.append(h_b)
             layer_input = out
@@ -238,14 +241,27 @@ class SeedGRU(nn.Module):
         )
 
 
-def _seed_layer(cell: SeedGRUCell, layer_input: Tensor, h: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+def _seed_layer(
+    cell: SeedGRUCell, layer_input: Tensor, h: Tensor, valid: Tensor | None, scan: Callable | None = None
+) -> tuple[Tensor, Tensor]:
     """One direction of one layer over time-major ``layer_input`` [T, B, I] -> ([T, B, H], h_last)."""
     xproj = cell.input_projection(layer_input)
     # Concatenate the recurrent weights once per layer, not once per step.
     u_rz_t, u_h_t = cell.recurrent_weights()
+    return (scan or seed_scan)(xproj, h, u_rz_t, u_h_t, valid)
+
+
+def seed_scan(
+    xproj: Tensor, h: Tensor, u_rz_t: Tensor, u_h_t: Tensor, valid: Optional[Tensor]  # noqa: UP045
+) -> tuple[Tensor, Tensor]:
+    """The seed recurrence over time: ``xproj`` [T, B, 3H], ``h`` [B, H] -> ([T, B, H], h_last).
+
+    Where ``valid[t]`` ([B, 1]) is False the state stays. TorchScript can compile this function
+    (``torch.jit.script``), which keeps the time loop in a traced graph instead of unrolling it.
+    """
     outputs = []
-    for t, xproj_t in enumerate(xproj.unbind(0)):
-        h_new = _seed_step(xproj_t, h, u_rz_t, u_h_t)
+    for t in range(xproj.shape[0]):
+        h_new = _seed_step(xproj[t], h, u_rz_t, u_h_t)
         h = h_new if valid is None else torch.where(valid[t], h_new, h)
         outputs.append(h)
     return torch.stack(outputs), h
@@ -456,6 +472,50 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         within its length. None: packed on a GPU, padded elsewhere. Both are exact; the choice
         exists so the packed path can be checked on a machine without a GPU.
         """
+        x, lengths, moments = self._scale_inputs(x, lengths)
+        if packed is None:
+            packed = x.device.type == "cuda"
+        steps_out, summary = self._encode(x, lengths, packed)
+        return self._head_outputs(steps_out, summary, moments)
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """The state :meth:`step` starts a sequence from: zeros ``[num_layers, batch, hidden_size]``."""
+        if device is None:
+            device = self.input_mean.device
+        return torch.zeros(self.num_layers, batch, self.hidden_size, device=device, dtype=self.input_mean.dtype)
+
+    def step(self, x: Tensor, state: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Streaming inference: the next chunk ``x`` [B, T, F] of every sequence -> ``(outputs, state)``.
+
+        Feeding a sequence chunk by chunk from :meth:`initial_state` gives what ``forward`` gives for
+        the whole sequence: ``step`` heads the outputs of the chunk's steps ``[B, T, ...]``, ``last``
+        and ``forecast`` heads the output of the sequence so far (after each sequence's last valid
+        step of the chunk). ``lengths`` [B] are the valid steps of each sequence in this chunk
+        (at least 1); the returned state is each sequence's state after its last valid step.
+        Unidirectional models only, and not with ``scaling="window"`` (both need the whole sequence).
+        """
+        if self.bidirectional:
+            raise ValueError("step() needs a unidirectional model: a backward direction reads the sequence's end first")
+        if self.scaling == "window":
+            raise ValueError('step() cannot scale per window (scaling="window" needs the whole sequence)')
+        expected = (self.num_layers, x.shape[0], self.hidden_size)
+        if state.shape != expected:
+            raise ValueError(f"state has shape {tuple(state.shape)}, expected {expected} (see initial_state)")
+        x, lengths, moments = self._scale_inputs(x, lengths)
+        state = state.to(x.dtype)
+        if isinstance(self.rnn, SeedGRU):
+            out, state = self._run_rnn(x, state, **({} if lengths is None else {"lengths": lengths}))
+        elif lengths is None:
+            out, state = self._run_rnn(x, state)
+        else:
+            # Every layer's state at each sequence's last valid step: packing gives all of them.
+            packed_x = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            packed_out, state = self._run_rnn(packed_x, state)
+            out = pad_packed_sequence(packed_out, batch_first=True, total_length=x.shape[1])[0]
+        return self._head_outputs(out, state[-1], moments), state
+
+    def _scale_inputs(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None, tuple]:
+        """Checked and scaled inputs: ``(x, lengths or None when nothing is padded, window moments)``."""
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"x must have shape [batch, time, {self.input_size}], got {tuple(x.shape)}")
         batch, steps, _ = x.shape
@@ -465,19 +525,21 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             lengths = _check_lengths(lengths, batch, steps)
             if bool((lengths == steps).all()):
                 lengths = None  # nothing padded: skip the packing overhead
+        moments: tuple = (None, None)
         if self.scaling == "window":
-            loc, scale = _window_moments(x, lengths)
-            x = (x - loc) / scale
+            moments = _window_moments(x, lengths)
+            x = (x - moments[0]) / moments[1]
         if self.rnn_dtype is not None:
             x = x.to(self.rnn_dtype)
-        if packed is None:
-            packed = x.device.type == "cuda"
-        steps_out, summary = self._encode(x, lengths, packed)
+        return x, lengths, moments
+
+    def _head_outputs(self, steps_out: Tensor | None, summary: Tensor, moments: tuple) -> Tensor:
+        """The head over the encoder's outputs, in the output kind's layout and the data's units."""
         dtype = self.head.weight.dtype
         raw = self.head(None if steps_out is None else steps_out.to(dtype), summary.to(dtype))
         out = shape_output(raw, self.output_kind, self.output_size) if self.task == "regression" else raw
         if self.head_kind == "forecast":
-            out = self._target_units(out, *((loc, scale) if self.scaling == "window" else (None, None)))
+            out = self._target_units(out, *moments)
         return out
 
     def _target_units(self, out: Tensor, loc: Tensor | None, scale: Tensor | None) -> Tensor:
@@ -560,13 +622,13 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         weight = getattr(self.rnn, name)
         return weight if self.rnn_dtype is None else weight.to(self.rnn_dtype)
 
-    def _run_rnn(self, inputs: Tensor | PackedSequence, **kwargs: Any) -> tuple[Any, Tensor]:
+    def _run_rnn(self, inputs: Tensor | PackedSequence, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
         if self.rnn_dtype is None:
-            return self.rnn(inputs, **kwargs)
+            return self.rnn(inputs, *args, **kwargs)
         # Low-precision compute on fp32 master weights: the cast is part of the graph, so
         # gradients (and the optimizer state) stay fp32.
         params = {name: p.to(self.rnn_dtype) for name, p in self.rnn.named_parameters()}
-        return functional_call(self.rnn, params, (inputs,), kwargs)
+        return functional_call(self.rnn, params, (inputs, *args), kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         # On a GPU, flatten_parameters() makes the GRU weights views into one cuDNN buffer, which
