@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads_per_process": torch.get_num_threads(),
         **{k: round(v, 4) for k, v in figures.items()},
         "padding_fraction": round(job.sampler.padding_fraction(0), 4),
-        "gru_gflops": round(gflops, 2),
+        "gru_gflops": round(gflops, 4),
         "matmul_gflops": round(ceiling, 2),
         "fraction_of_matmul": round(gflops / ceiling, 4),
         "rounds_samples_per_s": [round(r["samples_per_s"], 1) for r in ours],
