@@ -302,6 +302,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         horizon: int = 0,
         scaling: str = "none",
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -351,6 +352,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
                 )
         elif horizon != 0:
             problems.append(f"horizon={horizon!r} with head={head!r}: only head='forecast' has a horizon (use 0)")
+        if vocab_size is not None:
+            vocab_size = integer("vocab_size", vocab_size, 2)
         if problems:
             raise ValueError("invalid GRUModel arguments: " + "; ".join(problems))
 
@@ -387,6 +390,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "quantiles": list(self.quantiles),
             "horizon": self.horizon,
             "scaling": scaling,
+            "vocab_size": vocab_size,
         }
         signature = inspect.signature(GRUModel.__init__).parameters
         for name, value in extra.items():
@@ -395,6 +399,9 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
                 self._hub_mixin_config[name] = value
 
         # Persistent buffers: saved in model.safetensors, loaded back with the weights.
+        # Token inputs: ids [B, T] through an embedding of input_size (= model.embedding_dim) units.
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, input_size) if vocab_size is not None else None
         self.register_buffer("input_mean", torch.zeros(input_size))
         self.register_buffer("input_std", torch.ones(input_size))
         if cell == "torch":
@@ -448,17 +455,31 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         """One value per channel from ``forward``'s output: the mean (gaussian), the median quantile."""
         return point_forecast(self.spec, output)
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None, packed: bool | None = None) -> Tensor:
-        """``x`` [B, T, F], ``lengths`` [B] (None: all T) -> outputs (see the class docstring).
+    def forward(
+        self, x: Tensor, lengths: Tensor | None = None, packed: bool | None = None, state: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x`` [B, T, F] (token ids [B, T] with ``vocab_size``), ``lengths`` [B] (None: all T) ->
+        outputs (see the class docstring).
 
         ``packed`` chooses how ``nn.GRU`` runs a padded batch: packed (cuDNN's native form), or
         padded on the fused kernel with the backward direction run over each sequence reversed
         within its length. None: packed on a GPU, padded elsewhere. Both are exact; the choice
         exists so the packed path can be checked on a machine without a GPU.
+
+        ``state`` [num_layers, B, H] (stream mode, head ``step``, one direction): the recurrence
+        starts from it, and ``(outputs, state after the last step)`` is returned. A chunk shorter
+        than T is the end of its stream, whose state is never carried on: the padded steps then
+        run on (the outputs at valid steps stay exact, the recurrence being causal).
         """
-        if x.dim() != 3 or x.shape[-1] != self.input_size:
+        if self.embedding is not None:
+            if x.dim() != 2 or x.dtype.is_floating_point:
+                raise ValueError(f"x must be integer token ids of shape [batch, time], got {x.dtype} {tuple(x.shape)}")
+            x = self.embedding(x)
+        elif x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"x must have shape [batch, time, {self.input_size}], got {tuple(x.shape)}")
         batch, steps, _ = x.shape
+        if state is not None:
+            return self._forward_stateful(x, state)
         # Padding is scaled too; harmless, as packing/masking never passes it on.
         x = (x - self.input_mean) / self.input_std
         if lengths is not None:
@@ -479,6 +500,23 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         if self.head_kind == "forecast":
             out = self._target_units(out, *((loc, scale) if self.scaling == "window" else (None, None)))
         return out
+
+    def _forward_stateful(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        expected = (self.num_layers, x.shape[0], self.hidden_size)
+        if self.bidirectional or self.head_kind != "step":
+            raise ValueError("a carried state needs a unidirectional model with head 'step'")
+        if tuple(state.shape) != expected:
+            raise ValueError(f"state has shape {tuple(state.shape)}, expected {expected}")
+        if self.embedding is None:
+            x = (x - self.input_mean) / self.input_std
+        if self.rnn_dtype is not None:
+            x = x.to(self.rnn_dtype)
+        h0 = state.to(x.dtype)
+        out, h_n = self._run_rnn(x, **{"h0" if isinstance(self.rnn, SeedGRU) else "hx": h0})
+        dtype = self.head.weight.dtype
+        raw = self.head(out.to(dtype), None)
+        out = shape_output(raw, self.output_kind, self.output_size) if self.task == "regression" else raw
+        return out, h_n
 
     def _target_units(self, out: Tensor, loc: Tensor | None, scale: Tensor | None) -> Tensor:
         """Map forecast outputs from the scaled units of the target history back to raw units."""
@@ -628,8 +666,9 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         )
     if problems:
         raise ConfigError("the model does not fit the data:\n  " + "\n  ".join(problems))
+    tokens = getattr(dataset, "vocab_size", None) is not None
     return {
-        "input_size": dataset.num_features,
+        "input_size": model.embedding_dim if tokens else dataset.num_features,
         "hidden_size": model.hidden_size,
         "num_layers": model.num_layers,
         "dropout": model.dropout,
@@ -642,4 +681,5 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "quantiles": list(model.quantiles),
         "horizon": data.horizon,
         "scaling": data.scaling,
+        "vocab_size": model.vocab_size if tokens else None,
     }
