@@ -4,6 +4,7 @@
     dist-gru evaluate --model runs/adding/model --data adding
     dist-gru predict  --model runs/adding/model --data data/val --out preds.npy
     dist-gru prepare  --npz arrays.npz --out data/ --task classification --num-classes 3 --val-fraction 0.1
+    dist-gru sample   --model runs/bytes/model --prompt "def " --bytes 200 --temperature 0.8 --seed 0
     dist-gru bench    --compare-bare
     dist-gru plot     runs/adding
 
@@ -30,6 +31,7 @@ COMMANDS = {
     "predict": ("dist_gru.evaluate", "predict_main", "write a saved model's predictions as .npy"),
     "forecast": ("dist_gru.evaluate", "forecast_main", "write the forecast after the end of every series as .npy"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
+    "sample": ("dist_gru.sample", "main", "generate text from a byte-level stream-mode model"),
     "bench": ("dist_gru.bench", "main", "measure training throughput"),
     "plot": ("dist_gru.plot", "main", "draw PNG curves from a run's metrics.jsonl"),
 }
