@@ -37,6 +37,7 @@ O(N) (plus one chunked pass over per-step targets, which are validated on every 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import operator
@@ -126,9 +127,7 @@ def write_sequences(
         "created_by": f"dist_gru {_version()}",
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dataset(path, meta) as staging:
         features = open_memmap(
             staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), num_features)
         )
@@ -145,12 +144,22 @@ def write_sequences(
             del stored
         else:
             np.save(staging / TARGETS_FILE, targets)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dataset(path: Path, meta: dict[str, Any]) -> Iterator[Path]:
+    """A temporary sibling folder to write a dataset's arrays into; on success `meta` is written
+    and the folder renamed to `path` (the write is atomic), on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield staging
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return path
 
 
 def check_destination(path: str | os.PathLike) -> None:

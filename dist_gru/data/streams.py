@@ -35,11 +35,8 @@ baseline (the entropy of the evaluated tokens' own frequencies).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,13 +48,12 @@ from dist_gru.config import Config, ConfigError
 from dist_gru.data.files import (
     FEATURES_FILE,
     FORMAT,
-    META_FILE,
     OFFSETS_FILE,
     DataFormatError,
     SequenceFileDataset,
-    _move_into_place,
     _version,
     check_destination,
+    staged_dataset,
 )
 
 BYTE_VOCAB = 256
@@ -94,16 +90,9 @@ def write_token_stream(path: str | os.PathLike, tokens: np.ndarray, vocab_size: 
         "max_length": len(tokens),
         "created_by": f"dist_gru {_version()}",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dataset(path, meta) as staging:
         np.save(staging / FEATURES_FILE, tokens.astype(dtype).reshape(-1, 1))
         np.save(staging / OFFSETS_FILE, np.array([0, len(tokens)], dtype=np.int64))
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
