@@ -5,7 +5,9 @@
 
 `main` parses, builds, trains and tears down; `train_loop` reads top to bottom. The data position,
 learning rate and RNG state are pure functions of the optimizer step, so a checkpoint (model,
-optimizer, step) is all a resume needs, on any world size that divides the batch.
+optimizer, step) is all a resume needs, on any world size that divides the batch. Stream mode
+(`train.tbptt`, dist_gru.data.streams) adds the one piece of training state that is not a function
+of the step, every lane's carried hidden state, which checkpoints hold indexed by global lane.
 """
 
 from __future__ import annotations
