@@ -6,13 +6,18 @@
     dist-gru bench train.precision=bf16 model.hidden_size=512
     dist-gru bench --config configs/files.yaml data.bucket_by_length=true
     dist-gru bench --inference --model runs/adding/model   # eager vs TorchScript vs onnxruntime
+    dist-gru bench --config configs/files.yaml train.tbptt=100 model.head=step ... --compare-window --checkpoint-every 10
 
 The reference workload: GRU 32 -> 128 x 2 layers, length 100, batch 64 per process,
 fp32. Our loop is measured by running `train.build` + `train.train_loop` themselves (logging every
 `--window` steps, as a user would) and reading the figures they log; warm-up windows are dropped.
 With `--compare-bare`, rounds alternate ours / an independent loop (plain `nn.GRU` + `nn.Linear`, an
 in-memory TensorDataset and a DataLoader, DDP under torchrun: see `run_bare`) so that drifting
-machine load hits both alike, and the ratio compares their median throughput. Prints a table and one JSON line (last line).
+machine load hits both alike, and the ratio compares their median throughput. With `train.tbptt` (stream mode), `--compare-window`
+alternates rounds with the same job in window mode (`data.window` = the chunk length, no carried
+state: the same shapes) and reports the ratio of their median step times; `--checkpoint-every N`
+saves checkpoints, whose lane-state gather is reported (`state_gather_s`) apart from the step time.
+Prints a table and one JSON line (last line).
 """
 
 from __future__ import annotations
@@ -44,14 +49,15 @@ REFERENCE = [
 ]
 
 
-def _bench_config(args: argparse.Namespace, world_size: int, max_steps: int) -> Config:
+def _bench_config(args: argparse.Namespace, world_size: int, max_steps: int, extra: tuple[str, ...] = ()) -> Config:
     base = [] if args.config else REFERENCE + [f"train.global_batch_size={64 * world_size}"]
     forced = [
+        *extra,
         f"train.max_steps={max_steps}",
         f"train.log_every={args.window}",
         "train.eval_every=0",
         f"data.val_size={world_size}",
-        "checkpoint.every=0",
+        f"checkpoint.every={args.checkpoint_every}",
         "train.resume=none",
         f"train.run_dir={args.run_dir}",
         "log.mode=disabled",
@@ -93,11 +99,11 @@ def _sum_over_ranks(value: float) -> float:
     return float(t)
 
 
-def run_ours(args: argparse.Namespace, world_size: int) -> dict:
+def run_ours(args: argparse.Namespace, world_size: int, extra: tuple[str, ...] = ()) -> dict:
     """One round of the real loop; figures from its own metrics (windows after warm-up)."""
     from dist_gru.train import build, train_loop
 
-    cfg = _bench_config(args, world_size, args.warmup + args.steps)
+    cfg = _bench_config(args, world_size, args.warmup + args.steps, extra)
     started = time.perf_counter()
     job = build(cfg)
     startup_s = time.perf_counter() - started
@@ -121,6 +127,7 @@ def run_ours(args: argparse.Namespace, world_size: int) -> dict:
         "data_wait_frac": statistics.mean(m["perf/data_wait_frac"] for m in windows) if windows else float("nan"),
         "peak_rss_mb": windows[-1]["mem/peak_rss_mb"] if windows else float("nan"),
         "startup_s": startup_s,
+        "state_gather_s": job.state_gather_s,
     }
 
 
@@ -233,6 +240,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=5, help="steps per logged window (the loop's log_every)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of ours (and bare) to take medians over")
     parser.add_argument("--compare-bare", action="store_true", help="also time a hand-written PyTorch loop")
+    parser.add_argument(
+        "--compare-window",
+        action="store_true",
+        help="stream mode: also time the same job in window mode (data.window = train.tbptt, no carried state)",
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0 = never)")
     parser.add_argument("--run-dir", default="runs/bench", help="scratch run folder (wiped)")
     parser.add_argument("--make-files", metavar="DIR", help="only write a skewed-length dataset to DIR and exit")
     parser.add_argument("--files-mb", type=float, default=40.0, help="size of --make-files's features in MiB")
@@ -255,12 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(make_skewed_files(args.make_files, args.files_mb)))
         return 0
     rank, _, world_size, _ = launch_world()
-    ours, bare = [], []
+    ours, bare, windowed = [], [], []
     for _ in range(args.rounds):
         if rank == 0:
             shutil.rmtree(args.run_dir, ignore_errors=True)
         result = run_ours(args, world_size)
         ours.append(result)
+        if args.compare_window:
+            chunk = result["cfg"].train.tbptt
+            if chunk is None:
+                raise ConfigError("--compare-window compares stream mode with window mode: set train.tbptt")
+            if rank == 0:
+                shutil.rmtree(args.run_dir, ignore_errors=True)
+            windowed.append(run_ours(args, world_size, ("train.tbptt=null", f"data.window={chunk}")))
         if args.compare_bare:
             job = result["job"]
             bare.append(
@@ -281,12 +301,21 @@ def main(argv: list[str] | None = None) -> int:
         "global_batch_size": cfg.train.global_batch_size,
         "threads_per_process": torch.get_num_threads(),
         **{k: round(v, 4) for k, v in figures.items()},
-        "padding_fraction": round(job.sampler.padding_fraction(0), 4),
+        "padding_fraction": round(job.sampler.padding_fraction(0), 4) if job.lanes is None else 0.0,
         "gru_gflops": round(gflops, 4),
         "matmul_gflops": round(ceiling, 2),
         "fraction_of_matmul": round(gflops / ceiling, 4),
         "rounds_samples_per_s": [round(r["samples_per_s"], 1) for r in ours],
     }
+    if job.lanes is not None:
+        report["tbptt"] = cfg.train.tbptt
+        report["state_gather_s"] = round(statistics.median(r["state_gather_s"] for r in ours), 6)
+        report["checkpoints"] = (args.warmup + args.steps) // args.checkpoint_every if args.checkpoint_every else 0
+    if windowed:
+        report["window_median_step_s"] = round(statistics.median(r["median_step_s"] for r in windowed), 4)
+        report["rounds_window_median_step_s"] = [round(r["median_step_s"], 4) for r in windowed]
+        report["rounds_median_step_s"] = [round(r["median_step_s"], 4) for r in ours]
+        report["stream_vs_window_step_time"] = round(figures["median_step_s"] / report["window_median_step_s"], 4)
     if bare:
         report["bare_samples_per_s"] = round(statistics.median(bare), 2)
         report["rounds_bare_samples_per_s"] = [round(b, 1) for b in bare]

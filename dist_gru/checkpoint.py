@@ -5,6 +5,8 @@ A checkpoint folder holds
     optimizer.pt        the optimizer state, read back with torch.load(weights_only=True): no pickle code
     state.json          step, epoch, samples seen, world size, config digest, model config, task,
                         tracker run id, gradient-scaler state: a person can read it
+    lanes.safetensors   stream mode only: every lane's carried hidden state [lanes, layers, H],
+                        indexed by global lane (its positions are in state.json)
     COMPLETE            written last: size and sha256 of every file above
 
 Only global rank 0 writes (weights and optimizer state are identical on every rank under DDP);
@@ -67,6 +69,7 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 _ASIDE = ".replaced-step-"  # + step + "-" + pid: the old copy of a step being saved again
 _FILES = ("model.safetensors", "optimizer.pt", "state.json")
+LANES_FILE = "lanes.safetensors"  # optional; listed in the marker when present
 PREEMPTED = "PREEMPTED"
 # "Preempted, checkpoint saved: run me again" (sysexits EX_TEMPFAIL), distinct from 0 and from failures.
 EXIT_PREEMPTED = 75
@@ -110,8 +113,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int,
+    lanes: torch.Tensor | None = None,
 ) -> Path:
-    """Write `checkpoints/step-<step>/` atomically and prune to the newest `keep`. Main rank only."""
+    """Write `checkpoints/step-<step>/` atomically and prune to the newest `keep`. Main rank only.
+
+    `lanes`: stream mode's carried state of every lane, written to lanes.safetensors."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -121,9 +127,13 @@ def save_checkpoint(
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2) + "\n")
-    for name in _FILES:
+    files = _FILES
+    if lanes is not None:
+        save_file({"lane_state": lanes.detach().contiguous().cpu()}, tmp / LANES_FILE)
+        files = (*_FILES, LANES_FILE)
+    for name in files:
         _fsync_file(tmp / name)
-    marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _FILES}
+    marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     _fsync_file(tmp / MARKER)
     aside = None
@@ -164,7 +174,7 @@ def verify(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: no {MARKER} marker (an interrupted save?)") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} marker ({exc})") from None
-    for name in _FILES:
+    for name in (*_FILES, *([LANES_FILE] if LANES_FILE in marker else [])):
         file = path / name
         expected = marker.get(name, {})
         if not file.is_file():
@@ -273,6 +283,19 @@ def load_weights(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.opti
         optimizer.load_state_dict(optim_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit this model/optimizer: {exc}") from None
+
+
+def load_lanes(ckpt: Checkpoint) -> torch.Tensor:
+    """Stream mode's lane state [lanes, layers, H] of a checkpoint; CheckpointError if it has none."""
+    file = ckpt.path / LANES_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"checkpoint {ckpt.path}: has no {LANES_FILE} (no carried lane state), so it cannot resume stream mode"
+        )
+    try:
+        return load_file(file)["lane_state"]
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {LANES_FILE} is unreadable ({exc})") from None
 
 
 def mark_preempted(run_dir: Path, checkpoint: Path, step: int, signum: int) -> Path:

@@ -5,6 +5,7 @@
     dist-gru predict  --model runs/adding/model --data data/val --out preds.npy
     dist-gru export   --model runs/adding/model --format onnx --out adding.onnx
     dist-gru prepare  --npz arrays.npz --out data/ --task classification --num-classes 3 --val-fraction 0.1
+    dist-gru sample   --model runs/bytes/model --prompt "def " --bytes 200 --temperature 0.8 --seed 0
     dist-gru bench    --compare-bare
     dist-gru plot     runs/adding
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "forecast": ("dist_gru.evaluate", "forecast_main", "write the forecast after the end of every series as .npy"),
     "export": ("dist_gru.export", "main", "export a saved model to ONNX or TorchScript, checked against its runtime"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
+    "sample": ("dist_gru.sample", "main", "generate text from a byte-level stream-mode model"),
     "bench": ("dist_gru.bench", "main", "measure training throughput"),
     "plot": ("dist_gru.plot", "main", "draw PNG curves from a run's metrics.jsonl"),
 }

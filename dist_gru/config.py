@@ -72,6 +72,14 @@ class ModelConfig(_Section):
         default_factory=lambda: [0.1, 0.5, 0.9],
         description="quantile levels of output=quantile: strictly increasing, each in (0, 1)",
     )
+    vocab_size: int | None = Field(
+        None,
+        ge=2,
+        le=1 << 24,
+        description="inputs are integer token ids in [0, vocab_size) read through an embedding (token streams); "
+        "null = float features",
+    )
+    embedding_dim: int = Field(64, ge=1, le=65536, description="token embedding size (with model.vocab_size)")
 
     @model_validator(mode="after")
     def _quantile_levels(self) -> ModelConfig:
@@ -128,6 +136,11 @@ class DataConfig(_Section):
     )
     bucket_by_length: bool = Field(
         False, description="group sequences of similar length into the same global batch (less padding; deterministic)"
+    )
+    targets: Literal["dataset", "next"] = Field(
+        "dataset",
+        description="stream mode (train.tbptt): dataset (the stored per-step targets) | next (predict the next "
+        "step's features or token)",
     )
 
     @model_validator(mode="after")
@@ -206,6 +219,12 @@ class TrainConfig(_Section):
     record_samples: bool = Field(
         False, description="write the sample ids of every step to run_dir/samples/rank-R.jsonl (audits sharding/resume)"
     )
+    tbptt: int | None = Field(
+        None,
+        ge=1,
+        description="stream mode: chunk length of truncated BPTT; every stored sequence is a stream walked by "
+        "train.global_batch_size lanes whose hidden state carries across chunks; null = off",
+    )
 
     @model_validator(mode="after")
     def _accum_divides_batch(self) -> TrainConfig:
@@ -275,6 +294,7 @@ class Config(_Section):
                 f"data.season={data.season} is longer than data.window={data.window}: the seasonal-naive forecast "
                 "(the MASE baseline) repeats the context's last season, so the context must hold one"
             )
+        problems += stream_problems(self)
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -289,6 +309,44 @@ class Config(_Section):
         """A short hash of the trajectory-defining keys (`trajectory`): equal digests, the same run."""
         blob = json.dumps(trajectory(self.to_dict()), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stream_problems(cfg: Config) -> list[str]:
+    """What stream mode (`train.tbptt`) and token inputs cannot combine with, one message each."""
+    model, data, train = cfg.model, cfg.data, cfg.train
+    problems = []
+    if train.tbptt is None:
+        if data.targets == "next":
+            problems.append("data.targets=next predicts each stream's next step: it needs stream mode (set train.tbptt)")
+        if model.vocab_size is not None:
+            problems.append(
+                f"model.vocab_size={model.vocab_size}: token inputs are streams, trained in stream mode (set train.tbptt)"
+            )
+        return problems
+    tbptt = f"train.tbptt={train.tbptt}"
+    if model.bidirectional:
+        problems.append(
+            f"{tbptt} with model.bidirectional=true: a state carried forward into the next chunk cannot hold the "
+            "backward direction, which reads steps that have not arrived yet (set model.bidirectional=false)"
+        )
+    if model.head != "step":
+        problems.append(
+            f"{tbptt} with model.head={model.head}: stream mode trains an output at every step of every chunk "
+            "(model.head=step)"
+            + ("; a forecast head reads one summary per window, not a carried state" if model.head == "forecast" else "")
+        )
+    if data.window is not None:
+        problems.append(f"{tbptt} with data.window={data.window}: chunks replace windows in stream mode (data.window=null)")
+    if data.name != "files":
+        problems.append(f"{tbptt} with data.name={data.name}: streams are read from dist_gru.seq/v1 folders (data.name=files)")
+    if train.grad_accum_steps != 1:
+        problems.append(
+            f"{tbptt} with train.grad_accum_steps={train.grad_accum_steps}: every lane carries its state to its next "
+            "chunk, one chunk per optimizer step (use train.grad_accum_steps=1)"
+        )
+    if data.scaling != "none":
+        problems.append(f"{tbptt} with data.scaling={data.scaling}: stream mode reads raw inputs (data.scaling=none)")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     dist-gru evaluate --model runs/files/model --data data/val
     dist-gru predict  --model runs/files/model --data data/val --out preds.npy
     dist-gru forecast --model runs/forecast/model --data data/series --out forecast.npy
+    dist-gru evaluate --model runs/bytes/model --data data/bytes/val      # stream mode: bits_per_token
 
 Evaluation runs on every rank over disjoint shards (sample r, r + W, ...), sums per-sample errors in
 float64 and reduces the sums once: every sample counts exactly once, and the metrics equal the
@@ -133,6 +134,13 @@ def _load_for_inference(args: argparse.Namespace, extra: list[str] = ()):
     """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
     model = _load_model(Path(args.model))
     cfg = _inference_config(args, model, list(extra))
+    if cfg.train.tbptt:  # a stream-mode run: its validation data are streams, evaluated chunk by chunk
+        from dist_gru.data.streams import build_stream_dataset
+
+        dataset = build_stream_dataset(cfg, "val")
+        if dataset.vocab_size is None:
+            _check_features(args, model, dataset.num_features)
+        return cfg, model, dataset
     dataset = build_dataset(cfg.data, "val", head=model.head_kind)
     _check_features(args, model, dataset.num_features)
     return cfg, model, dataset
@@ -159,7 +167,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     model = model.to(accelerator.device)
     model.flatten_parameters()
-    metrics = evaluate(model, dataset, accelerator, args.batch_size, season=cfg.data.season)
+    if cfg.train.tbptt:
+        from dist_gru.data.streams import evaluate_streams
+
+        metrics = evaluate_streams(model, dataset, accelerator, cfg.train.global_batch_size, cfg.train.tbptt)
+    else:
+        metrics = evaluate(model, dataset, accelerator, args.batch_size, season=cfg.data.season)
     if accelerator.is_main_process:
         print(json.dumps(metrics), flush=True)
     exit_process(0)
@@ -177,7 +190,12 @@ def predict_main(argv: list[str] | None = None) -> int:
     model = _load_model(Path(args.model))
     # Whole sequences, not training windows: per-step outputs line up with the stored steps.
     extra = ["data.window=null"] if model.head_kind == "step" else []
-    _, model, dataset = _load_for_inference(args, extra)
+    cfg, model, dataset = _load_for_inference(args, extra)
+    if cfg.train.tbptt:
+        raise ConfigError(
+            f"--model {args.model}: a stream-mode model (train.tbptt); dist-gru predict reads whole sequences: use "
+            "dist-gru evaluate (streaming metrics) or dist-gru sample (token streams)"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outputs = predict(model.to(device), dataset, args.batch_size, device)
     if dataset.task == "classification":

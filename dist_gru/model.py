@@ -318,6 +318,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         horizon: int = 0,
         scaling: str = "none",
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -367,6 +368,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
                 )
         elif horizon != 0:
             problems.append(f"horizon={horizon!r} with head={head!r}: only head='forecast' has a horizon (use 0)")
+        if vocab_size is not None:
+            vocab_size = integer("vocab_size", vocab_size, 2)
         if problems:
             raise ValueError("invalid GRUModel arguments: " + "; ".join(problems))
 
@@ -403,6 +406,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "quantiles": list(self.quantiles),
             "horizon": self.horizon,
             "scaling": scaling,
+            "vocab_size": vocab_size,
         }
         signature = inspect.signature(GRUModel.__init__).parameters
         for name, value in extra.items():
@@ -411,6 +415,9 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
                 self._hub_mixin_config[name] = value
 
         # Persistent buffers: saved in model.safetensors, loaded back with the weights.
+        # Token inputs: ids [B, T] through an embedding of input_size (= model.embedding_dim) units.
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, input_size) if vocab_size is not None else None
         self.register_buffer("input_mean", torch.zeros(input_size))
         self.register_buffer("input_std", torch.ones(input_size))
         if cell == "torch":
@@ -464,14 +471,23 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         """One value per channel from ``forward``'s output: the mean (gaussian), the median quantile."""
         return point_forecast(self.spec, output)
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None, packed: bool | None = None) -> Tensor:
-        """``x`` [B, T, F], ``lengths`` [B] (None: all T) -> outputs (see the class docstring).
+    def forward(
+        self, x: Tensor, lengths: Tensor | None = None, packed: bool | None = None, state: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x`` [B, T, F] (token ids [B, T] with ``vocab_size``), ``lengths`` [B] (None: all T) ->
+        outputs (see the class docstring).
 
         ``packed`` chooses how ``nn.GRU`` runs a padded batch: packed (cuDNN's native form), or
         padded on the fused kernel with the backward direction run over each sequence reversed
         within its length. None: packed on a GPU, padded elsewhere. Both are exact; the choice
         exists so the packed path can be checked on a machine without a GPU.
+
+        ``state`` [num_layers, B, H] (stream mode: the trainer calls the model through DDP, so
+        through ``forward``): the same as :meth:`step`, ``(outputs, state after each sequence's
+        last valid step)``.
         """
+        if state is not None:
+            return self.step(x, state, lengths)
         x, lengths, moments = self._scale_inputs(x, lengths)
         if packed is None:
             packed = x.device.type == "cuda"
@@ -516,11 +532,16 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
 
     def _scale_inputs(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None, tuple]:
         """Checked and scaled inputs: ``(x, lengths or None when nothing is padded, window moments)``."""
-        if x.dim() != 3 or x.shape[-1] != self.input_size:
+        if self.embedding is not None:
+            if x.dim() != 2 or x.dtype.is_floating_point:
+                raise ValueError(f"x must be integer token ids of shape [batch, time], got {x.dtype} {tuple(x.shape)}")
+            x = self.embedding(x)
+        elif x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"x must have shape [batch, time, {self.input_size}], got {tuple(x.shape)}")
         batch, steps, _ = x.shape
-        # Padding is scaled too; harmless, as packing/masking never passes it on.
-        x = (x - self.input_mean) / self.input_std
+        if self.embedding is None:  # learned token embeddings need no input scaling
+            # Padding is scaled too; harmless, as packing/masking never passes it on.
+            x = (x - self.input_mean) / self.input_std
         if lengths is not None:
             lengths = _check_lengths(lengths, batch, steps)
             if bool((lengths == steps).all()):
@@ -690,8 +711,9 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         )
     if problems:
         raise ConfigError("the model does not fit the data:\n  " + "\n  ".join(problems))
+    tokens = getattr(dataset, "vocab_size", None) is not None
     return {
-        "input_size": dataset.num_features,
+        "input_size": model.embedding_dim if tokens else dataset.num_features,
         "hidden_size": model.hidden_size,
         "num_layers": model.num_layers,
         "dropout": model.dropout,
@@ -704,4 +726,5 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "quantiles": list(model.quantiles),
         "horizon": data.horizon,
         "scaling": data.scaling,
+        "vocab_size": model.vocab_size if tokens else None,
     }

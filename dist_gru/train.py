@@ -5,7 +5,9 @@
 
 `main` parses, builds, trains and tears down; `train_loop` reads top to bottom. The data position,
 learning rate and RNG state are pure functions of the optimizer step, so a checkpoint (model,
-optimizer, step) is all a resume needs, on any world size that divides the batch.
+optimizer, step) is all a resume needs, on any world size that divides the batch. Stream mode
+(`train.tbptt`, dist_gru.data.streams) adds the one piece of training state that is not a function
+of the step, every lane's carried hidden state, which checkpoints hold indexed by global lane.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dist_gru.data.loading import (
     train_stream,
 )
 from dist_gru.data.moments import moment_sums, moments_from_sums
+from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset, evaluate_streams, lane_stream
 from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
@@ -129,6 +132,8 @@ class Job:
     start_step: int
     preemption: PreemptionFlag
     skipped_steps: int = 0  # fp16 steps the gradient scaler skipped, over the whole run (checkpointed)
+    lanes: LaneState | None = None  # stream mode (train.tbptt): this rank's carried hidden state
+    state_gather_s: float = 0.0  # stream mode: time spent gathering lane state at checkpoints
 
 
 def build(cfg: Config) -> Job:
@@ -146,8 +151,16 @@ def build(cfg: Config) -> Job:
         exit_process(0)  # under a launcher it ends the process here; a single process raises below
         raise SystemExit(0)
 
-    train_set = build_dataset(cfg.data, "train", head=cfg.model.head)
-    val_set = build_dataset(cfg.data, "val", head=cfg.model.head)
+    stream_sampler = None
+    if cfg.train.tbptt:
+        train_set, val_set = build_stream_dataset(cfg, "train"), build_stream_dataset(cfg, "val")
+        # Built before the run folder changes: too many lanes for the data is a user error.
+        stream_sampler = StreamSampler(
+            train_set.lengths, cfg.train.global_batch_size, cfg.train.tbptt, rank, world_size, cfg.train.seed
+        )
+    else:
+        train_set = build_dataset(cfg.data, "train", head=cfg.model.head)
+        val_set = build_dataset(cfg.data, "val", head=cfg.model.head)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model_config = model_kwargs(cfg, train_set)
     model = GRUModel(**model_config)
@@ -160,9 +173,14 @@ def build(cfg: Config) -> Job:
     )
 
     resume = plan.resume
+    lanes = None
+    if stream_sampler is not None:
+        lanes = LaneState(cfg.model.num_layers, stream_sampler.per_rank, cfg.model.hidden_size, accelerator.device)
     if resume is not None:
         ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
         ckpt_lib.load_weights(resume, model, optimizer)
+        if lanes is not None:
+            _load_lanes(resume, lanes, stream_sampler)
     elif cfg.data.scaling == "global":
         model.set_normalization(*_global_moments(train_set, accelerator))
     if accelerator.is_main_process:  # every check has passed: only now does the run folder change
@@ -179,17 +197,20 @@ def build(cfg: Config) -> Job:
     accelerator.unwrap_model(model).flatten_parameters()  # cuDNN wants contiguous weights after moves/loads
     if accelerator.is_main_process:
         print(summary(cfg, accelerator, model, per_rank), flush=True)
-    sampler = TrainBatchSampler(
-        train_set.lengths,
-        micro_batch_size(cfg),
-        cfg.train.grad_accum_steps,
-        rank,
-        world_size,
-        cfg.train.seed,
-        bucket_by_length=cfg.data.bucket_by_length,
-    )
-    workers = loader_workers(cfg.data, accelerator.device)
-    loader = make_loader(train_set, sampler, workers, pin_memory=accelerator.device.type == "cuda")
+    if stream_sampler is not None:
+        sampler, loader = stream_sampler, None  # chunks are read by `lane_stream`, step by step
+    else:
+        sampler = TrainBatchSampler(
+            train_set.lengths,
+            micro_batch_size(cfg),
+            cfg.train.grad_accum_steps,
+            rank,
+            world_size,
+            cfg.train.seed,
+            bucket_by_length=cfg.data.bucket_by_length,
+        )
+        workers = loader_workers(cfg.data, accelerator.device)
+        loader = make_loader(train_set, sampler, workers, pin_memory=accelerator.device.type == "cuda")
     start_step = resume.step if resume else 0
     tracker = make_tracker(cfg, accelerator, run_dir, resume)
     return Job(
@@ -207,7 +228,27 @@ def build(cfg: Config) -> Job:
         start_step,
         preemption,
         skipped_steps=int(resume.state.get("skipped_steps", 0)) if resume else 0,
+        lanes=lanes,
     )
+
+
+def _load_lanes(resume: ckpt_lib.Checkpoint, lanes: LaneState, sampler: StreamSampler) -> None:
+    """This rank's lanes from the checkpoint's state of every lane (saved on any world size); the
+    saved positions must be where this job's sampler puts the lanes at that step."""
+    saved = resume.state.get("lanes") or {}
+    expected = _lane_positions(sampler, resume.step)
+    if saved.get("positions") != expected:
+        raise ckpt_lib.CheckpointError(
+            f"checkpoint {resume.path}: its lanes stand at other stream positions than this job's at step "
+            f"{resume.step} (were the training streams changed?)"
+        )
+    lanes.load(ckpt_lib.load_lanes(resume), sampler.rank_lanes)
+
+
+def _lane_positions(sampler: StreamSampler, step: int) -> list[list[int]]:
+    """[stream, offset] of every lane's chunk at `step` (what a checkpoint of that step records)."""
+    where = sampler.chunks(step)
+    return [[int(i), int(o)] for i, o in zip(where["stream"], where["offset"], strict=True)]
 
 
 def loss_units(job: Job, step: int) -> int:
@@ -236,7 +277,11 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
     """A checkpoint at an optimizer-step boundary. All ranks participate; global rank 0 writes."""
     acc, cfg = job.accelerator, job.cfg
     acc.wait_for_everyone()
-    path = None
+    path = every_lane = None
+    if job.lanes is not None:
+        gather_start = time.perf_counter()
+        every_lane = job.lanes.gather(acc)  # all ranks participate
+        job.state_gather_s += time.perf_counter() - gather_start
     if acc.is_main_process:
         model = acc.unwrap_model(job.model)
         state = {
@@ -251,7 +296,11 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "skipped_steps": job.skipped_steps,
         }
-        path = ckpt_lib.save_checkpoint(job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep)
+        if every_lane is not None:
+            state["lanes"] = {"tbptt": cfg.train.tbptt, "positions": _lane_positions(job.sampler, step)}
+        path = ckpt_lib.save_checkpoint(
+            job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep, lanes=every_lane
+        )
     acc.wait_for_everyone()
     return path
 
@@ -262,7 +311,10 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
     device, world_size = acc.device, acc.num_processes
     spec = acc.unwrap_model(model).spec
     max_steps, accum = cfg.train.max_steps, cfg.train.grad_accum_steps
-    stream = train_stream(job.loader, job.sampler, job.start_step)
+    if job.lanes is not None:
+        stream = lane_stream(job.train_set, job.sampler, job.start_step)
+    else:
+        stream = train_stream(job.loader, job.sampler, job.start_step)
     progress = tqdm(
         total=max_steps,
         initial=job.start_step,
@@ -295,7 +347,12 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             x = batch["x"].to(device, non_blocking=True)
             y = batch["y"].to(device, non_blocking=True)
             with acc.accumulate(model):
-                total, _ = loss_sum(spec, model(x, batch["lengths"]), y, batch["lengths"])
+                if job.lanes is None:
+                    output = model(x, batch["lengths"])
+                else:  # stream mode: start from the lanes' carried state, keep the new one (detached)
+                    output, h_n = model(x, batch["lengths"], state=job.lanes.carried(batch["reset"]))
+                    job.lanes.keep(h_n)
+                total, _ = loss_sum(spec, output, y, batch["lengths"])
                 # Scaled so that DDP's mean over ranks and Accelerate's division by the accumulation
                 # steps leave the mean over every unit of the global batch (see `loss_units`).
                 loss = total.float() * (world_size * accum / units)
@@ -344,6 +401,8 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             }
             if device.type == "cuda":
                 metrics["mem/cuda_max_alloc_mb"] = float(every[:, 5].max())
+            if job.lanes is not None:
+                metrics["perf/state_gather_s"] = job.state_gather_s  # at checkpoints, outside perf/step_time_s
             job.tracker.log(metrics, step=done)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4g}", sps=f"{metrics['perf/samples_per_s']:.0f}")
             if cfg.log.quiet and acc.is_main_process:
@@ -392,15 +451,20 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
 
 
 def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
-    acc = job.accelerator
-    metrics = evaluate(
-        acc.unwrap_model(job.model),
-        job.val_set,
-        acc,
-        job.cfg.train.eval_batch_size,
-        loader_workers(job.cfg.data, acc.device),
-        season=job.cfg.data.season,
-    )
+    acc, cfg = job.accelerator, job.cfg
+    if job.lanes is not None:
+        metrics = evaluate_streams(
+            acc.unwrap_model(job.model), job.val_set, acc, cfg.train.global_batch_size, cfg.train.tbptt
+        )
+    else:
+        metrics = evaluate(
+            acc.unwrap_model(job.model),
+            job.val_set,
+            acc,
+            cfg.train.eval_batch_size,
+            loader_workers(cfg.data, acc.device),
+            season=cfg.data.season,
+        )
     job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if acc.is_main_process:
         shown = " ".join(f"{k}={v:.6g}" for k, v in metrics.items())
@@ -417,6 +481,11 @@ def _print_final(job: Job, final: dict[str, float], checkpoint: Path | None) -> 
         lines.append(f"  final eval accuracy: {final['accuracy']:.4f}")
     if "macro_f1" in final:
         lines.append(f"  final eval macro-F1: {final['macro_f1']:.4f}")
+    if "bits_per_token" in final:
+        lines.append(
+            f"  final eval bits per token: {final['bits_per_token']:.4f} "
+            f"(unigram baseline: {final['unigram_bits_per_token']:.4f})"
+        )
     if "mase" in final:
         lines.append(
             f"  final eval forecast mae: {final['mae']:.6g} (naive: {final['naive_mae']:.6g}, seasonal naive: "

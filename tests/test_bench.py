@@ -147,3 +147,25 @@ def test_the_sweep_covers_both_axes_and_draws_its_table_and_curves(tmp_path):
     assert text.count("\n") == len(rows) + 2 and "| seq_len | 2000 | 2 |" in text
     figure(rows, "t").savefig(tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_stream_mode_against_window_mode_under_torchrun(tmp_path):
+    import numpy as np
+
+    from dist_gru.data.files import write_sequences
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4000, 4)).astype(np.float32), rng.standard_normal((4000, 1)).astype(np.float32)
+    write_sequences(tmp_path / "s", [x], [y], task="regression")
+    args = ["bench", "--run-dir", str(tmp_path / "b"), *SMALL[:8], "--compare-window", "--checkpoint-every", "5"]
+    args += ["model.hidden_size=16", "data.name=files", f"data.train_path={tmp_path / 's'}", "model.head=step"]
+    result = assert_ok(torchrun(2, *args, "train.tbptt=20", "train.global_batch_size=8"))
+    report = _report(result.stdout)
+    print(
+        f"\nMEASURED stream vs window step time {report['stream_vs_window_step_time']}, gather {report['state_gather_s']} s"
+    )
+    assert report["world_size"] == 2 and report["tbptt"] == 20 and report["checkpoints"] == 2
+    assert report["state_gather_s"] > 0 and report["window_median_step_s"] > 0
+    assert report["stream_vs_window_step_time"] == pytest.approx(
+        report["median_step_s"] / report["window_median_step_s"], rel=1e-2
+    )

@@ -15,6 +15,12 @@ A dataset is a directory per split:
 A step dataset (per-step labelling, series to forecast) may have no input features (F = 0): a
 univariate series to forecast is its targets alone.
 
+A token stream (a text as bytes, say) stores integer token ids instead of float features:
+"feature_dtype": "uint8" or "int32", "num_features": 1, "vocab_size": V (every id in [0, V)),
+"task": "classification", "num_classes": V, and "target_kind": "none": there is no targets.npy,
+because such a stream is trained to predict its own next token (`data.targets: next`). Write one
+with `dist_gru.data.streams.write_token_stream` or `dist-gru prepare --text FILE`.
+
 Write one from Python, then train on it:
 
     from dist_gru.data.files import SequenceFileDataset, collate_identity, write_sequences
@@ -31,6 +37,7 @@ O(N) (plus one chunked pass over per-step targets, which are validated on every 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import operator
@@ -59,6 +66,10 @@ __all__ = [
 FORMAT = "dist_gru.seq/v1"
 TASKS = ("regression", "classification")
 TARGET_KINDS = ("sequence", "step")
+# "none": no targets.npy; only token streams (trained on their next token) have none.
+STORED_KINDS = (*TARGET_KINDS, "none")
+FEATURE_DTYPES = ("float32", "uint8", "int32")
+TOKEN_DTYPES = ("uint8", "int32")
 META_FILE, FEATURES_FILE, OFFSETS_FILE, TARGETS_FILE = "meta.json", "features.npy", "offsets.npy", "targets.npy"
 # Chunks of features.npy read by the streaming passes stay below this many values (32 MiB as
 # float64), whatever the number of features.
@@ -116,9 +127,7 @@ def write_sequences(
         "created_by": f"dist_gru {_version()}",
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dataset(path, meta) as staging:
         features = open_memmap(
             staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), num_features)
         )
@@ -135,12 +144,22 @@ def write_sequences(
             del stored
         else:
             np.save(staging / TARGETS_FILE, targets)
+    return path
+
+
+@contextlib.contextmanager
+def staged_dataset(path: Path, meta: dict[str, Any]) -> Iterator[Path]:
+    """A temporary sibling folder to write a dataset's arrays into; on success `meta` is written
+    and the folder renamed to `path` (the write is atomic), on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield staging
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return path
 
 
 def check_destination(path: str | os.PathLike) -> None:
@@ -536,15 +555,41 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         self.num_features: int = self.meta["num_features"]
         self.num_classes: int | None = self.meta.get("num_classes") if self.task == "classification" else None
         self.output_size: int = self.num_classes if self.task == "classification" else self.meta["target_dim"]
+        # Token streams only: ids in [0, vocab_size); None for float features.
+        self.vocab_size: int | None = self.meta.get("vocab_size") if self.meta["feature_dtype"] in TOKEN_DTYPES else None
         self._open(check_contents=True)
 
+    def _check_token_ids(self) -> None:
+        """Every token id in [0, vocab_size), in one chunked pass (a stream is checked like its targets)."""
+        for first, chunk in _chunks(self._feature_rows, 1 << 22):
+            bad = (chunk < 0) | (chunk >= self.vocab_size)
+            if bad.any():
+                row = int(np.argmax(bad.any(axis=1)))
+                seq, step = _locate(self._offsets, first + row)
+                raise DataFormatError(
+                    f"{self.path / FEATURES_FILE}: token id {int(chunk[row, 0])} in sequence {seq} at step {step} "
+                    f"is outside the vocabulary; expected 0 <= id < vocab_size={self.vocab_size}"
+                )
+            self._release_pages()
+
+    def read_span(self, seq: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Steps ``[start, stop)`` of sequence ``seq``: its features (stored dtype, [steps, F]) and
+        per-step targets ([steps, O] or [steps]; None without stored per-step targets). Views of the
+        memory map: the caller copies what it keeps."""
+        self._ensure_open()
+        begin = int(self._offsets[seq])
+        targets = None if self.target_kind != "step" else self._targets.view(np.ndarray)[begin + start : begin + stop]
+        return self._feature_rows[begin + start : begin + stop], targets
     def _open(self, check_contents: bool) -> None:
         meta, n = self.meta, self.meta["num_sequences"]
         rows = meta["total_steps"] if self.target_kind == "step" else n
         targets_shape = (rows,) if self.task == "classification" else (rows, self.output_size)
         targets_dtype = np.int64 if self.task == "classification" else np.float32
-        self._features = _load_array(self.path / FEATURES_FILE, np.float32, (meta["total_steps"], self.num_features))
-        self._targets = _load_array(self.path / TARGETS_FILE, targets_dtype, targets_shape)
+        feature_dtype = np.dtype(meta["feature_dtype"])
+        self._features = _load_array(self.path / FEATURES_FILE, feature_dtype, (meta["total_steps"], self.num_features))
+        self._targets = (
+            None if self.target_kind == "none" else _load_array(self.path / TARGETS_FILE, targets_dtype, targets_shape)
+        )
         offsets_file = self.path / OFFSETS_FILE
         offsets = np.array(_load_array(offsets_file, np.int64, (n + 1,)))  # N + 1 values, read whole
         self._feature_rows = self._features.view(np.ndarray)  # plain view: cheaper to slice than a memmap
@@ -556,7 +601,11 @@ class SequenceFileDataset(torch.utils.data.Dataset):
                 if key in meta and meta[key] != value:
                     raise DataFormatError(f"{self.path / META_FILE}: {key}={meta[key]}, but offsets.npy gives {value}")
             what = f"{self.path / TARGETS_FILE}: targets"
-            if self.target_kind == "step":
+            if self.vocab_size is not None:
+                self._check_token_ids()
+            if self.target_kind == "none":
+                pass
+            elif self.target_kind == "step":
                 for first, chunk in _chunks(self._targets.view(np.ndarray), 1 << 20):
                     _check_step_block(chunk, first, offsets, self.task, self.num_classes, what)
                     self._release_pages()
@@ -597,8 +646,16 @@ class SequenceFileDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for a dataset of {n} sequences")
         return i + n if i < 0 else i
 
+    def _refuse_tokens(self) -> None:
+        if self.target_kind == "none" or self.vocab_size is not None:
+            raise DataFormatError(
+                f"{self.path}: is a token stream (feature_dtype {self.meta['feature_dtype']}, no stored targets); "
+                "it trains in stream mode only: set train.tbptt, data.targets=next and model.vocab_size"
+            )
+
     def __getitem__(self, i: int) -> dict:
         self._ensure_open()
+        self._refuse_tokens()
         i = self._index(i)
         x = np.array(self._feature_rows[self._offsets[i] : self._offsets[i + 1]])
         if self.target_kind == "step":
@@ -612,6 +669,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> dict:
         """One zero-padded batch for `indices` (DataLoader's batched fast path; use `collate_identity`)."""
         self._ensure_open()
+        self._refuse_tokens()
         n = len(self)
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < -n or index.max() >= n):
@@ -719,10 +777,10 @@ def _read_meta(path: Path) -> dict:
         raise DataFormatError(
             f'{meta_file}: "task" is {meta.get("task")!r}; expected one of {", ".join(map(repr, TASKS))}'
         )
-    if meta.get("target_kind", "sequence") not in TARGET_KINDS:
+    if meta.get("target_kind", "sequence") not in STORED_KINDS:
         raise DataFormatError(
             f'{meta_file}: "target_kind" is {meta["target_kind"]!r}; expected one of '
-            f"{', '.join(map(repr, TARGET_KINDS))} (absent means sequence)"
+            f"{', '.join(map(repr, STORED_KINDS))} (absent means sequence)"
         )
     size_key = "num_classes" if meta["task"] == "classification" else "target_dim"
     for key in ("num_sequences", "num_features", size_key, "total_steps"):
@@ -734,8 +792,24 @@ def _read_meta(path: Path) -> dict:
     for key in ("min_length", "max_length"):
         if key in meta and (not _is_int(meta[key]) or meta[key] < 1):
             raise DataFormatError(f'{meta_file}: "{key}" is {meta[key]!r}; expected an integer >= 1')
-    if meta.get("feature_dtype") != "float32":
-        raise DataFormatError(f'{meta_file}: "feature_dtype" is {meta.get("feature_dtype")!r}; expected "float32"')
+    if meta.get("feature_dtype") not in FEATURE_DTYPES:
+        raise DataFormatError(
+            f'{meta_file}: "feature_dtype" is {meta.get("feature_dtype")!r}; expected one of '
+            f"{', '.join(map(repr, FEATURE_DTYPES))}"
+        )
+    if meta["feature_dtype"] in TOKEN_DTYPES:
+        vocab = meta.get("vocab_size")
+        if not _is_int(vocab) or vocab < 2 or meta["num_features"] != 1:
+            raise DataFormatError(
+                f'{meta_file}: "feature_dtype" {meta["feature_dtype"]!r} is a token stream, which needs '
+                f'"num_features": 1 and an integer "vocab_size" >= 2; got num_features={meta["num_features"]!r}, '
+                f"vocab_size={vocab!r}"
+            )
+    elif meta.get("target_kind") == "none":
+        raise DataFormatError(
+            f'{meta_file}: "target_kind" "none" (no targets.npy) is for token streams only; float features need '
+            'per-sequence or per-step targets'
+        )
     if meta["total_steps"] < meta["num_sequences"]:
         raise DataFormatError(
             f'{meta_file}: "total_steps" is {meta["total_steps"]} < "num_sequences" {meta["num_sequences"]}; '

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--csv", type=Path, help="CSV time series with a header row (windows, or --series)")
     source.add_argument("--check", type=Path, metavar="DIR", help="validate DIR (features included), print its meta")
+    source.add_argument(
+        "--text", type=Path, metavar="FILE", help="a file's bytes as one token stream (vocabulary 256; stream mode)"
+    )
     parser.add_argument("--targets", type=Path, help=".npy targets for --features: [N] or [N, O]")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output dataset directory")
     parser.add_argument("--task", choices=TASKS, help="required for --features/--npz; --csv is regression")
@@ -123,6 +126,12 @@ def _run(args: argparse.Namespace) -> dict:
         raise _UsageError("--out DIR is required")
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise _UsageError(f"--val-fraction {args.val_fraction}; expected a number strictly between 0 and 1")
+    if args.text is not None:
+        if args.task is not None or args.num_classes is not None:
+            raise _UsageError("--text writes byte tokens (next-byte prediction over 256 classes): drop --task/--num-classes")
+        from dist_gru.data.streams import prepare_text
+
+        return prepare_text(args.text, args.out, args.val_fraction)
 
     if args.csv is not None and args.series:
         task = args.task or "regression"
