@@ -219,3 +219,13 @@ def load_weights(path: Path) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def save_run(tmp_path: Path, model, config: dict) -> str:
+    """A run folder as training leaves it, for the inference commands: `model/` and `config.yaml`."""
+    import yaml
+
+    run = tmp_path / "run"
+    model.save_pretrained(run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return str(run / "model")
