@@ -196,6 +196,14 @@ class TrainConfig(_Section):
         description="auto (continue run_dir's run, if any) | none (fresh; refuses a run_dir with checkpoints) | "
         "overwrite (remove run_dir's run, then start fresh) | PATH to a checkpoint (README: the run folder)",
     )
+    init_from: str | None = Field(
+        None,
+        description="fine-tune: start from the weights of a model folder (RUN/model) or a checkpoint folder; "
+        "weights only (fresh optimizer, schedule and step), a head of another shape starts anew; not a resume",
+    )
+    freeze: list[Literal["rnn"]] = Field(
+        default_factory=list, description="parts left untrained: [rnn] trains only the head (with train.init_from)"
+    )
     threads: int = Field(
         0,
         ge=0,

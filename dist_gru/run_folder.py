@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from dist_gru import checkpoint as ckpt_lib
+from dist_gru import finetune
 from dist_gru.checkpoint import Checkpoint, CheckpointError
 from dist_gru.config import Config, ConfigError, trajectory
 
@@ -54,6 +55,7 @@ RUN_FILES = (
     "samples",
     "tensorboard",
     "plots",
+    finetune.RECORD,
     "config.yaml",
 )
 _START_OVER = (

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dist_gru import checkpoint as ckpt_lib
-from dist_gru import run_folder
+from dist_gru import finetune, run_folder
 from dist_gru.config import (
     Config,
     OptimConfig,
@@ -151,24 +151,31 @@ def build(cfg: Config) -> Job:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model_config = model_kwargs(cfg, train_set)
     model = GRUModel(**model_config)
+    finetune.freeze(model, cfg.train.freeze)
     optimizer_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         weight_decay=cfg.optim.weight_decay,
     )
 
-    resume = plan.resume
+    resume, init_record = plan.resume, None
     if resume is not None:
         ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
         ckpt_lib.load_weights(resume, model, optimizer)
-    elif cfg.data.scaling == "global":
-        model.set_normalization(*_global_moments(train_set, accelerator))
+    else:
+        if cfg.train.init_from:  # fine-tuning: weights only, everything else as in a fresh run
+            init_record = finetune.init_weights(cfg.train.init_from, model, model_config)
+        if cfg.data.scaling == "global":
+            model.set_normalization(*_global_moments(train_set, accelerator))
     if accelerator.is_main_process:  # every check has passed: only now does the run folder change
         run_folder.commit(plan, cfg, run_dir)
         if resume is not None:
             print(f"dist-gru: resuming from {resume.path} (step {resume.step})", flush=True)
+        if init_record is not None:
+            finetune.write_record(run_dir, init_record, cfg.train.freeze)
+            print(finetune.describe(init_record), flush=True)
     accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
 
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and cfg.train.cpu_bf16 == "gru":
