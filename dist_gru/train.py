@@ -46,6 +46,7 @@ from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
 from dist_gru.runtime import exit_process, make_accelerator, summary
+from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
 from dist_gru.tracking import active_trackers, make_tracker
 
 # Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits
@@ -129,6 +130,7 @@ class Job:
     start_step: int
     preemption: PreemptionFlag
     skipped_steps: int = 0  # fp16 steps the gradient scaler skipped, over the whole run (checkpointed)
+    selection: Selection | None = None  # checkpoint.best and train.early_stopping (checkpointed)
 
 
 def build(cfg: Config) -> Job:
@@ -161,9 +163,12 @@ def build(cfg: Config) -> Job:
     )
 
     resume, init_record = plan.resume, None
+    selection = Selection(cfg)
+    selection.check(eval_metric_names(model, cfg.data.season), val_set is not None)
     if resume is not None:
         ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
         ckpt_lib.load_weights(resume, model, optimizer)
+        selection.load(resume.state.get("selection"))
     else:
         if cfg.train.init_from:  # fine-tuning: weights only, everything else as in a fresh run
             init_record = finetune.init_weights(cfg.train.init_from, model, model_config)
@@ -214,6 +219,7 @@ def build(cfg: Config) -> Job:
         start_step,
         preemption,
         skipped_steps=int(resume.state.get("skipped_steps", 0)) if resume else 0,
+        selection=selection,
     )
 
 
@@ -257,6 +263,7 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             "tracker_run_id": job.tracker.run_id,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "skipped_steps": job.skipped_steps,
+            "selection": job.selection.state(),
         }
         path = ckpt_lib.save_checkpoint(job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep)
     acc.wait_for_everyone()
@@ -285,6 +292,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
     epoch = job.sampler.position(job.start_step)[0]
     metrics: dict[str, float] = {}
     sample_log = _sample_log(job)
+    end_step, final = max_steps, None  # early stopping ends the run sooner, with its evaluation
 
     model.train()
     for step in range(job.start_step, max_steps):
@@ -367,8 +375,12 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         # --- once in a while: evaluate (all ranks participate) ----------------------------------
         if job.val_set is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < max_steps:
             eval_start = time.perf_counter()
-            _evaluate_and_log(job, done)
+            evaluated = _evaluate_and_log(job, done)
+            stop = _select(job, evaluated, done)  # all ranks participate: one decision for all
             interval_start += time.perf_counter() - eval_start  # perf/* measure training steps, not evaluation
+            if stop:
+                end_step, final = done, evaluated
+                break
 
         # --- once in a while: checkpoint (all ranks participate) --------------------------------
         preempted = job.preemption.agreed()
@@ -389,13 +401,37 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
 
     progress.close()
     job.preemption.drain()  # no collective left in flight once the loop is done
-    final_path = save(job, max_steps, epoch)
+    if final is None:
+        # Evaluated before the last checkpoint, so the checkpoint holds the selection state after it.
+        final = _evaluate_and_log(job, max_steps) if job.val_set is not None else {}
+        _select(job, final, max_steps, can_stop=False)
+    final_path = save(job, end_step, epoch)
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(job.run_dir / "model")
-    final = _evaluate_and_log(job, max_steps) if job.val_set is not None else {}
-    if acc.is_main_process:
         _print_final(job, final, final_path)
     return 0, final
+
+
+def _select(job: Job, metrics: dict[str, float], step: int, can_stop: bool = True) -> bool:
+    """Best checkpoint and early stopping after the evaluation at `step`; True: stop now (every rank).
+
+    All ranks participate (the decision is broadcast); global rank 0 writes best/."""
+    selection, acc = job.selection, job.accelerator
+    if selection is None or not selection.active or not metrics:
+        return False
+    new_best, stop = selection.update(metrics, step, acc.device, can_stop)
+    if new_best and acc.is_main_process:
+        path = save_best(job.run_dir, acc.unwrap_model(job.model), selection.best)
+        tqdm.write(f"best {selection.best.metric}={selection.best.value:.6g} at step {step}: {path}")
+    if stop:
+        watch = selection.stopping
+        job.tracker.log(
+            {"early_stopping/stopped": 1, "early_stopping/best": watch.value, "early_stopping/best_step": watch.step},
+            step=step,
+        )
+        if acc.is_main_process:
+            tqdm.write(f"dist-gru: {selection.stopped}")
+    return stop
 
 
 def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
@@ -429,9 +465,17 @@ def _print_final(job: Job, final: dict[str, float], checkpoint: Path | None) -> 
             f"  final eval forecast mae: {final['mae']:.6g} (naive: {final['naive_mae']:.6g}, seasonal naive: "
             f"{final['seasonal_naive_mae']:.6g}), mase {final['mase']:.4g}"
         )
+    selection = job.selection
+    if selection is not None and selection.stopped:
+        lines.append(f"  stopped:      {selection.stopped}")
     lines += [
         f"  run folder:   {job.run_dir}",
         f"  model:        {job.run_dir / 'model'}",
+    ]
+    if selection is not None and selection.best is not None and selection.best.step is not None:
+        best = selection.best
+        lines.append(f"  best model:   {job.run_dir / BEST} ({best.metric} {best.value:.6g} at step {best.step})")
+    lines += [
         f"  checkpoint:   {checkpoint}",
         f"  metrics:      {job.run_dir / 'metrics.jsonl'}",
     ]
