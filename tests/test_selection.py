@@ -101,10 +101,11 @@ def test_a_resumed_run_stops_where_the_uninterrupted_one_does(runs) -> None:
         == json.loads((two / "best" / "best.json").read_text())["step"]
     )
     # 1 process vs 2: the gradient all-reduce sums in another order
-    assert (
-        max_abs_diff(load_weights(cut / "best" / "model.safetensors"), load_weights(two / "best" / "model.safetensors"))
-        < 1e-5
+    difference = max_abs_diff(
+        load_weights(cut / "best" / "model.safetensors"), load_weights(two / "best" / "model.safetensors")
     )
+    print(f"stopped at step {stopped}; best/ resumed on 1 process vs uninterrupted on 2: max abs diff {difference:.2e}")
+    assert difference < 1e-5
 
 
 def test_a_metric_the_model_does_not_log_is_refused_before_anything_is_written(runs) -> None:
