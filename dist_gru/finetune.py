@@ -93,6 +93,7 @@ def init_weights(given: str, model: torch.nn.Module, model_config: dict[str, Any
         f"{key} {_value(source, key)!r} -> {_value(model_config, key)!r}"
         for key in HEAD_KEYS
         if _value(source, key) != _value(model_config, key)
+        and (key != "quantiles" or _value(model_config, "output") == "quantile")  # levels only shape quantile heads
     ]
     parts = ("rnn.",) if head_changes else ("rnn.", "head.")
     own = {name: t for name, t in model.state_dict().items() if name.startswith(parts)}
@@ -128,10 +129,11 @@ def freeze(model: torch.nn.Module, parts: list[str]) -> None:
 def describe(record: dict[str, Any]) -> str:
     """The one line printed when a fine-tuning run starts."""
     source = f"{record['kind']} {record['init_from']}" + (f" (step {record['step']})" if record["step"] else "")
-    head = (
-        f"head re-initialised ({record['head_reinitialised']})" if record["head_reinitialised"] else "head loaded too"
-    )
-    return f"dist-gru: train.init_from: weights from {source}: {', '.join(record['loaded'])} loaded; {head}"
+    if record["head_reinitialised"]:
+        loaded = f"rnn loaded; head re-initialised ({record['head_reinitialised']})"
+    else:
+        loaded = "rnn and head loaded"
+    return f"dist-gru: train.init_from: weights from {source}: {loaded}"
 
 
 def write_record(run_dir: Path, record: dict[str, Any], frozen: list[str]) -> None:

@@ -18,8 +18,11 @@ import pytest
 import torch
 from conftest import PY, assert_ok, cli, load_weights, read_metrics, run_all
 
+from dist_gru import finetune
+from dist_gru.checkpoint import save_checkpoint
 from dist_gru.data import write_sequences
 from dist_gru.data.synthetic import SYNTHETIC
+from dist_gru.model import GRUModel
 
 SMALL = [
     "model.hidden_size=32",
@@ -130,3 +133,27 @@ def test_bad_init_from_is_one_clear_error_and_writes_nothing(pretrained, tmp_pat
         in wrong_path.stderr
     )
     assert not other_input.exists() and not not_a_model.exists()
+
+
+def test_init_from_a_checkpoint_loads_the_head_too_when_it_means_the_same(tmp_path) -> None:
+    torch.manual_seed(1)
+    source = GRUModel(2, 8)
+    state = {"task": "regression", "model_config": {"input_size": 2, "hidden_size": 8, "num_layers": 1}}
+    path = save_checkpoint(tmp_path, 5, source, torch.optim.AdamW(source.parameters()), state, keep=1)
+    torch.manual_seed(2)
+    target = GRUModel(2, 8)
+    target.set_normalization([1.0, 2.0], [3.0, 4.0])
+    record = finetune.init_weights(str(path), target, {"input_size": 2, "hidden_size": 8, "task": "regression"})
+    assert (record["kind"], record["step"], record["loaded"], record["head_reinitialised"]) == (
+        "checkpoint",
+        5,
+        ["rnn", "head"],
+        None,
+    )
+    assert (
+        finetune.describe(record)
+        == f"dist-gru: train.init_from: weights from checkpoint {path} (step 5): rnn and head loaded"
+    )
+    ours, theirs = target.state_dict(), source.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith(("rnn.", "head.")))
+    assert ours["input_mean"].tolist() == [1.0, 2.0]  # the scaling is this job's own
