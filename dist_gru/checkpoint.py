@@ -136,22 +136,29 @@ def save_checkpoint(
     marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     _fsync_file(tmp / MARKER)
-    aside = None
-    if final.exists():
-        # A re-save of the same step (a signal right after a periodic save, a run completed at its
-        # last step). A folder cannot be renamed onto a non-empty one, and deleting the old one first
-        # would leave no checkpoint at all for a moment (the only one, with checkpoint.keep=1). So the
-        # old one moves aside under a name `list_checkpoints` still finds, then the new one takes its
-        # place: a crash at any point leaves a complete checkpoint of this step.
-        aside = root / f"{_ASIDE}{step:06d}-{os.getpid()}"
-        os.replace(final, aside)
-        _fsync_dir(root)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    if aside is not None:
-        shutil.rmtree(aside)
+    # A re-save of the same step (a signal right after a periodic save, a run completed at its last
+    # step) moves the old folder aside under a name `list_checkpoints` still finds: a crash at any
+    # point leaves a complete checkpoint of this step.
+    replace_folder(tmp, final, root / f"{_ASIDE}{step:06d}-{os.getpid()}")
     prune(run_dir, keep, newest=final)
     return final
+
+
+def replace_folder(tmp: Path, final: Path, aside: Path) -> None:
+    """Rename the complete folder `tmp` to `final`, durably, replacing any folder there.
+
+    A folder cannot be renamed onto a non-empty one, and deleting the old one first would leave
+    none for a moment; so the old one is renamed to `aside` first and deleted only once the new
+    one is in place."""
+    moved = False
+    if final.exists():
+        os.replace(final, aside)
+        _fsync_dir(final.parent)
+        moved = True
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if moved:
+        shutil.rmtree(aside)
 
 
 def _fsync_dir(path: Path) -> None:

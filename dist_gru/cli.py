@@ -29,7 +29,7 @@ import traceback
 COMMANDS = {
     "train": ("dist_gru.train", "main", "train a model"),
     "evaluate": ("dist_gru.evaluate", "evaluate_main", "print metrics of a saved model as one JSON line"),
-    "predict": ("dist_gru.evaluate", "predict_main", "write a saved model's predictions as .npy"),
+    "predict": ("dist_gru.predict", "predict_main", "write a saved model's predictions as .npy (torchrun: sharded)"),
     "forecast": ("dist_gru.evaluate", "forecast_main", "write the forecast after the end of every series as .npy"),
     "export": ("dist_gru.export", "main", "export a saved model to ONNX or TorchScript, checked against its runtime"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),

@@ -186,6 +186,17 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="clip the global gradient norm to this (0 = no clipping)")
 
 
+class EarlyStoppingConfig(_Section):
+    metric: str | None = Field(
+        None, description="logged eval metric to watch, e.g. eval/loss or eval/accuracy; null = never stop early"
+    )
+    patience: int = Field(3, ge=1, description="evaluations in a row without improvement before all ranks stop")
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="min | max | auto (max for accuracy and macro_f1, min for every other metric)"
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="an evaluation improves only by more than this")
+
+
 class TrainConfig(_Section):
     global_batch_size: int = Field(
         64, ge=1, description="samples per optimizer step, summed over all ranks and micro-batches"
@@ -208,6 +219,18 @@ class TrainConfig(_Section):
         "auto",
         description="auto (continue run_dir's run, if any) | none (fresh; refuses a run_dir with checkpoints) | "
         "overwrite (remove run_dir's run, then start fresh) | PATH to a checkpoint (README: the run folder)",
+    )
+    init_from: str | None = Field(
+        None,
+        description="fine-tune: start from the weights of a model folder (RUN/model) or a checkpoint folder; "
+        "weights only (fresh optimizer, schedule and step), a head of another shape starts anew; not a resume",
+    )
+    freeze: list[Literal["rnn"]] = Field(
+        default_factory=list, description="parts left untrained: [rnn] trains only the head (with train.init_from)"
+    )
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig,
+        description="stop when early_stopping.metric has not improved for early_stopping.patience evaluations",
     )
     threads: int = Field(
         0,
@@ -239,6 +262,14 @@ class TrainConfig(_Section):
 class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="save a checkpoint every N steps (0 = only at the end and on a signal)")
     keep: int = Field(3, ge=1, description="keep the newest K complete checkpoints")
+    best: str | None = Field(
+        None,
+        description="keep the model of the best evaluation by this logged eval metric (e.g. eval/loss) in "
+        "run_dir/best/, besides model/; null = no best/",
+    )
+    best_mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="min | max | auto (max for accuracy and macro_f1, min for every other metric)"
+    )
     signals: list[Literal["SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"]] = Field(
         default_factory=lambda: ["SIGUSR1", "SIGTERM"],
         description="signals that make all ranks checkpoint and exit with the preemption code",
@@ -295,6 +326,18 @@ class Config(_Section):
                 "(the MASE baseline) repeats the context's last season, so the context must hold one"
             )
         problems += stream_problems(self)
+        stopping = self.train.early_stopping
+        if stopping.metric is not None and not self.train.eval_every:
+            problems.append(
+                f"train.early_stopping.metric={stopping.metric!r} decides at evaluations, but train.eval_every=0 "
+                "evaluates only at the end: set train.eval_every (e.g. 100)"
+            )
+        for key, metric in (
+            ("train.early_stopping.metric", stopping.metric),
+            ("checkpoint.best", self.checkpoint.best),
+        ):
+            if metric is not None and not metric.startswith("eval/"):
+                problems.append(f"{key}={metric!r}: expected a logged eval metric, e.g. eval/loss or eval/accuracy")
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
@@ -357,7 +400,8 @@ TRAJECTORY_SECTIONS = ("model", "data", "optim", "train")
 # validation split and how often it is evaluated, logging, loader workers, threads, kernels chosen
 # for determinism (like the world size, they change the summation order, not the computation), the
 # sample audit, where the run lives and how it resumes, and the horizon (`train.max_steps` may be
-# raised to continue a finished run; the cosine schedule then follows the new horizon). Every other
+# raised to continue a finished run; the cosine schedule then follows the new horizon; early
+# stopping only chooses where the run ends). Every other
 # key of the four sections defines the trajectory, including keys added later, so a new field is
 # safe by default; the `checkpoint` and `log` sections never do.
 NOT_TRAJECTORY = frozenset(
@@ -374,6 +418,7 @@ NOT_TRAJECTORY = frozenset(
         "train.threads",
         "train.deterministic",
         "train.record_samples",
+        "train.early_stopping",
     }
 )
 
@@ -495,6 +540,8 @@ def help_text() -> str:
         lines.append(f"\n  {section}:")
         for name, sub in model.model_fields.items():
             default = sub.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
             lines.append(f"    {section}.{name} = {json.dumps(default)}")
             lines.append(f"        {sub.description}")
     return "\n".join(lines)

@@ -1,8 +1,7 @@
-"""Evaluation, prediction and forecasting, shared by training and the `evaluate` / `predict` / `forecast` commands.
+"""Evaluation and forecasting, shared by training and the `evaluate` / `forecast` commands (and `predict`).
 
     dist-gru evaluate --model runs/adding/model --data adding
     dist-gru evaluate --model runs/files/model --data data/val
-    dist-gru predict  --model runs/files/model --data data/val --out preds.npy
     dist-gru forecast --model runs/forecast/model --data data/series --out forecast.npy
     dist-gru evaluate --model runs/bytes/model --data data/bytes/val      # stream mode: bits_per_token
 
@@ -18,7 +17,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -72,25 +70,6 @@ def evaluate(
     reduced = accelerator.reduce(sums.sums, reduction="sum")  # all ranks participate
     model.train(was_training)
     return sums.results(reduced)
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> np.ndarray:
-    """Model outputs for every sample, in dataset order (one process).
-
-    Head `step`: the outputs of every valid step, sequences concatenated along time, so row k
-    lines up with row k of the samples' concatenated steps ([total_steps, ...]); other heads: one
-    row per sample."""
-    model.eval()
-    outputs = []
-    for batch in make_loader(dataset, eval_batches(len(dataset), batch_size, 0, 1), 0):
-        x, lengths, _ = _batch_to(batch, device)
-        out = model(x, lengths).float().cpu()
-        if model.head_kind == "step":
-            outputs += [out[i, :length] for i, length in enumerate(lengths.tolist())]
-        else:
-            outputs.append(out)
-    return torch.cat(outputs).numpy()
 
 
 def _load_model(model_dir: Path):
@@ -176,39 +155,6 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         print(json.dumps(metrics), flush=True)
     exit_process(0)
-    return 0
-
-
-def predict_main(argv: list[str] | None = None) -> int:
-    """`dist-gru predict`: writes model outputs for every sample as .npy (dataset order).
-
-    A step model reads whole sequences and writes one row per step aligned with the data's
-    features, plus `<out>.offsets.npy` (sequence i is rows offsets[i]:offsets[i + 1])."""
-    parser = _parser("dist-gru predict")
-    parser.add_argument("--out", required=True, help="output .npy path")
-    args = parser.parse_intermixed_args(argv)
-    model = _load_model(Path(args.model))
-    # Whole sequences, not training windows: per-step outputs line up with the stored steps.
-    extra = ["data.window=null"] if model.head_kind == "step" else []
-    cfg, model, dataset = _load_for_inference(args, extra)
-    if cfg.train.tbptt:
-        raise ConfigError(
-            f"--model {args.model}: a stream-mode model (train.tbptt); dist-gru predict reads whole sequences: use "
-            "dist-gru evaluate (streaming metrics) or dist-gru sample (token streams)"
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    outputs = predict(model.to(device), dataset, args.batch_size, device)
-    if dataset.task == "classification":
-        outputs = outputs.argmax(-1)
-    out = Path(args.out)
-    written: dict[str, Any] = {"out": str(out), "shape": list(outputs.shape)}
-    if model.head_kind == "step":
-        offsets = np.concatenate([[0], np.cumsum(np.asarray(dataset.lengths, dtype=np.int64))])
-        offsets_path = out.with_name(out.name.removesuffix(".npy") + ".offsets.npy")
-        np.save(offsets_path, offsets)
-        written["offsets"] = str(offsets_path)
-    np.save(out, outputs)
-    print(json.dumps(written), file=sys.stdout)
     return 0
 
 

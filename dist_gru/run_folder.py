@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from dist_gru import checkpoint as ckpt_lib
+from dist_gru import finetune
 from dist_gru.checkpoint import Checkpoint, CheckpointError
 from dist_gru.config import Config, ConfigError, trajectory
 
@@ -54,6 +55,8 @@ RUN_FILES = (
     "samples",
     "tensorboard",
     "plots",
+    "best",
+    finetune.RECORD,
     "config.yaml",
 )
 _START_OVER = (
@@ -178,6 +181,17 @@ def decide(cfg: Config, run_dir: Path) -> Plan:
                 f"dist-gru: {run_dir} holds a finished run: checkpoint {chosen.path} is at train.max_steps="
                 f"{max_steps} and {run_dir / 'model'} holds its weights. Nothing to do, nothing written. "
                 f"A larger train.max_steps continues it; to train it again, {_START_OVER}."
+            ),
+        )
+    stopped = (chosen.state.get("selection") or {}).get("stopped")
+    if stopped and _model_is_from(run_dir, chosen):
+        return Plan(
+            resume=chosen,
+            finished=True,
+            message=(
+                f"dist-gru: {run_dir} holds a finished run: it ended at checkpoint {chosen.path} ({stopped}) and "
+                f"{run_dir / 'model'} holds its weights. Nothing to do, nothing written. To train on from its "
+                f"weights, start a new run with train.init_from={run_dir / 'model'}; to train it again, {_START_OVER}."
             ),
         )
     return Plan(resume=chosen)

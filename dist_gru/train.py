@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dist_gru import checkpoint as ckpt_lib
-from dist_gru import run_folder
+from dist_gru import finetune, run_folder
 from dist_gru.config import (
     Config,
     OptimConfig,
@@ -49,6 +49,7 @@ from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
 from dist_gru.runtime import exit_process, make_accelerator, summary
+from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
 from dist_gru.tracking import active_trackers, make_tracker
 
 # Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits
@@ -134,6 +135,7 @@ class Job:
     skipped_steps: int = 0  # fp16 steps the gradient scaler skipped, over the whole run (checkpointed)
     lanes: LaneState | None = None  # stream mode (train.tbptt): this rank's carried hidden state
     state_gather_s: float = 0.0  # stream mode: time spent gathering lane state at checkpoints
+    selection: Selection | None = None  # checkpoint.best and train.early_stopping (checkpointed)
 
 
 def build(cfg: Config) -> Job:
@@ -164,15 +166,18 @@ def build(cfg: Config) -> Job:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model_config = model_kwargs(cfg, train_set)
     model = GRUModel(**model_config)
+    finetune.freeze(model, cfg.train.freeze)
     optimizer_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         weight_decay=cfg.optim.weight_decay,
     )
 
-    resume = plan.resume
+    resume, init_record = plan.resume, None
+    selection = Selection(cfg)
+    selection.check(eval_metric_names(model, cfg.data.season, tokens=cfg.model.vocab_size is not None), val_set is not None)
     lanes = None
     if stream_sampler is not None:
         lanes = LaneState(cfg.model.num_layers, stream_sampler.per_rank, cfg.model.hidden_size, accelerator.device)
@@ -181,12 +186,19 @@ def build(cfg: Config) -> Job:
         ckpt_lib.load_weights(resume, model, optimizer)
         if lanes is not None:
             _load_lanes(resume, lanes, stream_sampler)
-    elif cfg.data.scaling == "global":
-        model.set_normalization(*_global_moments(train_set, accelerator))
+        selection.load(resume.state.get("selection"))
+    else:
+        if cfg.train.init_from:  # fine-tuning: weights only, everything else as in a fresh run
+            init_record = finetune.init_weights(cfg.train.init_from, model, model_config)
+        if cfg.data.scaling == "global":
+            model.set_normalization(*_global_moments(train_set, accelerator))
     if accelerator.is_main_process:  # every check has passed: only now does the run folder change
         run_folder.commit(plan, cfg, run_dir)
         if resume is not None:
             print(f"dist-gru: resuming from {resume.path} (step {resume.step})", flush=True)
+        if init_record is not None:
+            finetune.write_record(run_dir, init_record, cfg.train.freeze)
+            print(finetune.describe(init_record), flush=True)
     accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
 
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and cfg.train.cpu_bf16 == "gru":
@@ -229,6 +241,7 @@ def build(cfg: Config) -> Job:
         preemption,
         skipped_steps=int(resume.state.get("skipped_steps", 0)) if resume else 0,
         lanes=lanes,
+        selection=selection,
     )
 
 
@@ -295,6 +308,7 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             "tracker_run_id": job.tracker.run_id,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "skipped_steps": job.skipped_steps,
+            "selection": job.selection.state(),
         }
         if every_lane is not None:
             state["lanes"] = {"tbptt": cfg.train.tbptt, "positions": _lane_positions(job.sampler, step)}
@@ -330,6 +344,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
     epoch = job.sampler.position(job.start_step)[0]
     metrics: dict[str, float] = {}
     sample_log = _sample_log(job)
+    end_step, final = max_steps, None  # early stopping ends the run sooner, with its evaluation
 
     model.train()
     for step in range(job.start_step, max_steps):
@@ -419,8 +434,12 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         # --- once in a while: evaluate (all ranks participate) ----------------------------------
         if job.val_set is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < max_steps:
             eval_start = time.perf_counter()
-            _evaluate_and_log(job, done)
+            evaluated = _evaluate_and_log(job, done)
+            stop = _select(job, evaluated, done)  # all ranks participate: one decision for all
             interval_start += time.perf_counter() - eval_start  # perf/* measure training steps, not evaluation
+            if stop:
+                end_step, final = done, evaluated
+                break
 
         # --- once in a while: checkpoint (all ranks participate) --------------------------------
         preempted = job.preemption.agreed()
@@ -441,13 +460,37 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
 
     progress.close()
     job.preemption.drain()  # no collective left in flight once the loop is done
-    final_path = save(job, max_steps, epoch)
+    if final is None:
+        # Evaluated before the last checkpoint, so the checkpoint holds the selection state after it.
+        final = _evaluate_and_log(job, max_steps) if job.val_set is not None else {}
+        _select(job, final, max_steps, can_stop=False)
+    final_path = save(job, end_step, epoch)
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(job.run_dir / "model")
-    final = _evaluate_and_log(job, max_steps) if job.val_set is not None else {}
-    if acc.is_main_process:
         _print_final(job, final, final_path)
     return 0, final
+
+
+def _select(job: Job, metrics: dict[str, float], step: int, can_stop: bool = True) -> bool:
+    """Best checkpoint and early stopping after the evaluation at `step`; True: stop now (every rank).
+
+    All ranks participate (the decision is broadcast); global rank 0 writes best/."""
+    selection, acc = job.selection, job.accelerator
+    if selection is None or not selection.active or not metrics:
+        return False
+    new_best, stop = selection.update(metrics, step, acc.device, can_stop)
+    if new_best and acc.is_main_process:
+        path = save_best(job.run_dir, acc.unwrap_model(job.model), selection.best)
+        tqdm.write(f"best {selection.best.metric}={selection.best.value:.6g} at step {step}: {path}")
+    if stop:
+        watch = selection.stopping
+        job.tracker.log(
+            {"early_stopping/stopped": 1, "early_stopping/best": watch.value, "early_stopping/best_step": watch.step},
+            step=step,
+        )
+        if acc.is_main_process:
+            tqdm.write(f"dist-gru: {selection.stopped}")
+    return stop
 
 
 def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
@@ -491,9 +534,17 @@ def _print_final(job: Job, final: dict[str, float], checkpoint: Path | None) -> 
             f"  final eval forecast mae: {final['mae']:.6g} (naive: {final['naive_mae']:.6g}, seasonal naive: "
             f"{final['seasonal_naive_mae']:.6g}), mase {final['mase']:.4g}"
         )
+    selection = job.selection
+    if selection is not None and selection.stopped:
+        lines.append(f"  stopped:      {selection.stopped}")
     lines += [
         f"  run folder:   {job.run_dir}",
         f"  model:        {job.run_dir / 'model'}",
+    ]
+    if selection is not None and selection.best is not None and selection.best.step is not None:
+        best = selection.best
+        lines.append(f"  best model:   {job.run_dir / BEST} ({best.metric} {best.value:.6g} at step {best.step})")
+    lines += [
         f"  checkpoint:   {checkpoint}",
         f"  metrics:      {job.run_dir / 'metrics.jsonl'}",
     ]

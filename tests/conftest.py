@@ -221,6 +221,16 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def save_run(tmp_path: Path, model, config: dict) -> str:
+    """A run folder as training leaves it, for the inference commands: `model/` and `config.yaml`."""
+    import yaml
+
+    run = tmp_path / "run"
+    model.save_pretrained(run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return str(run / "model")
+
+
 # `make test` runs the suite in two pytest-xdist workers: most of a test's time is process start-up,
 # rendezvous and waiting on a scheduler, not both cores computing, so two at once fill the machine.
 # Each file stays on one worker (its module fixtures, such as the baseline runs, are made once), and

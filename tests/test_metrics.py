@@ -10,8 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import assert_ok, cli
+from conftest import assert_ok, cli, save_run
 
 from dist_gru import cli as dist_gru_cli
 from dist_gru.data import write_sequences
@@ -136,13 +135,6 @@ def _series(tmp_path, lengths: list[int], channels: int = 1):
     return features, targets
 
 
-def _save_run(tmp_path, model: GRUModel, config: dict) -> str:
-    run = tmp_path / "run"
-    model.save_pretrained(run / "model")
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    return str(run / "model")
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """The real `dist-gru` entry point in this process (commands that build no Accelerator)."""
     capsys.readouterr()
@@ -157,7 +149,7 @@ def test_forecast_command_forecasts_after_the_end_of_every_series(tmp_path, caps
     torch.manual_seed(0)
     model = GRUModel(3, 8, head="forecast", horizon=3, output="quantile", scaling="window").eval()
     config = {"model": {"head": "forecast", "output": "quantile"}, "data": {"window": 6, "horizon": 3}}
-    model_dir = _save_run(tmp_path, model, config)
+    model_dir = save_run(tmp_path, model, config)
     out = tmp_path / "forecast.npy"
     code, written, _ = run_cli(
         capsys, "forecast", "--model", model_dir, "--data", str(tmp_path / "series"), "--out", str(out)
@@ -174,7 +166,7 @@ def test_forecast_command_forecasts_after_the_end_of_every_series(tmp_path, caps
 def test_forecast_command_refuses_bad_input_and_writes_nothing(tmp_path, capsys) -> None:
     _series(tmp_path, [9, 4])
     forecaster = GRUModel(3, 8, head="forecast", horizon=2)
-    model_dir = _save_run(tmp_path, forecaster, {"model": {"head": "forecast"}, "data": {"window": 6, "horizon": 2}})
+    model_dir = save_run(tmp_path, forecaster, {"model": {"head": "forecast"}, "data": {"window": 6, "horizon": 2}})
     out = tmp_path / "forecast.npy"
     code, _, err = run_cli(
         capsys, "forecast", "--model", model_dir, "--data", str(tmp_path / "series"), "--out", str(out)
@@ -198,7 +190,7 @@ def test_predict_and_evaluate_a_step_model_on_whole_sequences(tmp_path, capsys) 
     write_sequences(tmp_path / "val", features, labels, task="classification", num_classes=3)
     torch.manual_seed(0)
     model = GRUModel(3, 8, task="classification", output_size=3, head="step", bidirectional=True).eval()
-    model_dir = _save_run(tmp_path, model, {"model": {"head": "step", "bidirectional": True}})
+    model_dir = save_run(tmp_path, model, {"model": {"head": "step", "bidirectional": True}})
     out = tmp_path / "pred.npy"
     code, written, _ = run_cli(
         capsys, "predict", "--model", model_dir, "--data", str(tmp_path / "val"), "--out", str(out)

@@ -195,6 +195,17 @@ def eval_batches(num_samples: int, batch_size: int, rank: int, world_size: int) 
     )
 
 
+def predict_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """Contiguous batches of the dataset order, batch k on rank k mod W: every sample exactly once.
+
+    Unlike `eval_batches` (strided shards), every batch holds the same samples on any world size,
+    so a model's outputs, which can depend on the batch a sample is computed in (its padding, the
+    kernels' blocking by batch size), are bitwise the same as in one process; and each batch is one
+    contiguous block of rows of the output."""
+    starts = range(rank * batch_size, num_samples, world_size * batch_size)
+    return [list(range(start, min(start + batch_size, num_samples))) for start in starts]
+
+
 def loader_workers(cfg: DataConfig, device: torch.device) -> int:
     """Background loader processes: as configured, else 2 on a GPU (keeps it fed) and 0 on a CPU,
     where every core already trains and a worker would only compete with it."""

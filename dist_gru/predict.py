@@ -1,0 +1,155 @@
+"""`dist-gru predict`: a saved model's outputs for every sample, in one process or under torchrun.
+
+    dist-gru predict --model runs/files/model --data data/val --out preds.npy
+    dist-gru predict --model runs/files/model --data data/val --out probs.npy --probabilities
+    torchrun --nproc-per-node 2 -m dist_gru predict --model runs/files/model --data data/val --out preds.npy
+
+The output is one `.npy` in dataset order, written once: global rank 0 creates it under a
+temporary name with its final shape, every rank opens it as a memory map and writes the rows of
+its own batches, and after a barrier rank 0 renames it into place. No rank holds the whole output
+or reads the whole dataset. The batches are contiguous runs of the dataset order, batch k on rank
+k mod W (`predict_batches`): a batch holds the same samples, padded the same way, on any world
+size, so the file equals the 1-process one byte for byte (with equal per-process thread counts).
+The file must be on storage every rank can write (one node, or a shared file system).
+
+What a row holds, by model:
+- classification: the predicted label (int64), or with `--probabilities` the class probabilities
+  (float32 [C], a softmax of the logits);
+- regression: the outputs as `GRUModel.forward` gives them (float32): values [O], gaussian
+  (mean, scale) [O, 2], quantiles [O, Q] (levels in the JSON line), forecasts [horizon, ...];
+- head `step`: one row per valid step, sequences concatenated along time, and
+  `<out>.offsets.npy` (sequence i is rows offsets[i]:offsets[i + 1]).
+The last line of stdout is JSON: the file, its shape and dtype, what the last axes mean, and the
+throughput (`samples_per_s`, all ranks together, over the forward passes and the writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_gru.config import ConfigError
+from dist_gru.data.loading import make_loader, predict_batches
+from dist_gru.evaluate import _batch_to, _load_for_inference, _load_model, _parser
+
+
+def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
+    """(shape of one row, dtype, description of the last axes) of the model's predictions.
+
+    The shape comes from one forward pass over a single zero step, so it follows whatever the head
+    and output kind produce without restating their layouts here."""
+    with torch.no_grad():
+        probe = model(torch.zeros(1, 1, model.input_size), torch.ones(1, dtype=torch.int64))
+    trailing = tuple(probe.shape[2:] if model.head_kind == "step" else probe.shape[1:])
+    if model.task == "classification":
+        if probabilities:
+            return trailing, np.dtype(np.float32), {"values": "class probabilities"}
+        return trailing[:-1], np.dtype(np.int64), {"values": "predicted class labels"}
+    about: dict[str, Any] = {
+        "values": {"point": "values", "gaussian": "mean, scale", "quantile": "quantiles"}[model.output_kind]
+    }
+    if model.output_kind == "quantile":
+        about["quantiles"] = list(model.quantiles)
+    return trailing, np.dtype(np.float32), about
+
+
+def _rows(model: torch.nn.Module, out: torch.Tensor, lengths: torch.Tensor, probabilities: bool) -> np.ndarray:
+    """A batch's outputs as rows of the file: labels or probabilities, valid steps only (head step)."""
+    out = out.float()
+    if model.task == "classification":
+        out = out.softmax(-1) if probabilities else out.argmax(-1)
+    out = out.cpu()
+    if model.head_kind == "step":
+        out = torch.cat([out[i, :length] for i, length in enumerate(lengths.tolist())])
+    return out.numpy()
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """`dist-gru predict` (see the module docstring). Works under torchrun: all ranks participate."""
+    from accelerate.utils import broadcast_object_list
+
+    from dist_gru.runtime import exit_process, make_accelerator
+
+    parser = _parser("dist-gru predict")
+    parser.add_argument("--out", required=True, help="output .npy path")
+    parser.add_argument(
+        "--probabilities", action="store_true", help="classification: class probabilities instead of labels"
+    )
+    args = parser.parse_intermixed_args(argv)
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ConfigError(f"--out {out}: expected a file name ending in .npy")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    model = _load_model(Path(args.model))
+    if args.probabilities and model.task != "classification":
+        raise ConfigError(
+            f"--probabilities: the model at --model {args.model} is a regression model; class probabilities "
+            "need a classification model (its outputs are written as they are)"
+        )
+    # Whole sequences, not training windows: per-step outputs line up with the stored steps.
+    extra = ["data.window=null"] if model.head_kind == "step" else []
+    cfg, model, dataset = _load_for_inference(args, extra)
+    if cfg.train.tbptt:
+        raise ConfigError(
+            f"--model {args.model}: a stream-mode model (train.tbptt); dist-gru predict reads whole sequences: use "
+            "dist-gru evaluate (streaming metrics) or dist-gru sample (token streams)"
+        )
+    accelerator = make_accelerator(cfg)
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    model = model.to(device).eval()
+    model.flatten_parameters()
+
+    trailing, dtype, about = row_layout(model, args.probabilities)
+    step_model = model.head_kind == "step"
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(dataset.lengths, dtype=np.int64))]) if step_model else None
+    num_rows = int(offsets[-1]) if step_model else len(dataset)
+    shape = (num_rows, *trailing)
+
+    partial = [None]
+    if accelerator.is_main_process:
+        partial[0] = str(out.with_name(f".{out.name}.partial-{os.getpid()}"))
+        np.lib.format.open_memmap(partial[0], mode="w+", dtype=dtype, shape=shape).flush()
+    if world_size > 1:
+        broadcast_object_list(partial)  # all ranks participate: the file exists from here on
+    start = time.perf_counter()
+    rows = np.load(partial[0], mmap_mode="r+")
+    batches = predict_batches(len(dataset), args.batch_size, rank, world_size)
+    with torch.no_grad():
+        for batch in make_loader(dataset, batches, 0):
+            x, lengths, _ = _batch_to(batch, device)
+            first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
+            if step_model:
+                first, last = int(offsets[first]), int(offsets[last])
+            rows[first:last] = _rows(model, model(x, lengths), lengths, args.probabilities)
+    rows.flush()
+    del rows
+    accelerator.wait_for_everyone()  # all ranks participate: every row is written
+    elapsed = time.perf_counter() - start
+
+    if accelerator.is_main_process:
+        written: dict[str, Any] = {"out": str(out), "shape": list(shape), "dtype": dtype.name, **about}
+        if step_model:
+            offsets_path = out.with_name(out.name.removesuffix(".npy") + ".offsets.npy")
+            tmp = offsets_path.with_name(f".{offsets_path.name}.partial-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.save(f, offsets)
+            os.replace(tmp, offsets_path)
+            written["offsets"] = str(offsets_path)
+        os.replace(partial[0], out)
+        written.update(
+            world_size=world_size,
+            num_samples=len(dataset),
+            seconds=round(elapsed, 4),
+            samples_per_s=round(len(dataset) / max(elapsed, 1e-9), 1),
+        )
+        print(json.dumps(written), flush=True)
+    accelerator.wait_for_everyone()  # all ranks participate: the file is in place when any rank exits
+    exit_process(0)
+    return 0
