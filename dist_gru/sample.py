@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 def generate(model: torch.nn.Module, prompt: bytes, count: int, temperature: float, seed: int) -> bytes:
     """`count` bytes after `prompt` (at least one byte), state carried from step to step."""
     generator = torch.Generator().manual_seed(seed)
-    state = torch.zeros(model.num_layers, 1, model.hidden_size)
+    state = model.initial_state(1)
     out, state = model(torch.tensor([list(prompt)], dtype=torch.int64), state=state)
     logits = out[0, -1]
     produced = []

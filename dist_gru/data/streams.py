@@ -344,7 +344,7 @@ def evaluate_streams(model: torch.nn.Module, dataset: StreamDataset, accelerator
     mine = segments[accelerator.process_index :: accelerator.num_processes]
     sums = MetricSums(model.spec, model.output_size, 1, device)
     tokens = torch.zeros(dataset.output_size, dtype=torch.float64, device=device)
-    state = torch.zeros(model.num_layers, len(mine), model.hidden_size, device=device)
+    state = model.initial_state(len(mine), device)
     for k in range(max((len(s) for s in mine), default=0)):
         active = np.array([j for j, s in enumerate(mine) if k < len(s)], dtype=np.int64)
         if not len(active):
