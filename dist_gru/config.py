@@ -207,9 +207,20 @@ class TrainConfig(_Section):
         0, ge=0, description="seed of model init, dropout and the sample order (order depends on (seed, epoch))"
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs a GPU)")
-    cpu_bf16: Literal["gru", "autocast"] = Field(
-        "gru",
-        description="bf16 on CPU: gru = run the GRU itself in bf16 (fp32 master weights), autocast = autocast only",
+    cpu_bf16: Literal["auto", "gru", "autocast"] = Field(
+        "auto",
+        description="bf16 on CPU: gru = run the GRU itself in bf16 (fp32 master weights), autocast = autocast only, "
+        "auto = gru on a CPU with bf16 instructions (AVX512-BF16, AMX), else fp32 (emulated bf16 is ~8x slower)",
+    )
+    recurrence: Literal["fused", "native"] = Field(
+        "fused",
+        description="training nn.GRU on CPU: fused = dist-gru's recurrence (one autograd node per layer, hand-written "
+        "backward: the same function, fewer ops), native = nn.GRU's own; GPUs always run cuDNN",
+    )
+    keep_freed_memory: bool = Field(
+        True,
+        description="glibc: keep freed memory for the next step instead of returning it to the OS (each fresh page "
+        "is a page fault; a step reuses the same buffers)",
     )
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
     eval_batch_size: int = Field(256, ge=1, description="evaluation batch size per rank")
@@ -398,7 +409,8 @@ def stream_problems(cfg: Config) -> list[str]:
 TRAJECTORY_SECTIONS = ("model", "data", "optim", "train")
 # Keys of those sections that do not change the weights a run computes from a checkpoint on: the
 # validation split and how often it is evaluated, logging, loader workers, threads, kernels chosen
-# for determinism (like the world size, they change the summation order, not the computation), the
+# for determinism or speed and the allocator (like the world size, they change the summation order,
+# not the computation), the
 # sample audit, where the run lives and how it resumes, and the horizon (`train.max_steps` may be
 # raised to continue a finished run; the cosine schedule then follows the new horizon; early
 # stopping only chooses where the run ends). Every other
@@ -417,6 +429,8 @@ NOT_TRAJECTORY = frozenset(
         "train.resume",
         "train.threads",
         "train.deterministic",
+        "train.recurrence",
+        "train.keep_freed_memory",
         "train.record_samples",
         "train.early_stopping",
     }

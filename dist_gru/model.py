@@ -44,9 +44,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from dist_gru.config import Config, ConfigError, quantile_problems
 from dist_gru.heads import HEADS, OUTPUTS, build_head, shape_output, units_per_output
 from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast, step_mask
+from dist_gru.recurrence import gru_direction, gru_layers
 
 TASKS = ("regression", "classification")
 CELLS = ("torch", "seed")
+RECURRENCES = ("fused", "native")
 SCALINGS = ("none", "global", "window")
 # Smallest std set_normalization keeps: a constant feature must not divide by zero.
 MIN_STD = 1e-6
@@ -438,6 +440,10 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         # train.precision=bf16 on CPU, where autocast leaves nn.GRU in fp32 although this
         # CPU's bf16 matmuls (AMX) are faster. Not part of the saved config.
         self.rnn_dtype: torch.dtype | None = None
+        # How nn.GRU's weights are trained on the CPU: "fused" runs dist_gru.recurrence (the same
+        # function, one autograd node per layer, several times fewer ops per step), "native" runs
+        # nn.GRU itself. Inference, GPUs and packed batches always run nn.GRU. Not saved either.
+        self.recurrence = "fused"
 
     @property
     def spec(self) -> OutputSpec:
@@ -633,8 +639,10 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
                     for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                 ]
                 inputs = layer_input if not suffix else reverse_within_lengths(layer_input, lengths)
-                # torch.gru is the op nn.GRU itself dispatches to (one layer, one direction here).
-                out, _ = torch.gru(inputs, h0, weights, True, 1, 0.0, self.training, False, True)
+                if self._fused(inputs):
+                    out = gru_direction(inputs, h0[0], *weights)
+                else:  # torch.gru is the op nn.GRU itself dispatches to (one layer, one direction here)
+                    out, _ = torch.gru(inputs, h0, weights, True, 1, 0.0, self.training, False, True)
                 directions.append(out if not suffix else reverse_within_lengths(out, lengths))
             layer_input = torch.cat(directions, dim=-1)
         return layer_input
@@ -643,7 +651,18 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         weight = getattr(self.rnn, name)
         return weight if self.rnn_dtype is None else weight.to(self.rnn_dtype)
 
+    def _fused(self, inputs: Tensor | PackedSequence) -> bool:
+        """Whether this call trains nn.GRU's weights through dist_gru.recurrence (see ``recurrence``)."""
+        if self.recurrence != "fused" or not isinstance(self.rnn, nn.GRU) or not isinstance(inputs, Tensor):
+            return False
+        if inputs.device.type != "cpu" or not torch.is_grad_enabled():
+            return False
+        # A traced or exported graph must hold nn.GRU's own op, which runtimes know.
+        return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+
     def _run_rnn(self, inputs: Tensor | PackedSequence, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
+        if self._fused(inputs) and not self.bidirectional:
+            return gru_layers(self.rnn, inputs, *args, weight=self._rnn_weight)
         if self.rnn_dtype is None:
             return self.rnn(inputs, *args, **kwargs)
         # Low-precision compute on fp32 master weights: the cast is part of the graph, so

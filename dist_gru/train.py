@@ -48,7 +48,7 @@ from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset
 from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
-from dist_gru.runtime import exit_process, make_accelerator, summary
+from dist_gru.runtime import compute_precision, exit_process, make_accelerator, summary
 from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
 from dist_gru.tracking import active_trackers, make_tracker
 
@@ -201,8 +201,17 @@ def build(cfg: Config) -> Job:
             print(finetune.describe(init_record), flush=True)
     accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
 
-    if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and cfg.train.cpu_bf16 == "gru":
-        model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu and cfg.train.precision == "bf16" and cfg.train.cpu_bf16 != "autocast":
+        if compute_precision(cfg, use_gpu=False) == "bf16":
+            model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
+        elif accelerator.is_main_process:
+            print(
+                "dist-gru: train.precision=bf16, but this CPU has no bf16 instructions (AVX512-BF16, AMX): "
+                "computing in fp32, which is faster here (train.cpu_bf16=gru forces bf16)",
+                flush=True,
+            )
+    model.recurrence = cfg.train.recurrence
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume is not None and accelerator.scaler is not None and resume.state.get("scaler"):
         accelerator.scaler.load_state_dict(resume.state["scaler"])  # fp16: the loss scale carries on
