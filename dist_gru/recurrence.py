@@ -3,10 +3,11 @@
     python -c "import torch; from dist_gru.recurrence import gru_layers; \
 rnn = torch.nn.GRU(3, 8, 2, batch_first=True); print(gru_layers(rnn, torch.randn(4, 5, 3))[0].shape)"
 
-On the CPU a GRU at the shapes people train (batch 64, hidden 128) is bound by the number of
-operations, not by arithmetic: ``nn.GRU`` runs a dozen small ATen ops per time step and layer,
-and autograd records each of them and replays a dozen more backward nodes, each costing more
-dispatch than compute. Here the whole time loop of a layer is one autograd node:
+On the CPU, at the shapes people train (batch 64, hidden 128), ``nn.GRU`` runs about a dozen
+small ATen ops per time step and layer, autograd records each of them, and the backward pass
+replays as many nodes, the recurrent weight gradient accumulated step by step in small matrix
+products; the candidate's tanh alone costs four times a sigmoid here. Here the whole time loop of
+a layer is one autograd node:
 
 * forward, per step: one ``addmm`` gives the reset and update pre-activations (the input
   projection, computed for every step at once beforehand, rides in as its bias) next to the
@@ -21,8 +22,9 @@ dispatch than compute. Here the whole time loop of a layer is one autograd node:
 The math is ``nn.GRU``'s (reset gate after the recurrent product, ``h' = (1 - z) n + z h``) on
 ``nn.GRU``'s own parameters, so a model trains, saves, exports and evaluates the same; results
 agree with ``nn.GRU`` to rounding (the summation order of the weight gradients differs). Only
-unidirectional, unpacked inputs: ``GRUModel`` runs a backward direction as a forward pass over
-reversed sequences and never packs a batch on the CPU.
+unidirectional, unpacked inputs: ``GRUModel`` runs the backward direction of a padded batch as a
+forward pass over each sequence reversed (``gru_direction``) and never packs a batch on the CPU
+for training.
 """
 
 from __future__ import annotations
