@@ -30,7 +30,7 @@ QUICK_HIDDEN = [64, 256, 1024]
 QUICK_LENGTHS = [50, 200, 2000]
 
 
-def points(quick: bool) -> list[dict]:
+def points(quick: bool, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
     """The sweep: one dict of overrides per point, both axes, every process count and precision."""
     hidden, lengths = (QUICK_HIDDEN, QUICK_LENGTHS) if quick else (HIDDEN, LENGTHS)
     axes = [("hidden_size", h, {"model.hidden_size": h, "data.seq_len": 100}) for h in hidden]
@@ -39,7 +39,7 @@ def points(quick: bool) -> list[dict]:
         {"axis": axis, "value": value, "processes": procs, "precision": precision, "overrides": overrides}
         for axis, value, overrides in axes
         for procs in (1, 2)
-        for precision in ("fp32", "bf16")
+        for precision in precisions
     ]
 
 
@@ -145,14 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="three values per axis instead of all")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per point (a multiple of 5)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one point may take")
+    parser.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="comma-separated train.precision values (a CPU without bf16 instructions computes bf16 in fp32)",
+    )
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.steps % 5:
         parser.error(f"--steps {args.steps}: expected a positive multiple of 5")
+    precisions = tuple(p for p in args.precisions.split(",") if p)
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        parser.error(f"--precisions {args.precisions}: expected fp32, bf16 or fp32,bf16")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(out / "sweep.jsonl", "w") as log:
-        for point in points(args.quick):
+        for point in points(args.quick, precisions):
             row = run_point(point, out / "bench", args.steps, args.timeout)
             rows.append(row)
             log.write(json.dumps(row) + "\n")

@@ -124,6 +124,7 @@ def test_the_sweep_covers_both_axes_and_draws_its_table_and_curves(tmp_path):
 
     sweep = points(quick=True)
     assert len(sweep) == (3 + 3) * 2 * 2  # values x processes x precisions
+    assert {p["precision"] for p in points(quick=True, precisions=("fp32",))} == {"fp32"}
     two = next(p for p in sweep if p["processes"] == 2 and p["axis"] == "seq_len" and p["value"] == 2000)
     cmd = bench_command(two, tmp_path / "b", steps=10)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node" in cmd

@@ -8,8 +8,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import assert_ok, cli, summary_fields
+
 from dist_gru import runtime
 from dist_gru.config import load_config
 
