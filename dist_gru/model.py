@@ -48,7 +48,6 @@ from dist_gru.recurrence import gru_direction, gru_layers
 
 TASKS = ("regression", "classification")
 CELLS = ("torch", "seed")
-RECURRENCES = ("fused", "native")
 SCALINGS = ("none", "global", "window")
 # Smallest std set_normalization keeps: a constant feature must not divide by zero.
 MIN_STD = 1e-6

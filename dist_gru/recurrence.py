@@ -71,7 +71,6 @@ class _Recurrence(torch.autograd.Function):
             torch.add(minus_one, steps_n[t], alpha=2, out=steps_n[t])
             torch.lerp(steps_n[t], h[t], z[t], out=h[t + 1])  # n + z (h - n)
         ctx.save_for_backward(w_hh, states, pre, n)
-        ctx.set_materialize_grads(True)
         return states[1:]
 
     @staticmethod

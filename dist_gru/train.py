@@ -202,15 +202,15 @@ def build(cfg: Config) -> Job:
     accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
 
     on_cpu = accelerator.device.type == "cpu"
-    if on_cpu and cfg.train.precision == "bf16" and cfg.train.cpu_bf16 != "autocast":
-        if compute_precision(cfg, use_gpu=False) == "bf16":
-            model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
-        elif accelerator.is_main_process:
-            print(
-                "dist-gru: train.precision=bf16, but this CPU has no bf16 instructions (AVX512-BF16, AMX): "
-                "computing in fp32, which is faster here (train.cpu_bf16=gru forces bf16)",
-                flush=True,
-            )
+    compute = compute_precision(cfg, use_gpu=not on_cpu)
+    if on_cpu and compute == "bf16" and cfg.train.cpu_bf16 != "autocast":
+        model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
+    if compute != cfg.train.precision and accelerator.is_main_process:
+        print(
+            f"dist-gru: train.precision={cfg.train.precision}, but this CPU has no bf16 instructions "
+            "(AVX512-BF16, AMX): computing in fp32, which is faster here (train.cpu_bf16=gru forces bf16)",
+            flush=True,
+        )
     model.recurrence = cfg.train.recurrence
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume is not None and accelerator.scaler is not None and resume.state.get("scaler"):
