@@ -8,12 +8,15 @@
     dist-gru bench --inference --model runs/adding/model   # eager vs TorchScript vs onnxruntime
     dist-gru bench --config configs/files.yaml train.tbptt=100 model.head=step ... --compare-window --checkpoint-every 10
 
-The reference workload: GRU 32 -> 128 x 2 layers, length 100, batch 64 per process,
-fp32. Our loop is measured by running `train.build` + `train.train_loop` themselves (logging every
-`--window` steps, as a user would) and reading the figures they log; warm-up windows are dropped.
-With `--compare-bare`, rounds alternate ours / an independent loop (plain `nn.GRU` + `nn.Linear`, an
-in-memory TensorDataset and a DataLoader, DDP under torchrun: see `run_bare`) so that drifting
-machine load hits both alike, and the ratio compares their median throughput. With `train.tbptt` (stream mode), `--compare-window`
+The reference workload: GRU 32 -> 128 x 2 layers, length 100, batch 64 per process, fp32,
+trained from a `dist_gru.seq/v1` folder of 8192 noise sequences written once beside the run folder
+(`reference_files`; the bare loop holds the same tensors in memory). Our loop is measured by
+running `train.build` + `train.train_loop` themselves (logging every `--window` steps, as a user
+would) and reading the figures they log; warm-up windows are dropped. With `--compare-bare`,
+rounds alternate ours / an independent loop (`dist_gru.bare_loop`: plain `nn.GRU` + `nn.Linear`,
+an in-memory TensorDataset and a DataLoader, DDP under torchrun, in a fresh process per rank) so
+that drifting machine load hits both alike, and the ratio compares their median throughput.
+With `train.tbptt` (stream mode), `--compare-window`
 alternates rounds with the same job in window mode (`data.window` = the chunk length, no carried
 state: the same shapes) and reports the ratio of their median step times; `--checkpoint-every N`
 saves checkpoints, whose lane-state gather is reported (`state_gather_s`) apart from the step time.
@@ -24,17 +27,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dist_gru import inference_bench
+from dist_gru.bare_loop import BareSpec, reference_tensors
 from dist_gru.config import Config, ConfigError, load_config
 from dist_gru.runtime import exit_process, launch_world
 
@@ -47,6 +54,28 @@ REFERENCE = [
     "model.num_layers=2",
     "optim.warmup_steps=0",
 ]
+
+
+def reference_files(cfg: Config, folder: Path, timeout_s: float = 600.0) -> Path:
+    """`reference_tensors` at `cfg`'s shapes as a `dist_gru.seq/v1` folder under `folder`, written
+    once per shape (the node's first process writes it atomically, the others wait for it): our loop
+    reads memory-mapped files as real jobs do, and nothing is generated inside the timed steps."""
+    from dist_gru.data.files import write_sequences
+
+    shape = (cfg.data.seq_len, cfg.data.num_features, cfg.train.global_batch_size, cfg.train.seed)
+    path = folder / "t{}-f{}-b{}-s{}".format(*shape)
+    if (path / "meta.json").is_file():
+        return path
+    if launch_world()[1] == 0:
+        x, y = reference_tensors(*shape)
+        write_sequences(path, x.numpy(), y.numpy(), task="regression")
+        return path
+    deadline = time.monotonic() + timeout_s
+    while not (path / "meta.json").is_file():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"bench: the reference data {path} did not appear within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return path
 
 
 def _bench_config(args: argparse.Namespace, world_size: int, max_steps: int, extra: tuple[str, ...] = ()) -> Config:
@@ -63,7 +92,13 @@ def _bench_config(args: argparse.Namespace, world_size: int, max_steps: int, ext
         "log.mode=disabled",
         "log.quiet=true",
     ]
-    return load_config(args.config, base + list(args.overrides) + forced)
+    cfg = load_config(args.config, base + list(args.overrides) + forced)
+    if args.config or any(o.startswith("data.name=") for o in args.overrides) or cfg.data.variable_length:
+        return cfg
+    # The reference workload trains from files, like a real job and like an independent harness.
+    folder = Path(args.run_dir).with_name(Path(args.run_dir).name + "-data")
+    files = ["data.name=files", f"data.train_path={reference_files(cfg, folder)}"]
+    return load_config(None, base + list(args.overrides) + forced + files)
 
 
 def gru_flops_per_seq_step(cfg: Config, input_size: int) -> float:
@@ -131,79 +166,53 @@ def run_ours(args: argparse.Namespace, world_size: int, extra: tuple[str, ...] =
     }
 
 
-class BareRegressor(torch.nn.Module):
-    """`nn.GRU` + `nn.Linear` on the last step: what a user writes by hand, nothing of dist_gru."""
-
-    def __init__(self, num_features: int, hidden_size: int, num_layers: int):
-        super().__init__()
-        self.gru = torch.nn.GRU(num_features, hidden_size, num_layers=num_layers, batch_first=True)
-        self.head = torch.nn.Linear(hidden_size, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.gru(x)
-        return self.head(out[:, -1])
-
-
 def run_bare(cfg: Config, num_features: int, steps: int, warmup: int, device: torch.device) -> float:
-    """An independent hand-written loop at the job's shapes: an in-memory TensorDataset through a
-    DataLoader (DistributedSampler under torchrun), plain DDP, the job's optimizer, LR and clipping.
-    Nothing of dist_gru runs in it, so the ratio compares our loop with the loop users would write.
-    Fixed-length sequences of `data.seq_len`: compare with `data.variable_length=false` jobs.
-    Returns samples/s over all ranks."""
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    per_rank = cfg.train.global_batch_size // world_size
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    # Up to 8192 samples (the peers' benchmark size) within 256 MiB, at least two global batches.
-    fits = (256 << 20) // (4 * cfg.data.seq_len * num_features)
-    count = max(2 * cfg.train.global_batch_size, min(8192, fits))
-    x = torch.randn(count, cfg.data.seq_len, num_features, generator=generator)
-    dataset = TensorDataset(x, x[:, :, :1].mean(dim=1))
-    sampler = DistributedSampler(dataset, seed=cfg.train.seed) if world_size > 1 else None
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        generator=generator if sampler is None else None,
-    )
-    torch.manual_seed(cfg.train.seed)
-    model = BareRegressor(num_features, cfg.model.hidden_size, cfg.model.num_layers).to(device)
+    """One round of the independent loop (`dist_gru.bare_loop`) at the job's shapes and settings,
+    in a fresh process per rank with a process group of its own (rank 0 picks its port, on
+    MASTER_ADDR); this process only waits for it. Fixed-length sequences of `data.seq_len`: compare
+    with fixed-length jobs. Returns samples/s over all ranks."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    init_method = None
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer_class = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
-    optimizer = optimizer_class(
-        model.parameters(),
+        port = [_free_port() if rank == 0 else 0]
+        dist.broadcast_object_list(port, src=0)  # all ranks participate
+        init_method = f"tcp://{os.environ['MASTER_ADDR']}:{port[0]}"
+    spec = BareSpec(
+        seq_len=cfg.data.seq_len,
+        num_features=num_features,
+        global_batch=cfg.train.global_batch_size,
+        seed=cfg.train.seed,
+        hidden_size=cfg.model.hidden_size,
+        num_layers=cfg.model.num_layers,
+        optimizer=cfg.optim.name,
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         weight_decay=cfg.optim.weight_decay,
+        grad_clip=cfg.optim.grad_clip,
+        bf16=cfg.train.precision == "bf16",
+        steps=steps,
+        warmup=warmup,
+        threads=torch.get_num_threads(),
+        device=str(device),
+        rank=rank,
+        world_size=world_size,
+        init_method=init_method,
     )
-    step, epoch, start = 0, 0, 0.0
-    while step < warmup + steps:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for xb, yb in loader:
-            if step == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-                out = model(xb.to(device, non_blocking=True))
-            loss = F.mse_loss(out.float(), yb.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            step += 1
-            if step == warmup + steps:
-                break
-        epoch += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return _sum_over_ranks(per_rank * steps / (time.perf_counter() - start))
+    # Without torchrun's variables: under them the rendezvous would wait for torchrun's agent store.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    env["OMP_NUM_THREADS"] = str(spec.threads)
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_gru.bare_loop", spec.to_json()], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the bare loop of rank {rank} exited with code {done.returncode}:\n{done.stderr[-4000:]}")
+    return _sum_over_ranks(json.loads(done.stdout.splitlines()[-1])["samples_per_s"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def make_skewed_files(path: str, megabytes: float, num_features: int = 32, max_len: int = 400, seed: int = 0) -> dict:
@@ -301,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_layers": cfg.model.num_layers,
         "global_batch_size": cfg.train.global_batch_size,
         "threads_per_process": torch.get_num_threads(),
+        "data": cfg.data.train_path if cfg.data.name == "files" else cfg.data.name,
         **{k: round(v, 4) for k, v in figures.items()},
         # Over the batches this bench ran, not a whole epoch (a windowed epoch can hold billions).
         "padding_fraction": round(job.sampler.padding_fraction(0, ran_batches), 4) if job.lanes is None else 0.0,

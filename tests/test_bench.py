@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import assert_ok, cli, torchrun
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,6 +48,19 @@ def test_bench_one_process_against_the_bare_loop(tmp_path):
     result = assert_ok(cli("bench", "--compare-bare", "--run-dir", str(tmp_path / "b"), *SMALL))
     report = _report(result.stdout)
     assert report["world_size"] == 1 and report["global_batch_size"] == 64
+    # The reference workload trains from files written once beside the run folder, from the very
+    # tensors the bare loop holds in memory.
+    from dist_gru.bench import reference_tensors
+    from dist_gru.config import load_config
+    from dist_gru.data.loading import build_dataset
+
+    assert report["data"] == str(tmp_path / "b-data" / "t10-f32-b64-s0")
+    files = build_dataset(load_config(None, ["data.name=files", f"data.train_path={report['data']}"]).data, "train")
+    x, y = reference_tensors(10, 32, 64, 0)
+    assert len(files) == len(x) == 8192
+    first = files.__getitems__([0, 8191])
+    torch.testing.assert_close(first["x"], x[[0, 8191]])
+    torch.testing.assert_close(first["y"], y[[0, 8191]])
     assert report["samples_per_s"] > 0 and report["bare_samples_per_s"] > 0
     assert report["ratio_vs_bare"] == pytest.approx(report["samples_per_s"] / report["bare_samples_per_s"], rel=1e-3)
     assert 0 < report["fraction_of_matmul"] == pytest.approx(report["gru_gflops"] / report["matmul_gflops"], rel=1e-2)
@@ -91,32 +105,46 @@ def test_bench_variable_length_files_with_bucketing(tmp_path):
 
 
 def test_the_bare_loop_runs_nothing_of_dist_gru():
-    """The comparison loop is independent: while it trains, no function of the package runs except
-    its own (in bench.py), so the ratio compares our loop with a hand-written one."""
+    """The comparison loop is independent: a fresh process that loads no module of the package but
+    its own, so the ratio compares our loop with a hand-written one."""
+    import subprocess
     import sys
-    from pathlib import Path
 
-    import torch
+    from dist_gru.bare_loop import BareSpec
 
-    import dist_gru
-    from dist_gru.bench import run_bare
-    from dist_gru.config import load_config
+    spec = BareSpec(
+        seq_len=6,
+        num_features=3,
+        global_batch=4,
+        seed=0,
+        hidden_size=8,
+        num_layers=1,
+        optimizer="adam",
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        grad_clip=1.0,
+        bf16=False,
+        steps=3,
+        warmup=1,
+        threads=1,
+        device="cpu",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_gru.bare_loop", spec.to_json()], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["samples_per_s"] > 0
+    assert report["dist_gru_modules"] == ["dist_gru"]  # the package itself; its module runs as __main__
 
-    package = Path(dist_gru.__file__).parent
-    called: set[str] = set()
 
-    def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename.startswith(str(package)):
-            called.add(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+def test_the_bare_loop_refuses_a_missing_spec():
+    import subprocess
+    import sys
 
-    cfg = load_config(None, ["model.hidden_size=8", "data.seq_len=6", "train.global_batch_size=4"])
-    sys.setprofile(profile)
-    try:
-        samples_per_s = run_bare(cfg, num_features=3, steps=3, warmup=1, device=torch.device("cpu"))
-    finally:
-        sys.setprofile(None)
-    assert samples_per_s > 0
-    assert called == {"bench.py:run_bare", "bench.py:__init__", "bench.py:forward", "bench.py:_sum_over_ranks"}
+    done = subprocess.run([sys.executable, "-m", "dist_gru.bare_loop"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: python -m dist_gru.bare_loop" in done.stderr
 
 
 def test_the_sweep_covers_both_axes_and_draws_its_table_and_curves(tmp_path):
