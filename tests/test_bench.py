@@ -148,7 +148,9 @@ def test_the_bare_loop_refuses_a_missing_spec():
 
 
 def test_the_sweep_covers_both_axes_and_draws_its_table_and_curves(tmp_path):
-    from dist_gru.sweep import bench_command, figure, points, table
+    from dist_gru.sweep import bench_command, cpu_model, figure, points, table
+
+    assert " (family " in cpu_model() and ("bf16" in cpu_model())  # names the bf16 instructions, or their absence
 
     sweep = points(quick=True)
     assert len(sweep) == (3 + 3) * 2 * 2  # values x processes x precisions
