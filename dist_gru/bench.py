@@ -73,7 +73,7 @@ def reference_files(cfg: Config, folder: Path, timeout_s: float = 600.0) -> Path
     deadline = time.monotonic() + timeout_s
     while not (path / "meta.json").is_file():
         if time.monotonic() > deadline:
-            raise ConfigError(f"bench: the reference data {path} did not appear within {timeout_s:.0f} s")
+            raise RuntimeError(f"bench: the reference data {path} did not appear within {timeout_s:.0f} s")
         time.sleep(0.2)
     return path
 
