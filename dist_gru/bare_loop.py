@@ -14,7 +14,6 @@ samples/s over the timed steps, and which dist_gru modules the process had loade
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = BareSpec(**{**fields, "betas": tuple(fields["betas"])})
     samples_per_s = train(spec)
     loaded = sorted(name for name in sys.modules if name.split(".")[0] == "dist_gru")
-    print(json.dumps({"samples_per_s": samples_per_s, "pid": os.getpid(), "dist_gru_modules": loaded}), flush=True)
+    print(json.dumps({"samples_per_s": samples_per_s, "dist_gru_modules": loaded}), flush=True)
     return 0
 
 

@@ -50,7 +50,7 @@ def test_bench_one_process_against_the_bare_loop(tmp_path):
     assert report["world_size"] == 1 and report["global_batch_size"] == 64
     # The reference workload trains from files written once beside the run folder, from the very
     # tensors the bare loop holds in memory.
-    from dist_gru.bench import reference_tensors
+    from dist_gru.bare_loop import reference_tensors
     from dist_gru.config import load_config
     from dist_gru.data.loading import build_dataset
 
@@ -150,7 +150,7 @@ def test_the_bare_loop_refuses_a_missing_spec():
 def test_the_sweep_covers_both_axes_and_draws_its_table_and_curves(tmp_path):
     from dist_gru.sweep import bench_command, cpu_model, figure, points, table
 
-    assert " (family " in cpu_model() and ("bf16" in cpu_model())  # names the bf16 instructions, or their absence
+    assert " (family " in cpu_model() and "bf16" in cpu_model()  # names the bf16 instructions, or their absence
 
     sweep = points(quick=True)
     assert len(sweep) == (3 + 3) * 2 * 2  # values x processes x precisions
