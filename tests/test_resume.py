@@ -21,15 +21,12 @@ import json
 import re
 import shutil
 import signal
-import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import PY, REPO, TINY, assert_ok, cli, kill_tree, load_weights, max_abs_diff, torchrun, torchrun_cmd
-from conftest import test_env as subprocess_env  # under its own name, pytest would collect it as a test
+from conftest import PY, TINY, Background, assert_ok, cli, load_weights, max_abs_diff, torchrun, torchrun_cmd
 
 from dist_gru import checkpoint as ckpt_lib
 
@@ -45,60 +42,6 @@ RUN = [
     "log.mode=disabled",
 ]
 GRACE_S = 30  # torchrun kills workers 30 s after it forwards a TERM: a preemption must be done by then
-
-
-class Background:
-    """A launched command whose output goes to a file, so the test can watch the run while it trains."""
-
-    def __init__(self, cmd: list[str], log: Path):
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO, start_new_session=True
-            )
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def printed(self, text: str):
-        return lambda: text in self.output()
-
-    def wait_until(self, condition, what: str, timeout: float = 120) -> float:
-        """Poll until `condition()`; returns the time it became true. Fails if the run ends first."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                self._fail(f"the run exited ({self.proc.returncode}) before {what}")
-            if time.monotonic() > deadline:
-                self._fail(f"no {what} after {timeout} s")
-            time.sleep(0.01)
-        return time.monotonic()
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._fail(f"still running after {timeout} s (a hang?)")
-
-    def worker(self, rank: int) -> psutil.Process:
-        """The torchrun worker process of global rank `rank` (a child of the agent)."""
-        workers = [p for p in psutil.Process(self.proc.pid).children() if p.environ().get("RANK") == str(rank)]
-        assert len(workers) == 1, f"expected one worker of rank {rank}, found {workers}"
-        return workers[0]
-
-    def kill(self) -> None:
-        """SIGKILL to the launcher and all its workers at once: a crash, nothing is saved.
-
-        torchrun starts each worker in a session of its own, so killing the launcher's process
-        group alone would leave the workers training on, orphaned.
-        """
-        if self.proc.poll() is None:
-            kill_tree(self.proc.pid)
-        self.proc.wait()
-
-    def _fail(self, message: str):
-        self.kill()
-        pytest.fail(f"{message}\n--- output\n{self.output()[-6000:]}")
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest, test_resume
 
-from conftest import TINY, run, torchrun_cmd  # noqa: E402
-from test_resume import Background, _worker_exit_codes, checkpoint_exists, preempted  # noqa: E402
+from conftest import TINY, Background, run, torchrun_cmd  # noqa: E402
+from test_resume import _worker_exit_codes, checkpoint_exists, preempted  # noqa: E402
 
 from dist_gru import checkpoint as ckpt_lib  # noqa: E402
 
