@@ -253,6 +253,11 @@ class TrainConfig(_Section):
     record_samples: bool = Field(
         False, description="write the sample ids of every step to run_dir/samples/rank-R.jsonl (audits sharding/resume)"
     )
+    run_lock: bool = Field(
+        True,
+        description="hold an exclusive lock on train.run_dir for the whole run, so a second job there refuses to "
+        "start; false only on a file system without flock (Lustre without -o flock)",
+    )
     tbptt: int | None = Field(
         None,
         ge=1,
@@ -271,7 +276,14 @@ class TrainConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(0, ge=0, description="save a checkpoint every N steps (0 = only at the end and on a signal)")
+    every: int = Field(0, ge=0, description="save a checkpoint every N steps (0 = by time only, see every_minutes)")
+    every_minutes: float = Field(
+        30.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="also save a checkpoint when this many minutes passed since the last one (rank 0's clock; "
+        "0 = off): a crash or power cut loses at most this much work",
+    )
     keep: int = Field(3, ge=1, description="keep the newest K complete checkpoints")
     best: str | None = Field(
         None,
@@ -282,8 +294,9 @@ class CheckpointConfig(_Section):
         "auto", description="min | max | auto (max for accuracy and macro_f1, min for every other metric)"
     )
     signals: list[Literal["SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"]] = Field(
-        default_factory=lambda: ["SIGUSR1", "SIGTERM"],
-        description="signals that make all ranks checkpoint and exit with the preemption code",
+        default_factory=lambda: ["SIGUSR1", "SIGTERM", "SIGINT"],
+        description="signals that make all ranks checkpoint and exit with the preemption code (a second SIGINT, "
+        "Ctrl-C twice, aborts at once)",
     )
 
 
@@ -432,6 +445,7 @@ NOT_TRAJECTORY = frozenset(
         "train.recurrence",
         "train.keep_freed_memory",
         "train.record_samples",
+        "train.run_lock",
         "train.early_stopping",
     }
 )

@@ -16,14 +16,12 @@ import argparse
 import json
 import math
 import resource
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from dist_gru import checkpoint as ckpt_lib
@@ -48,6 +46,8 @@ from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset
 from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
+from dist_gru.preemption import StepBoundary
+from dist_gru.run_lock import RunLock, lock_run_folder
 from dist_gru.runtime import compute_precision, exit_process, make_accelerator, summary
 from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
 from dist_gru.tracking import active_trackers, make_tracker
@@ -72,49 +72,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
-class PreemptionFlag:
-    """Signal handlers only set a flag; ranks agree on it at a step boundary, all at the same step.
-
-    The agreement costs no blocking collective per step: the all-reduce of the flag started at one
-    step boundary runs in the background (gloo's worker thread) while the next step computes, and is
-    read at the next boundary. Every rank reads the same reduced value at the same step, so all of
-    them save the same step; a signal is acted on one or two steps after it arrives. The flag
-    travels as a CPU tensor over gloo (a side group next to NCCL on GPUs), so the check never waits
-    for the GPU's queue of work."""
-
-    def __init__(self, names: list[str]):
-        self.signum = 0
-        self._group = None
-        self._pending: tuple[dist.Work, torch.Tensor] | None = None
-        for name in names:
-            signal.signal(getattr(signal, name), self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.signum = signum
-
-    def agreed(self) -> bool:
-        """True on every rank, at the same step, if any rank was signalled. All ranks participate."""
-        if not dist.is_initialized():
-            return bool(self.signum)
-        if self._group is None:  # first call: every rank is here at the same step
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        if self._pending is not None:
-            work, flag = self._pending
-            self._pending = None
-            work.wait()
-            if flag.item():
-                return True  # every rank returns here, so no rank starts another all-reduce
-        flag = torch.tensor([1 if self.signum else 0])
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
-        return False
-
-    def drain(self) -> None:
-        """Wait for the all-reduce in flight (all ranks started it), before the process group goes."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
-
-
 @dataclass
 class Job:
     """Everything the loop needs, built by `build`."""
@@ -131,32 +88,58 @@ class Job:
     tracker: object
     run_dir: Path
     start_step: int
-    preemption: PreemptionFlag
+    boundary: StepBoundary
+    lock: RunLock | None  # global rank 0's lock on the run folder, held until the process ends
     skipped_steps: int = 0  # fp16 steps the gradient scaler skipped, over the whole run (checkpointed)
     lanes: LaneState | None = None  # stream mode (train.tbptt): this rank's carried hidden state
     state_gather_s: float = 0.0  # stream mode: time spent gathering lane state at checkpoints
     selection: Selection | None = None  # checkpoint.best and train.early_stopping (checkpointed)
+    init_record: dict | None = None  # fine-tuning: where the initial weights came from (train.init_from)
 
 
 def build(cfg: Config) -> Job:
     # First: a preemption signal during start-up is then honoured at the first step, not fatal.
-    preemption = PreemptionFlag(cfg.checkpoint.signals)
+    boundary = StepBoundary(cfg.checkpoint.signals, cfg.checkpoint.every_minutes)
     accelerator = make_accelerator(cfg, log_with=active_trackers(cfg))
-    world_size, rank = accelerator.num_processes, accelerator.process_index
-    per_rank = per_rank_batch_size(cfg, world_size)
     run_dir = Path(cfg.train.run_dir)
-    plan = run_folder.resolve(cfg, run_dir, accelerator)  # all ranks participate; nothing is written yet
-    if plan.finished:  # nothing to train, nothing to write: every rank leaves here, with exit code 0
-        if accelerator.is_main_process:
-            print(plan.message, flush=True)
-        accelerator.wait_for_everyone()
-        exit_process(0)  # under a launcher it ends the process here; a single process raises below
-        raise SystemExit(0)
+    lock = lock_run_folder(run_dir, cfg.train.run_lock, accelerator)  # all ranks participate
+    try:
+        plan = run_folder.resolve(cfg, run_dir, accelerator)  # all ranks participate; nothing is written yet
+        if plan.finished:  # nothing to train, nothing to write: every rank leaves here, with exit code 0
+            if accelerator.is_main_process:
+                print(plan.message, flush=True)
+            if lock is not None:
+                lock.release(undo=True)  # not even the lock file's record of this job
+            accelerator.wait_for_everyone()
+            exit_process(0)  # under a launcher it ends the process here; a single process raises below
+            raise SystemExit(0)
+        job = _assemble(cfg, accelerator, plan.resume, boundary, lock)
+    except Exception:
+        if lock is not None:
+            lock.release(undo=True)  # a refused job leaves the folder as it found it
+        raise
+    if accelerator.is_main_process:  # every check has passed: only now does the run folder change
+        run_folder.commit(plan, cfg, run_dir)
+        if plan.resume is not None:
+            print(f"dist-gru: resuming from {plan.resume.path} (step {plan.resume.step})", flush=True)
+        if job.init_record is not None:
+            finetune.write_record(run_dir, job.init_record, cfg.train.freeze)
+            print(finetune.describe(job.init_record), flush=True)
+    accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
+    _prepare(job, plan.resume)
+    job.tracker = make_tracker(cfg, accelerator, run_dir, plan.resume)
+    return job
 
+
+def _assemble(
+    cfg: Config, accelerator, resume: ckpt_lib.Checkpoint | None, boundary: StepBoundary, lock: RunLock | None
+) -> Job:
+    """Data, model, optimizer, sampler and resumed state: every check that can refuse the job, before
+    anything is written. All ranks participate (global input moments are summed across ranks)."""
+    world_size, rank = accelerator.num_processes, accelerator.process_index
     stream_sampler = None
     if cfg.train.tbptt:
         train_set, val_set = build_stream_dataset(cfg, "train"), build_stream_dataset(cfg, "val")
-        # Built before the run folder changes: too many lanes for the data is a user error.
         stream_sampler = StreamSampler(
             train_set.lengths, cfg.train.global_batch_size, cfg.train.tbptt, rank, world_size, cfg.train.seed
         )
@@ -174,13 +157,24 @@ def build(cfg: Config) -> Job:
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         weight_decay=cfg.optim.weight_decay,
     )
-
-    resume, init_record = plan.resume, None
     selection = Selection(cfg)
     selection.check(eval_metric_names(model, cfg.data.season, tokens=cfg.model.vocab_size is not None), val_set is not None)
-    lanes = None
     if stream_sampler is not None:
-        lanes = LaneState(cfg.model.num_layers, stream_sampler.per_rank, cfg.model.hidden_size, accelerator.device)
+        sampler, lanes = stream_sampler, LaneState(
+            cfg.model.num_layers, stream_sampler.per_rank, cfg.model.hidden_size, accelerator.device
+        )
+    else:
+        lanes = None
+        sampler = TrainBatchSampler(
+            train_set.lengths,
+            micro_batch_size(cfg),
+            cfg.train.grad_accum_steps,
+            rank,
+            world_size,
+            cfg.train.seed,
+            bucket_by_length=cfg.data.bucket_by_length,
+        )
+    init_record = None
     if resume is not None:
         ckpt_lib.check_compatible(resume, {"task": train_set.task, **model_config})
         ckpt_lib.load_weights(resume, model, optimizer)
@@ -192,66 +186,51 @@ def build(cfg: Config) -> Job:
             init_record = finetune.init_weights(cfg.train.init_from, model, model_config)
         if cfg.data.scaling == "global":
             model.set_normalization(*_global_moments(train_set, accelerator))
-    if accelerator.is_main_process:  # every check has passed: only now does the run folder change
-        run_folder.commit(plan, cfg, run_dir)
-        if resume is not None:
-            print(f"dist-gru: resuming from {resume.path} (step {resume.step})", flush=True)
-        if init_record is not None:
-            finetune.write_record(run_dir, init_record, cfg.train.freeze)
-            print(finetune.describe(init_record), flush=True)
-    accelerator.wait_for_everyone()  # all ranks participate: the run folder exists from here on
+    return Job(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        model_config=model_config,
+        optimizer=optimizer,
+        train_set=train_set,
+        val_set=val_set,
+        sampler=sampler,
+        loader=None,  # made by `_prepare`
+        tracker=None,  # made once the run folder is written
+        run_dir=Path(cfg.train.run_dir),
+        start_step=resume.step if resume else 0,
+        boundary=boundary,
+        lock=lock,
+        skipped_steps=int(resume.state.get("skipped_steps", 0)) if resume else 0,
+        lanes=lanes,
+        selection=selection,
+        init_record=init_record,
+    )
 
+
+def _prepare(job: Job, resume: ckpt_lib.Checkpoint | None) -> None:
+    """Precision, devices and DDP (Accelerate's prepare), and the data loader; after the run folder is written."""
+    cfg, accelerator = job.cfg, job.accelerator
     on_cpu = accelerator.device.type == "cpu"
     compute = compute_precision(cfg, use_gpu=not on_cpu)
     if on_cpu and compute == "bf16" and cfg.train.cpu_bf16 != "autocast":
-        model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
+        job.model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
     if compute != cfg.train.precision and accelerator.is_main_process:
         print(
             f"dist-gru: train.precision={cfg.train.precision}, but this CPU has no bf16 instructions "
             "(AVX512-BF16, AMX): computing in fp32, which is faster here (train.cpu_bf16=gru forces bf16)",
             flush=True,
         )
-    model.recurrence = cfg.train.recurrence
-    model, optimizer = accelerator.prepare(model, optimizer)
+    job.model.recurrence = cfg.train.recurrence
+    job.model, job.optimizer = accelerator.prepare(job.model, job.optimizer)
     if resume is not None and accelerator.scaler is not None and resume.state.get("scaler"):
         accelerator.scaler.load_state_dict(resume.state["scaler"])  # fp16: the loss scale carries on
-    accelerator.unwrap_model(model).flatten_parameters()  # cuDNN wants contiguous weights after moves/loads
+    accelerator.unwrap_model(job.model).flatten_parameters()  # cuDNN wants contiguous weights after moves/loads
     if accelerator.is_main_process:
-        print(summary(cfg, accelerator, model, per_rank), flush=True)
-    if stream_sampler is not None:
-        sampler, loader = stream_sampler, None  # chunks are read by `lane_stream`, step by step
-    else:
-        sampler = TrainBatchSampler(
-            train_set.lengths,
-            micro_batch_size(cfg),
-            cfg.train.grad_accum_steps,
-            rank,
-            world_size,
-            cfg.train.seed,
-            bucket_by_length=cfg.data.bucket_by_length,
-        )
+        print(summary(cfg, accelerator, job.model, per_rank_batch_size(cfg, accelerator.num_processes)), flush=True)
+    if job.lanes is None:  # stream mode reads its chunks in `lane_stream`, step by step
         workers = loader_workers(cfg.data, accelerator.device)
-        loader = make_loader(train_set, sampler, workers, pin_memory=accelerator.device.type == "cuda")
-    start_step = resume.step if resume else 0
-    tracker = make_tracker(cfg, accelerator, run_dir, resume)
-    return Job(
-        cfg,
-        accelerator,
-        model,
-        model_config,
-        optimizer,
-        train_set,
-        val_set,
-        sampler,
-        loader,
-        tracker,
-        run_dir,
-        start_step,
-        preemption,
-        skipped_steps=int(resume.state.get("skipped_steps", 0)) if resume else 0,
-        lanes=lanes,
-        selection=selection,
-    )
+        job.loader = make_loader(job.train_set, job.sampler, workers, pin_memory=accelerator.device.type == "cuda")
 
 
 def _load_lanes(resume: ckpt_lib.Checkpoint, lanes: LaneState, sampler: StreamSampler) -> None:
@@ -325,6 +304,7 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep, lanes=every_lane
         )
     acc.wait_for_everyone()
+    job.boundary.saved()
     return path
 
 
@@ -451,16 +431,16 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                 break
 
         # --- once in a while: checkpoint (all ranks participate) --------------------------------
-        preempted = job.preemption.agreed()
-        if preempted or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < max_steps):
+        preempted, clock = job.boundary.agreed()
+        if preempted or clock or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < max_steps):
             save_start = time.perf_counter()
             path = save(job, done, epoch)
             interval_start += time.perf_counter() - save_start  # perf/* measure training steps, not saving
             if preempted:
                 if acc.is_main_process:
-                    ckpt_lib.mark_preempted(job.run_dir, path, done, job.preemption.signum)
+                    ckpt_lib.mark_preempted(job.run_dir, path, done, job.boundary.signum)
                     print(
-                        f"dist-gru: preempted by signal {job.preemption.signum or '(peer)'}; "
+                        f"dist-gru: preempted by signal {job.boundary.signum or '(peer)'}; "
                         f"checkpoint {path}; exiting with code {EXIT_PREEMPTED}",
                         flush=True,
                     )
@@ -468,7 +448,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                 return EXIT_PREEMPTED, metrics
 
     progress.close()
-    job.preemption.drain()  # no collective left in flight once the loop is done
+    job.boundary.drain()  # no collective left in flight once the loop is done
     if final is None:
         # Evaluated before the last checkpoint, so the checkpoint holds the selection state after it.
         final = _evaluate_and_log(job, max_steps) if job.val_set is not None else {}

@@ -234,11 +234,28 @@ def crashed_rank_job(folder: Path, jobs: list[int]) -> dict:
     return {"job": job, "info": info, "out": (folder / f"slurm-{job}.out").read_text()}
 
 
+def same_folder_jobs(folder: Path, jobs: list[int]) -> dict:
+    """A job on node1 trains in a run folder; a second job on node2 is started on the same folder
+    (the shared file system): it must refuse, naming the first one's host and Slurm job."""
+    run_dir = folder / "run"
+    args = (*LONG, "train.max_steps=100000", f"train.run_dir={run_dir}")
+    first = sbatch(TASKS_SBATCH, folder, *args, options=("--nodes=1", "--nodelist=node1", "--cpus-per-task=1", "--time=10"))
+    jobs.append(first)
+    wait_for(lambda: complete_checkpoints(run_dir), timeout_s=JOB_TIMEOUT_S, what="the first job's first checkpoint")
+    second = sbatch(TASKS_SBATCH, folder, *args, options=("--nodes=1", "--nodelist=node2", "--cpus-per-task=1", "--time=10"))
+    jobs.append(second)
+    second_info, second_out = finish(second, folder, JOB_TIMEOUT_S)
+    first_state = wait_state(first, "RUNNING", timeout_s=10)["JobState"]  # still training
+    cancel(first)
+    return {"first": first, "first_state": first_state, "second": second, "info": second_info, "out": second_out,
+            "run_dir": run_dir}
+
+
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
     jobs: list[int] = []
     futures: dict[str, Future] = {}
-    with ThreadPoolExecutor(max_workers=6) as pool:
+    with ThreadPoolExecutor(max_workers=7) as pool:
         # Submitted in this order, so the two-node pair starts first, together.
         for name, fn in [
             ("two_node", two_node_jobs),
@@ -247,6 +264,7 @@ def scenarios(tmp_path_factory):
             ("crash", crashed_rank_job),
             ("early_notice", early_notice_job),
             ("restart", restarted_job),
+            ("same_folder", same_folder_jobs),
         ]:
             futures[name] = pool.submit(fn, tmp_path_factory.mktemp(name), jobs)
             time.sleep(0.5)
@@ -414,3 +432,16 @@ def test_max_restarts_restarts_both_nodes_after_a_failure_and_the_job_finishes(s
     print(f"\njob {job}: node2's workers killed, torchrun restarted both nodes' workers from step "
           f"{int(resumed[0])}; max abs weight difference to the uninterrupted 1-process run: {diff:.2e}")
     assert diff <= TOLERANCE
+
+
+@pytest.mark.timeout(1000)
+def test_a_second_job_on_another_node_refuses_the_run_folder(scenarios):
+    """The run folder's lock holds across the nodes of a shared file system."""
+    same = result(scenarios, "same_folder")
+    assert same["first_state"] == "RUNNING"
+    out = same["out"]
+    assert same["info"]["JobState"] == "FAILED", out
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, out
+    assert f"train.run_dir={same['run_dir']} is in use by another job" in errors[0], out
+    assert f"on host node1, Slurm job {same['first']}" in errors[0], out

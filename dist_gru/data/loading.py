@@ -14,6 +14,7 @@ no sampler state needs saving. Each rank loads and pads only its own slice.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -223,7 +224,14 @@ def make_loader(dataset: Dataset, batch_sampler, num_workers: int, pin_memory: b
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
+        worker_init_fn=ignore_interrupts if num_workers else None,
     )
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """Loader workers ignore SIGINT: Ctrl-C reaches the whole process group, the trainer turns it
+    into a checkpoint, and a worker that died of it would fail the batches still to come."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_stream(loader: DataLoader, sampler: TrainBatchSampler, start_step: int) -> Iterator[tuple[int, dict]]:
