@@ -11,6 +11,9 @@
 
 Every subcommand turns a user error (bad config, bad data file, bad checkpoint, bad launch
 environment) into one `error: ...` message on stderr and exit code 2, leaving files on disk alone.
+Under a launcher every rank exits 2, but a message every rank has in common (a config error, or a
+decision global rank 0 made for all, marked `same_on_every_rank`) is printed by rank 0 alone; an
+error of one rank's own (its files, its devices) by that rank, named.
 Any other exception is a crash: its traceback goes to stderr in one piece, under a line naming
 the process (`dist-gru: rank 1 of 2 (local rank 1, host node2) crashed: ...`), and, under
 torchrun, also into the error file torchrun reads (`@record`), so the agent's failure summary
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -68,17 +72,36 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return getattr(importlib.import_module(module), func)(argv[1:])
         except (ConfigError, DataFormatError, CheckpointError, LaunchError) as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+            if rank == "0":
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            elif not getattr(exc, "same_on_every_rank", isinstance(exc, ConfigError)):
+                print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+            else:
+                wait_for_rank0()
             return 2
 
     try:
         return run()
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler, or in another command
+        print(f"dist-gru: interrupted ({argv[0]} stopped; nothing half-written is ever kept)", file=sys.stderr)
+        return 130
     except Exception as exc:
         # One write: the ranks of a job share its output, and their lines must not interleave.
         report = f"dist-gru: {process_name()} crashed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         sys.stderr.write(report)
         sys.stderr.flush()
         return 1
+
+
+def wait_for_rank0(limit_s: float = 10.0) -> None:
+    """Leave after global rank 0, which prints the error every rank shares: a launcher stops the other
+    workers when the first one exits (torchrun: SIGTERM, which may come before rank 0 has printed
+    anything, and it names the first to exit as the failure). So wait for the launcher's signal,
+    or `limit_s`, with SIGTERM and SIGINT blocked: they end the wait instead of the process."""
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    signal.sigtimedwait(stops, limit_s)
 
 
 def process_name() -> str:

@@ -14,7 +14,8 @@
 #   MAX_RESTARTS   times torchrun restarts failed workers (default: 0)
 #   LOG_RANKS      local ranks whose output is shown, e.g. 0 or 0,1 (default: 0; empty: every rank,
 #                  unprefixed). Only rank 0 prints the summary and progress; show all when debugging.
-#   TORCHRUN       the torchrun command                   (default: torchrun)
+#   TORCHRUN       the torchrun command                   (default: python -m dist_gru.torchrun, torchrun
+#                  ending in one line, not a traceback, when the workers stop on a user error)
 set -euo pipefail
 
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -25,9 +26,9 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-localhost:0}
 RDZV_ID=${RDZV_ID:-dist-gru}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 LOG_RANKS=${LOG_RANKS-0}
-TORCHRUN=${TORCHRUN:-torchrun}
+read -ra launcher <<< "${TORCHRUN:-python -m dist_gru.torchrun}"
 
-cmd=("$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
+cmd=("${launcher[@]}" --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
     --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")
 if [[ -n "$LOG_RANKS" ]]; then
     # --tee 3 routes both streams through torchrun, which then shows only these ranks, prefixed.

@@ -14,6 +14,7 @@ from dist_gru import cli
 
 COMMAND_MODULE = '''
 from dist_gru.config import ConfigError
+from dist_gru.data.files import DataFormatError
 
 
 def crash(argv):
@@ -22,6 +23,10 @@ def crash(argv):
 
 def user_error(argv):
     raise ConfigError("train.max_steps: must be positive (got -1)")
+
+
+def data_error(argv):
+    raise DataFormatError("data/train/features.npy: truncated")
 '''
 
 
@@ -31,6 +36,7 @@ def commands(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.COMMANDS, "crash", ("stand_in_command", "crash", "crash"))
     monkeypatch.setitem(cli.COMMANDS, "user-error", ("stand_in_command", "user_error", "user error"))
+    monkeypatch.setitem(cli.COMMANDS, "data-error", ("stand_in_command", "data_error", "data error"))
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
@@ -70,8 +76,28 @@ def test_a_crash_of_a_single_process_names_the_host(commands, capfd):
 
 
 def test_a_user_error_stays_one_line_and_exit_2_with_no_error_file(commands, monkeypatch, capfd):
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["user-error"]) == 2
     assert capfd.readouterr().err == "error: train.max_steps: must be positive (got -1)\n"
     assert not commands.exists()
+
+
+def test_an_error_every_rank_shares_is_printed_by_rank_0_alone(commands, monkeypatch, capfd):
+    """Rank 1 has the same config error: it says nothing and leaves after rank 0 (the launcher's
+    SIGTERM, or a time limit), so the launcher's first failure is the rank that printed."""
+    waited = []
+    monkeypatch.setattr(cli, "wait_for_rank0", lambda: waited.append(True))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["user-error"]) == 2
+    assert capfd.readouterr().err == ""
+    assert waited == [True]
+    assert not commands.exists()
+
+
+def test_an_error_of_one_rank_is_printed_by_that_rank(commands, monkeypatch, capfd):
+    """A data file one rank cannot read may be fine on the others: that rank names itself."""
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert cli.main(["data-error"]) == 2
+    assert capfd.readouterr().err == "error (rank 3): data/train/features.npy: truncated\n"

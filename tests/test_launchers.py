@@ -115,7 +115,7 @@ def test_torchrun_sh_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     result = assert_ok(_launch("torchrun.sh", f"train.run_dir={run_dir}", *TRAIN_ARGS, NPROC="2"))
     command = _printed_command(result.stdout)
-    assert command.startswith("+ torchrun --nnodes 1 --nproc-per-node 2 ") and "--local-ranks-filter 0" in command
+    assert command.startswith("+ python -m dist_gru.torchrun --nnodes 1 --nproc-per-node 2 ") and "--local-ranks-filter 0" in command
     fields = summary_fields(result.stdout)
     assert (fields["world_size"], fields["backend"], fields["wrapper"]) == ("2", "gloo", "DistributedDataParallel")
     assert "[rank0]:" in result.stdout and "[rank1]:" not in result.output  # LOG_RANKS=0: rank 0's output only
