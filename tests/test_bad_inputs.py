@@ -198,6 +198,14 @@ def test_csv_encoding_is_checked_and_can_be_chosen(tmp_path: Path) -> None:
     one_error(prepare_csv(tmp_path, text, *SERIES, "--encoding", "klingon"), "--encoding klingon: unknown encoding")
 
 
+def test_prepare_seed_has_a_range(tmp_path: Path) -> None:
+    np.savez(tmp_path / "a.npz", features=np.zeros((10, 3, 1), np.float32), targets=np.zeros(10, np.float32))
+    args = ["prepare", "--npz", str(tmp_path / "a.npz"), "--task", "regression", "--val-fraction", "0.2"]
+    refused = cli(*args, "--out", str(tmp_path / "out"), "--seed", "-1", timeout=120)
+    one_error(refused, "--seed -1; expected an integer in 0..9223372036854775807")
+    assert sorted(os.listdir(tmp_path)) == ["a.npz"]
+
+
 # ------------------------------------------------------------------------------- permissions
 
 

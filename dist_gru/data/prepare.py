@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_gru.config import MAX_SEED
 from dist_gru.data.files import (
     TASKS,
     DataFormatError,
@@ -134,6 +135,8 @@ def _run(args: argparse.Namespace) -> dict:
         raise _UsageError("--out DIR is required")
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise _UsageError(f"--val-fraction {args.val_fraction}; expected a number strictly between 0 and 1")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise _UsageError(f"--seed {args.seed}; expected an integer in 0..{MAX_SEED}")
     if args.text is not None:
         if args.task is not None or args.num_classes is not None:
             raise _UsageError("--text writes byte tokens (next-byte prediction over 256 classes): drop --task/--num-classes")
