@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
@@ -30,19 +31,28 @@ class ConfigError(ValueError):
     """A config problem a user must fix; the message lists every problem, one per line."""
 
 
+# Seeds reach torch.manual_seed (which takes [-2**63, 2**64)) and numpy uint64 hashing: the
+# non-negative int64 range fits both.
+MAX_SEED = 2**63 - 1
+
+
 def quantile_problems(name: str, quantiles: Any) -> list[str]:
     """Why ``quantiles`` is not a non-empty, strictly increasing list of levels in (0, 1); [] if it is."""
     if isinstance(quantiles, str) or not isinstance(quantiles, Sequence) or not quantiles:
-        return [f"{name}={quantiles!r}: expected a non-empty list of quantile levels in (0, 1)"]
+        return [f"{name}={short_repr(quantiles)}: expected a non-empty list of quantile levels in (0, 1)"]
     if not all(isinstance(q, Real) and not isinstance(q, bool) and math.isfinite(q) for q in quantiles):
-        return [f"{name}={list(quantiles)!r}: expected numbers (quantile levels in (0, 1))"]
+        return [f"{name}={short_repr(list(quantiles))}: expected numbers (quantile levels in (0, 1))"]
     outside = [q for q in quantiles if not 0 < q < 1]
     if outside:
         return [
-            f"{name}={list(quantiles)!r}: {outside} outside (0, 1); a quantile level is a probability strictly between 0 and 1"
+            f"{name}={short_repr(list(quantiles))}: {short_repr(outside)} outside (0, 1); a quantile level is a "
+            "probability strictly between 0 and 1"
         ]
     if any(b <= a for a, b in zip(quantiles, quantiles[1:], strict=False)):
-        return [f"{name}={list(quantiles)!r}: expected strictly increasing levels (no repeats), e.g. [0.1, 0.5, 0.9]"]
+        return [
+            f"{name}={short_repr(list(quantiles))}: expected strictly increasing levels (no repeats), "
+            "e.g. [0.1, 0.5, 0.9]"
+        ]
     return []
 
 
@@ -105,7 +115,10 @@ class DataConfig(_Section):
     train_size: int = Field(50_000, ge=1, description="number of synthetic training sequences")
     val_size: int = Field(2_000, ge=1, description="number of synthetic validation sequences")
     seed: int = Field(
-        1234, ge=0, description="seed of the synthetic data generator (sample i is a function of (seed, i))"
+        1234,
+        ge=0,
+        le=MAX_SEED,
+        description="seed of the synthetic data generator (sample i is a function of (seed, i))",
     )
     train_path: str | None = Field(None, description="files: training split folder (dist_gru.seq/v1)")
     val_path: str | None = Field(None, description="files: validation split folder (dist_gru.seq/v1)")
@@ -204,7 +217,10 @@ class TrainConfig(_Section):
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (each rank)")
     max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
     seed: int = Field(
-        0, ge=0, description="seed of model init, dropout and the sample order (order depends on (seed, epoch))"
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="seed of model init, dropout and the sample order (order depends on (seed, epoch))",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs a GPU)")
     cpu_bf16: Literal["auto", "gru", "autocast"] = Field(
@@ -466,8 +482,50 @@ def trajectory(tree: dict[str, Any]) -> dict[str, Any]:
 # Loading
 
 
+# A config is a few hundred values a few levels deep. Aliases make YAML a compression format: a
+# few hundred bytes of nested anchors ("billion laughs") stand for billions of values, which
+# validating or printing would expand; deep nesting overflows the composer's recursion.
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 100
+MAX_PROBLEMS = 20  # listed in one error message
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads `3e-3` as a float (YAML 1.1 wants `3.0e-3`, a classic trap)."""
+    """SafeLoader that reads `3e-3` as a float (YAML 1.1 wants `3.0e-3`, a classic trap) and refuses
+    (ConfigError) a document whose aliases expand it past MAX_YAML_NODES values, a recursive alias,
+    or nesting deeper than MAX_YAML_DEPTH."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> values it stands for, aliases expanded
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        where = f"line {event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._sizes:  # its anchor's collection is still being composed
+                raise ConfigError(f"{where}: alias *{event.anchor} refers to a collection that contains it")
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        size = 1 + sum(self._sizes[id(child)] for child in children)
+        if size > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{where}: this value holds {size:,} values (aliases *name expanded); at most "
+                f"{MAX_YAML_NODES:,} are allowed in a config"
+            )
+        self._sizes[id(node)] = size
+        return node
 
 
 _YamlLoader.add_implicit_resolver(
@@ -512,16 +570,50 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+_SHORT = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 8, 12, 12
+_SHORT.maxstring = _SHORT.maxother = 120
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """repr(value) for an error message, at most `limit` characters: a bad value can be huge, and
+    the message must stay one readable line (reprlib elides deep, long or wide parts)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     dotted = ".".join(str(p) for p in loc) or "<config>"
-    given = err.get("input")
+    given = short_repr(err.get("input"))
     if err["type"] == "extra_forbidden":
         valid = ", ".join(_valid_keys(loc))
-        return f"{dotted}: unknown key (value {given!r}); valid keys here: {valid}"
+        return f"{dotted}: unknown key (value {given}); valid keys here: {valid}"
     if err["type"] == "value_error":
         return err["msg"].removeprefix("Value error, ")
-    return f"{dotted}: {err['msg']} (got {given!r})"
+    return f"{dotted}: {err['msg']} (got {given})"
+
+
+def _read_yaml_file(path: Path) -> Any:
+    """The YAML document in `path`, any problem a ConfigError naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read the file ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"--config {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line}); "
+            "expected a UTF-8 file: re-save it as UTF-8"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -530,12 +622,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.load(path.read_text(), Loader=_YamlLoader)
-        except OSError as exc:
-            raise ConfigError(f"--config {path}: cannot read the file ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+        loaded = _read_yaml_file(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -550,10 +637,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             _set_dotted(tree, key, parse_value(text), problems)
         except yaml.YAMLError:
             _set_dotted(tree, key, text, problems)
+        except ConfigError as exc:  # too large or too deep to be a config value
+            problems.append(f"{key}: {exc}")
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
         problems += [_format_error(e) for e in exc.errors(include_url=False)]
+    if len(problems) > MAX_PROBLEMS:  # e.g. one per element of a long list of the wrong type
+        problems = problems[:MAX_PROBLEMS] + [f"... and {len(problems) - MAX_PROBLEMS} more problems"]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg

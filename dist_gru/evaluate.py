@@ -125,6 +125,22 @@ def _load_for_inference(args: argparse.Namespace, extra: list[str] = ()):
     return cfg, model, dataset
 
 
+def output_inside_input(out: str | Path, inputs: dict[str, str | Path | None]) -> str | None:
+    """Why `out` must not be written, or None: it is (inside) one of `inputs` ({option: path}),
+    which writing it would overwrite (e.g. `--out DATA/features.npy`). Paths are compared resolved
+    (symlinks and `..` followed); inputs that are not paths on disk (a synthetic dataset name) are skipped."""
+    target = Path(out).resolve()
+    for option, given in inputs.items():
+        if given is None or not Path(given).exists():
+            continue
+        if target.is_relative_to(Path(given).resolve()):
+            return (
+                f"--out {out}: is inside {option} {given}, which it would overwrite; choose an output path "
+                f"outside the inputs"
+            )
+    return None
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--model", required=True, help="a saved model folder (config.json + model.safetensors)")
@@ -192,6 +208,9 @@ def forecast_main(argv: list[str] | None = None) -> int:
     parser = _parser("dist-gru forecast")
     parser.add_argument("--out", required=True, help="output .npy path: [num_series, horizon, O] (+ quantile axis)")
     args = parser.parse_intermixed_args(argv)
+    problem = output_inside_input(args.out, {"--model": args.model, "--data": args.data, "--config": args.config})
+    if problem:
+        raise ConfigError(problem)
     model_dir = Path(args.model)
     model = _load_model(model_dir)
     if model.head_kind != "forecast":

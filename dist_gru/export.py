@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_gru.config import ConfigError
+from dist_gru.evaluate import output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
 
 FORMATS = ("onnx", "torchscript")
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--out {out}: the folder {out.parent} does not exist")
     elif out.is_dir():
         problems.append(f"--out {out}: is a folder; expected a file path")
+    elif inside := output_inside_input(out, {"--model": args.model}):
+        problems.append(inside)
     if problems:
         raise ConfigError("cannot export:\n  " + "\n  ".join(problems))
     if args.format == "onnx":

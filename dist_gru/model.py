@@ -42,6 +42,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from dist_gru.config import Config, ConfigError, quantile_problems
+from dist_gru.data.files import follow_umask
 from dist_gru.heads import HEADS, OUTPUTS, build_head, shape_output, units_per_output
 from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast, step_mask
 from dist_gru.recurrence import gru_direction, gru_layers
@@ -675,6 +676,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         # independent CPU copies instead (config.json is written by the mixin).
         state = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in self.state_dict().items()}
         save_file(state, str(Path(save_directory) / "model.safetensors"))
+        follow_umask(Path(save_directory) / "model.safetensors")  # safetensors writes it 0600
 
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> GRUModel:

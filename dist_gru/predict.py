@@ -36,7 +36,7 @@ import torch
 
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
-from dist_gru.evaluate import _batch_to, _load_for_inference, _load_model, _parser
+from dist_gru.evaluate import _batch_to, _load_for_inference, _load_model, _parser, output_inside_input
 
 
 def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
@@ -87,6 +87,9 @@ def predict_main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--out {out}: expected a file name ending in .npy")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
+    if problem:
+        raise ConfigError(problem)
     model = _load_model(Path(args.model))
     if args.probabilities and model.task != "classification":
         raise ConfigError(

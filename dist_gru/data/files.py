@@ -153,6 +153,7 @@ def staged_dataset(path: Path, meta: dict[str, Any]) -> Iterator[Path]:
     and the folder renamed to `path` (the write is atomic), on failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    follow_umask(staging)
     try:
         yield staging
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -160,6 +161,26 @@ def staged_dataset(path: Path, meta: dict[str, Any]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only read it
+    by setting it, which races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give `path` the permissions a new file (0666) or folder (0777) gets under the umask.
+
+    mkstemp, mkdtemp and safetensors create private files and folders (0600 / 0700) so that a
+    half-written one is nobody else's; renamed into place they would stay private."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
 
 
 def check_destination(path: str | os.PathLike) -> None:

@@ -26,14 +26,20 @@ run loses nothing already on disk.
 from __future__ import annotations
 
 import argparse
+import array as pyarray  # (`array` names numpy arrays below)
+import codecs
+import contextlib
 import csv
 import json
+import math
 import sys
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from dist_gru.config import MAX_SEED
 from dist_gru.data.files import (
     TASKS,
     DataFormatError,
@@ -90,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, help="CSV: rows between window starts (default 1)")
     parser.add_argument("--target-columns", help="CSV: comma-separated target columns")
     parser.add_argument(
+        "--encoding", help="CSV: the file's text encoding, e.g. latin-1 or cp1252 (default utf-8; a BOM is allowed)"
+    )
+    parser.add_argument(
         "--feature-columns",
         help="CSV: comma-separated feature columns (default: all columns; with --series all but the target "
         "and series columns, possibly none)",
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> dict:
     if args.check is not None:
         return _check(args.check)
-    csv_options = ("window", "horizon", "stride", "target_columns", "feature_columns", "series_column")
+    csv_options = ("window", "horizon", "stride", "target_columns", "feature_columns", "series_column", "encoding")
     if args.csv is None:
         given = [f"--{name.replace('_', '-')}" for name in csv_options if getattr(args, name) is not None]
         given += ["--series"] if args.series else []
@@ -126,6 +135,8 @@ def _run(args: argparse.Namespace) -> dict:
         raise _UsageError("--out DIR is required")
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         raise _UsageError(f"--val-fraction {args.val_fraction}; expected a number strictly between 0 and 1")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise _UsageError(f"--seed {args.seed}; expected an integer in 0..{MAX_SEED}")
     if args.text is not None:
         if args.task is not None or args.num_classes is not None:
             raise _UsageError("--text writes byte tokens (next-byte prediction over 256 classes): drop --task/--num-classes")
@@ -292,42 +303,97 @@ def _columns(file: Path, option: str, value: str, header: list[str]) -> list[int
     return [header.index(name) for name in names]
 
 
-def _read_csv(file: Path, used: list[int], header: list[str]) -> np.ndarray:
-    """The `used` columns as float64 [rows, len(used)], or an error naming the column and line."""
-    try:  # fast path: numpy's C parser
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "input contained no data": reported below as too few rows
-            data = np.loadtxt(
-                file, delimiter=",", skiprows=1, usecols=used, ndmin=2, comments=None, encoding="utf-8-sig"
-            )
-        if np.isfinite(data).all():
-            return data
-    except ValueError:
-        pass
-    # slow path: the csv module, to name the exact line and column of the problem
-    rows = []
-    with file.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        next(reader)
+def _encoding(value: str | None) -> str:
+    """The codec to open a CSV with: `--encoding`, UTF-8 by default (a leading BOM allowed)."""
+    if value is None:
+        return "utf-8-sig"
+    try:
+        name = codecs.lookup(value).name
+    except LookupError:
+        raise _UsageError(
+            f"--encoding {value}: unknown encoding; expected a Python codec name such as utf-8, latin-1 or cp1252"
+        ) from None
+    return "utf-8-sig" if name == "utf-8" else name
+
+
+def _undecodable(file: Path, encoding: str) -> tuple[int, int, int]:
+    """(offset, line, value) of the first byte of `file` that `encoding` cannot decode; the file
+    is read again in chunks, only to name the position (the text reader's error cannot)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset, line = 0, 1
+    with file.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:  # err.object: bytes held back from the last chunk + chunk
+                held = len(err.object) - len(chunk)
+                line += chunk.count(b"\n", 0, max(0, err.start - held))
+                return offset - held + err.start, line, err.object[err.start]
+            if not chunk:
+                return offset, line, 0  # not reached: the text reader failed, so some byte is bad
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
+
+
+@contextlib.contextmanager
+def _csv_rows(file: Path, encoding: str) -> Iterator[Any]:
+    """A `csv.reader` (RFC 4180 quoting) over `file`; an undecodable byte is a DataFormatError."""
+    if not file.is_file():
+        raise DataFormatError(f"{file}: no such file")
+    try:
+        with file.open(newline="", encoding=encoding) as f:
+            yield csv.reader(f)
+    except UnicodeDecodeError:
+        offset, line, value = _undecodable(file, encoding)
+        name = codecs.lookup(encoding).name.removesuffix("-sig")
+        raise DataFormatError(
+            f"{file}: not valid {name} (byte 0x{value:02x} at offset {offset}, line {line}); expected {name} text, "
+            "or name the file's encoding with --encoding (e.g. --encoding latin-1)"
+        ) from None
+
+
+def _read_csv(
+    file: Path, header: list[str], used: list[int], encoding: str, key_column: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """One pass over the data rows: the `used` columns as float64 [rows, len(used)] and the values of
+    `key_column` (stripped; [] without one), or an error naming the line (and column) of the problem."""
+    values, keys = pyarray.array("d"), []  # 8 bytes a value, not a Python float
+    blank = None
+    with _csv_rows(file, encoding) as reader:
+        next(reader, None)  # the header
         for row in reader:
             line = reader.line_num
-            if not row:
+            if not row:  # blank lines may end the file; inside the data they would shift the timeline
+                blank = blank or line
                 continue
+            if blank is not None:
+                raise DataFormatError(
+                    f"{file}: line {blank} is blank; a blank line in the data would shift the timeline: remove it"
+                )
             if len(row) != len(header):
-                raise DataFormatError(f"{file}: line {line} has {len(row)} fields; the header has {len(header)}")
-            values = []
-            for c in used:
-                try:
-                    value = float(row[c])
-                except ValueError:
-                    raise DataFormatError(
-                        f"{file}: column {header[c]!r}, line {line}: {row[c]!r} is not a number"
-                    ) from None
-                if not np.isfinite(value):
-                    raise DataFormatError(f"{file}: column {header[c]!r}, line {line}: {row[c]!r} is not finite")
-                values.append(value)
-            rows.append(values)
-    return np.array(rows, dtype=np.float64).reshape(len(rows), len(used))
+                raise DataFormatError(
+                    f"{file}: line {line} has {len(row)} fields; expected {len(header)} (the header's)"
+                )
+            try:
+                numbers = [float(row[c]) for c in used]
+            except ValueError:
+                numbers = []
+            if len(numbers) != len(used) or not all(map(math.isfinite, numbers)):
+                _raise_bad_number(file, header, used, row, line)
+            values.extend(numbers)
+            if key_column is not None:
+                keys.append(row[key_column].strip())
+    return np.frombuffer(values, dtype=np.float64).reshape(-1, len(used)), keys
+
+
+def _raise_bad_number(file: Path, header: list[str], used: list[int], row: list[str], line: int) -> None:
+    for c in used:
+        try:
+            value = float(row[c])
+        except ValueError:
+            raise DataFormatError(f"{file}: column {header[c]!r}, line {line}: {row[c]!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataFormatError(f"{file}: column {header[c]!r}, line {line}: {row[c]!r} is not finite")
 
 
 def _windows(data: np.ndarray, window: int, horizon: int, stride: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -349,7 +415,8 @@ def _csv_splits(args: argparse.Namespace) -> dict:
     for option, value, low in (("--window", args.window, 1), ("--horizon", horizon, 0), ("--stride", stride, 1)):
         if value < low:
             raise _UsageError(f"{option} {value}; expected an integer >= {low}")
-    header = _csv_header(file)
+    encoding = _encoding(args.encoding)
+    header = _csv_header(file, encoding)
     feature_cols = (
         list(range(len(header)))
         if args.feature_columns is None
@@ -357,7 +424,7 @@ def _csv_splits(args: argparse.Namespace) -> dict:
     )
     target_cols = _columns(file, "--target-columns", args.target_columns, header)
     used = sorted(set(feature_cols) | set(target_cols))
-    data = _read_csv(file, used, header)
+    data, _ = _read_csv(file, header, used, encoding)
     features, targets = data[:, [used.index(c) for c in feature_cols]], data[:, [used.index(c) for c in target_cols]]
 
     need = args.window + horizon
@@ -381,11 +448,9 @@ def _csv_splits(args: argparse.Namespace) -> dict:
     return splits
 
 
-def _csv_header(file: Path) -> list[str]:
-    if not file.is_file():
-        raise DataFormatError(f"{file}: no such file")
-    with file.open(newline="", encoding="utf-8-sig") as f:
-        header = [name.strip() for name in next(csv.reader(f), [])]
+def _csv_header(file: Path, encoding: str) -> list[str]:
+    with _csv_rows(file, encoding) as reader:
+        header = [name.strip() for name in next(reader, [])]
     if not header or not any(header):
         raise DataFormatError(f"{file}: no header row; expected column names on the first line")
     duplicated = sorted({name for name in header if header.count(name) > 1})
@@ -405,7 +470,8 @@ def _csv_series_splits(args: argparse.Namespace, task: str) -> tuple[dict, int |
         )
     if args.target_columns is None:
         raise _UsageError("--csv --series needs --target-columns")
-    header = _csv_header(file)
+    encoding = _encoding(args.encoding)
+    header = _csv_header(file, encoding)
     target_cols = _columns(file, "--target-columns", args.target_columns, header)
     if task == "classification" and len(target_cols) != 1:
         raise _UsageError(f"--task classification takes one --target-columns column of labels; got {len(target_cols)}")
@@ -421,7 +487,7 @@ def _csv_series_splits(args: argparse.Namespace, task: str) -> tuple[dict, int |
         if series_col in feature_cols:
             raise _UsageError(f"--series-column {header[series_col]!r} names the series; it cannot be a feature")
     used = sorted(set(feature_cols) | set(target_cols))
-    data = _read_csv(file, used, header)
+    data, keys = _read_csv(file, header, used, encoding, series_col)
     features = data[:, [used.index(c) for c in feature_cols]].astype(np.float32)
     targets = data[:, [used.index(c) for c in target_cols]]
     if len(data) == 0:
@@ -429,12 +495,7 @@ def _csv_series_splits(args: argparse.Namespace, task: str) -> tuple[dict, int |
     if series_col is None:
         names, groups = [None], [np.arange(len(data))]
     else:
-        keys = np.loadtxt(
-            file, delimiter=",", skiprows=1, usecols=[series_col], dtype=str, ndmin=1, comments=None,
-            encoding="utf-8-sig",
-        )  # fmt: skip
-        keys = np.char.strip(keys)
-        names, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        names, first, inverse = np.unique(np.array(keys), return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")  # series in order of first appearance
         rows = np.argsort(inverse, kind="stable")  # rows grouped by series, file order inside
         groups = np.split(rows, np.cumsum(np.bincount(inverse))[:-1])
