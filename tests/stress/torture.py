@@ -1,0 +1,386 @@
+"""Trust probes: bad inputs, damaged run folders, full disks and kill -9 against the real CLI.
+
+    .venv/bin/python tests/stress/torture.py                     # every probe, 8 kill -9 per run kind
+    .venv/bin/python tests/stress/torture.py --only ctrl-c,full-disk --kills 4
+    .venv/bin/python tests/stress/torture.py --list
+
+Each probe runs real `python -m dist_gru` commands (tiny models: seconds per run) in a temporary
+folder of its own and prints one line: `ok    <probe>  <the figure that matters>` or
+`FAIL  <probe>  <reason>`, then `N passed, M failed`; the exit code is 1 if any failed. What they
+check: a user error is one `error` line, exit 2, no traceback and nothing changed on disk (sha256
+of every file before and after); one job per run folder; Ctrl-C preempts and the same command
+resumes; checkpoints by the clock; non-finite values stop training (exit 3) and are never saved
+or printed as bare NaN; bounded config loading, CSV parsing and the umask; damaged checkpoints,
+model folders, data and metrics; a full disk (a small tmpfs, mounted as root) at several fill
+levels during a save; and kill -9 at random moments and in the middle of saves, of a 1-process and
+a 2-process torchrun run, each followed by the same command: a resume must name a checkpoint
+whose COMPLETE marker verifies, and the run must finish with exit 0. Every process a probe starts
+is killed with its children when the probe ends, and every command has a timeout.
+
+Not part of the test suite (pytest does not collect it: the file is not named test_*.py). It takes
+about 15 minutes on 2 busy cores; run probes one at a time with --only while working on one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
+
+from conftest import PY, TINY, Background, Result, run, test_env, torchrun_cmd  # noqa: E402
+
+from dist_gru import checkpoint as ckpt_lib  # noqa: E402
+
+# TINY without W&B (no service process to start) and with checkpoints every 4 of 12 steps.
+BASE = [
+    *(arg for arg in TINY if not arg.startswith(("log.mode", "train.max_steps"))),
+    "log.mode=disabled",
+    "train.max_steps=12",
+    "checkpoint.every=4",
+]
+# A files job: the run reads data.train_path, so a probe can damage or replace the data.
+FILES = [*BASE, "data.name=files", "checkpoint.every=2", "train.max_steps=8"]
+# The real entry point with a cap on address space (an expanding config fails fast instead of
+# taking the shared machine's memory) and a umask.
+CAPPED = (
+    "import os, resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+    "os.umask(int(sys.argv[1], 8))\n"
+    "from dist_gru.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+# Run a command without root's power to read or write any file, so that chmod denies something.
+NO_DAC = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+LAUGHS = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)
+]
+
+
+class ProbeFailed(Exception):
+    """A probe's finding: the reason, one line."""
+
+
+PROBES: dict[str, Callable[[Path, argparse.Namespace], str]] = {}
+LIVE: list[Background] = []  # what the running probe launched; killed when it ends
+
+
+def probe(name: str):
+    def register(func):
+        PROBES[name] = func
+        return func
+
+    return register
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def check(condition: object, reason: str) -> None:
+    if not condition:
+        raise ProbeFailed(reason)
+
+
+def tail(text: str, lines: int = 1) -> str:
+    """The last lines of an output, on one line, for a FAIL reason."""
+    kept = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)[:300] or "(no output)"
+
+
+def dist_gru(*args: str, timeout: float = 180, prefix: tuple[str, ...] = (), umask: int | None = None) -> Result:
+    """`python -m dist_gru ARGS`, or with `umask` under the capped entry point."""
+    if umask is None:
+        return run([*prefix, PY, "-m", "dist_gru", *args], timeout=timeout)
+    return run([*prefix, PY, "-c", CAPPED, f"{umask:o}", *args], timeout=timeout)
+
+
+def train(run_dir: Path, *extra: str, base: list[str] = BASE, **kwargs) -> Result:
+    return dist_gru("train", *base, f"train.run_dir={run_dir}", *extra, **kwargs)
+
+
+def background(cmd: list[str], log: Path) -> Background:
+    job = Background(cmd, log, env=test_env())
+    LIVE.append(job)
+    return job
+
+
+def refused(result: Result, *phrases: str) -> str:
+    """A refused command: exit 2, exactly one line starting with `error`, no traceback, every phrase
+    in that line (or the message under it). Returns the error line."""
+    out = result.output
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    check(result.returncode == 2, f"exit {result.returncode}, not 2: {tail(out, 2)}")
+    check("Traceback" not in out, f"a traceback: {tail(out, 2)}")
+    check(len(errors) == 1, f"{len(errors)} lines start with 'error': {tail(out, 3)}")
+    message = out[out.index(errors[0]) :]
+    for phrase in phrases:
+        check(phrase in message, f"the error does not say {phrase!r}: {errors[0][:240]}")
+    return errors[0]
+
+
+def finished(result: Result) -> Result:
+    check(result.returncode == 0, f"exit {result.returncode}: {tail(result.output, 2)}")
+    check("Traceback" not in result.output, f"a traceback: {tail(result.output, 2)}")
+    return result
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` ("dir" for folders, the target for links)."""
+    seen = {}
+    for path in sorted(Path(folder).rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            seen[key] = f"link {os.readlink(path)}"
+        elif path.is_dir():
+            seen[key] = "dir"
+        else:
+            seen[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+def unchanged(before: dict[str, str], folder: Path) -> None:
+    after = snapshot(folder)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    check(not changed, f"changed on disk: {', '.join(changed[:5])}")
+
+
+def strict_json(line: str) -> dict:
+    def refuse(constant: str):
+        raise ProbeFailed(f"bare {constant} in the JSON: {line[:200]}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def all_finite(run_dir: Path) -> tuple[int, list[str]]:
+    """(number of safetensors files under run_dir, those holding a NaN or an infinity)."""
+    from safetensors.torch import load_file
+
+    files = sorted(run_dir.rglob("*.safetensors"))
+    bad = [str(f.relative_to(run_dir)) for f in files if not all(t.isfinite().all() for t in load_file(f).values())]
+    return len(files), bad
+
+
+def dataset(folder: Path, n: int = 64, length: int = 6, nan_sample: int | None = None) -> Path:
+    """A regression dataset of `n` sequences of 2 features; optionally one NaN in a sample's features,
+    written into the file after `write_sequences`, as a corrupted file would hold it."""
+    from dist_gru.data import write_sequences
+
+    x = np.random.default_rng(0).standard_normal((n, length, 2)).astype(np.float32)
+    path = write_sequences(folder, x, x.sum(axis=(1, 2))[:, None], task="regression")
+    if nan_sample is not None:
+        features = np.load(path / "features.npy", mmap_mode="r+")
+        features[nan_sample * length + 2, 1] = np.nan
+        features.flush()
+    return path
+
+
+def finished_run(tmp: Path, name: str = "run", *extra: str) -> Path:
+    """A tiny run trained to its end: checkpoints of steps 4, 8 and 12, and model/."""
+    run_dir = tmp / name
+    finished(train(run_dir, *extra))
+    return run_dir
+
+
+def nan_model(folder: Path, inputs: int = 2, **kwargs) -> Path:
+    """A model folder whose head holds one NaN (saved by the library, so any checksum matches)."""
+    import torch
+
+    from dist_gru.model import GRUModel
+
+    torch.manual_seed(0)
+    model = GRUModel(inputs, 8, **kwargs)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    return folder
+
+
+def reseal(folder: Path, name: str, text: str) -> None:
+    """Replace one checkpoint file and update its COMPLETE marker to match, as an editor could."""
+    (folder / name).write_text(text)
+    marker = json.loads((folder / ckpt_lib.MARKER).read_text())
+    data = (folder / name).read_bytes()
+    marker[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / ckpt_lib.MARKER).write_text(json.dumps(marker))
+
+
+def resumed_from(output: str) -> str | None:
+    for line in output.splitlines():
+        if line.startswith("dist-gru: resuming from "):
+            return line.split("resuming from ", 1)[1].rsplit(" (step", 1)[0]
+    return None
+
+
+def tmp_steps(run_dir: Path) -> list[str]:
+    root = ckpt_lib.checkpoint_dir(run_dir)
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-step-")) if root.is_dir() else []
+
+
+def verified(run_dir: Path) -> set[str]:
+    """The checkpoint folders of run_dir whose COMPLETE marker verifies."""
+    good = set()
+    for path in ckpt_lib.list_checkpoints(run_dir):
+        try:
+            ckpt_lib.verify(path)
+            good.add(str(path))
+        except ckpt_lib.CheckpointError:
+            pass
+    return good
+
+
+# ------------------------------------------------------------------ on main: jobs and signals
+
+
+@probe("refused-writes-nothing")
+def refused_writes_nothing(tmp: Path, args) -> str:
+    run_dir = tmp / "run"
+    line = refused(train(run_dir, "data.train_size=40", "train.global_batch_size=64"), "40", "64")
+    if run_dir.exists():
+        raise ProbeFailed(f"the refused job left {sorted(os.listdir(run_dir))} in its run folder")
+    return f"exit 2, no run folder: {line[:90]}"
+
+
+@probe("run-lock")
+def run_lock(tmp: Path, args) -> str:
+    run_dir = tmp / "run"
+    first = background([PY, "-m", "dist_gru", "train", *BASE, "train.max_steps=100000", f"train.run_dir={run_dir}"],
+                       tmp / "first.log")  # fmt: skip
+    first.wait_until(lambda: (run_dir / "checkpoints" / "step-000004").is_dir(), "the first checkpoint", timeout=180)
+    line = refused(train(run_dir), "is in use by another job", f"pid {first.proc.pid} on host")
+    check(first.proc.poll() is None, f"the first job ended ({first.proc.returncode}) when the second was refused")
+    return f"second job exit 2 while the first trains: {line[:110]}"
+
+
+@probe("ctrl-c")
+def ctrl_c(tmp: Path, args) -> str:
+    run_dir = tmp / "run"
+    cmd = [PY, "-m", "dist_gru", "train", *BASE, "train.max_steps=60", f"train.run_dir={run_dir}"]
+    job = background(cmd, tmp / "train.log")
+    job.wait_until(lambda: (run_dir / "checkpoints" / "step-000004").is_dir(), "the first checkpoint", timeout=180)
+    os.killpg(job.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    code = job.wait(timeout=120)
+    out = job.output()
+    check(code == ckpt_lib.EXIT_PREEMPTED, f"exit {code} after SIGINT, not 75: {tail(out, 2)}")
+    check("Traceback" not in out, f"a traceback after SIGINT: {tail(out, 2)}")
+    marker = ckpt_lib.read_preempted(run_dir)
+    check(marker and marker.get("signal") == "SIGINT", f"PREEMPTED marker {marker}, not one naming SIGINT")
+    again = finished(run(cmd, timeout=240))
+    source = resumed_from(again.stdout)
+    check(source == marker["checkpoint"], f"the same command resumed from {source}, not {marker['checkpoint']}")
+    return f"exit 75 at step {marker['step']} (SIGINT), the same command resumed from it and exited 0"
+
+
+@probe("ctrl-c-twice")
+def ctrl_c_twice(tmp: Path, args) -> str:
+    run_dir = tmp / "run"
+    slow = ["model.hidden_size=128", "data.seq_len=200", "train.global_batch_size=128", "train.max_steps=100000"]
+    job = background([PY, "-m", "dist_gru", "train", *BASE, *slow, f"train.run_dir={run_dir}"], tmp / "train.log")
+    job.wait_until(job.printed("dist-gru: world_size="), "the start of training", timeout=180)
+    time.sleep(1.0)
+    os.killpg(job.proc.pid, signal.SIGINT)
+    job.wait_until(job.printed("dist-gru: interrupted"), "the interrupted line", timeout=60)
+    os.killpg(job.proc.pid, signal.SIGINT)
+    code = job.wait(timeout=60)
+    out = job.output()
+    check(code == 130, f"exit {code} after two SIGINTs, not 130: {tail(out, 2)}")
+    check("interrupted again" in out, f"no 'interrupted again' line: {tail(out, 2)}")
+    check("Traceback" not in out, f"a traceback: {tail(out, 2)}")
+    steps = ckpt_lib.list_checkpoints(run_dir)
+    check(len(verified(run_dir)) == len(steps), f"a checkpoint that does not verify: {[p.name for p in steps]}")
+    # An abort may leave its save's temporary folder; no resume loads it, and a later save removes it.
+    return f"exit 130, '{tail(out)[10:60]}...', {len(tmp_steps(run_dir))} .tmp-step left (never loaded)"
+
+
+@probe("every-minutes")
+def every_minutes(tmp: Path, args) -> str:
+    run_dir = tmp / "run"
+    clock = ["checkpoint.every=0", "checkpoint.every_minutes=0.01", "checkpoint.keep=1000", "train.max_steps=400"]
+    start = time.monotonic()
+    finished(train(run_dir, *clock, timeout=300))
+    seconds = time.monotonic() - start
+    steps = [int(p.name[5:]) for p in ckpt_lib.list_checkpoints(run_dir)]
+    by_clock = [s for s in steps if s != 400]
+    check(len(by_clock) >= 3, f"{len(by_clock)} checkpoints by the clock (0.6 s) in a {seconds:.0f} s run: {steps}")
+    return f"{len(by_clock)} checkpoints by a 0.6 s clock in a {seconds:.0f} s run of 400 steps: {by_clock[:5]}..."
+
+
+@probe("torchrun-user-error")
+def torchrun_user_error(tmp: Path, args) -> str:
+    bad = ["train", *BASE, "train.precision=fp8", f"train.run_dir={tmp / 'run'}"]
+    launcher = torchrun_cmd(2, *bad)
+    launcher[launcher.index("torch.distributed.run")] = "dist_gru.torchrun"
+    ours = run(launcher, timeout=240)
+    refused(ours, "train.precision")
+    check("ChildFailedError" not in ours.output, f"a ChildFailedError report: {tail(ours.output, 2)}")
+    plain = run(torchrun_cmd(2, *bad), timeout=240)
+    printed = plain.output.count("train.precision: Input should be")
+    check(printed == 1, f"plain torchrun printed the config error {printed} times, not once (rank 0)")
+    check(not (tmp / "run").exists(), "the refused job left a run folder")
+    return f"dist_gru.torchrun: exit 2, one error line, {len(ours.output.splitlines())} lines in all; torchrun: once"
+
+
+# ------------------------------------------------------------------------------------- runner
+
+
+def run_probe(name: str, args: argparse.Namespace) -> tuple[bool, str]:
+    """Run one probe in a temporary folder of its own; whatever happens, kill what it launched."""
+    import pytest
+
+    with tempfile.TemporaryDirectory(prefix=f"dist-gru-torture-{name}-") as tmp:
+        try:
+            return True, PROBES[name](Path(tmp), args)
+        except ProbeFailed as exc:
+            return False, str(exc)
+        except pytest.fail.Exception as exc:  # conftest's timeouts, a Background run that ended early
+            return False, tail(str(exc).split("\n---")[0])
+        except Exception as exc:
+            return False, f"the probe crashed: {type(exc).__name__}: {tail(str(exc))}"
+        finally:
+            while LIVE:
+                LIVE.pop().kill()
+            subprocess.run(["chmod", "-R", "u+rwX", tmp], capture_output=True)  # what a probe made unreadable
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated probe names (see --list)")
+    parser.add_argument("--kills", type=int, default=8, help="kill -9 tries per kill probe")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the kill moments (default: random)")
+    parser.add_argument("--list", action="store_true", help="print the probe names and exit")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(PROBES))
+        return 0
+    names = [n for n in args.only.split(",") if n] or list(PROBES)
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        parser.error(f"unknown probe(s) {', '.join(unknown)}; --list shows them")
+    args.seed = random.randrange(1 << 30) if args.seed is None else args.seed
+    random.seed(args.seed)
+    width = max(map(len, names)) + 2
+    passed = failed = 0
+    start = time.monotonic()
+    for name in names:
+        ok, detail = run_probe(name, args)
+        passed, failed = passed + ok, failed + (not ok)
+        print(f"{'ok' if ok else 'FAIL':<6}{name:<{width}}{detail}", flush=True)
+    print(f"{passed} passed, {failed} failed ({time.monotonic() - start:.0f} s, --seed {args.seed})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
