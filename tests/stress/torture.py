@@ -129,7 +129,8 @@ def refused(result: Result, *phrases: str) -> str:
     message = out[out.index(errors[0]) :]
     for phrase in phrases:
         check(phrase in message, f"the error does not say {phrase!r}: {errors[0][:240]}")
-    return errors[0]
+    named = [line.strip() for line in message.splitlines() if phrases and phrases[0] in line]
+    return (named or [errors[0]])[0]
 
 
 def finished(result: Result) -> Result:
@@ -333,6 +334,121 @@ def torchrun_user_error(tmp: Path, args) -> str:
     return f"dist_gru.torchrun: exit 2, one error line, {len(ours.output.splitlines())} lines in all; torchrun: once"
 
 
+# ---------------------------------------------------------------- inputs: configs, CSV, umask
+
+
+def config_refused(tmp: Path, config: Path | None, *extra: str, phrase: str) -> tuple[str, float]:
+    """Train with a bad --config (or overrides) under a memory cap: one error line, fast, no run folder."""
+    start = time.monotonic()
+    result = dist_gru("train", *(["--config", str(config)] if config else []), *extra,
+                      f"train.run_dir={tmp / 'run'}", umask=0o022, timeout=120)  # fmt: skip
+    seconds = time.monotonic() - start
+    line = refused(result, phrase)
+    check(not (tmp / "run").exists(), "the refused job left a run folder")
+    return line, seconds
+
+
+@probe("billion-laughs")
+def billion_laughs(tmp: Path, args) -> str:
+    top = tmp / "laughs.yaml"
+    top.write_text("\n".join(LAUGHS) + "\n")
+    tags = tmp / "tags.yaml"
+    tags.write_text("anchors:\n" + "\n".join(f"  {line}" for line in LAUGHS) + "\nlog:\n  tags: *a9\n")
+    _, s1 = config_refused(tmp, top, phrase="aliases")
+    _, s2 = config_refused(tmp, tags, phrase="aliases")
+    slowest = max(s1, s2)
+    check(slowest < 60, f"refused only after {slowest:.0f} s")
+    return f"{top.stat().st_size}-byte file refused in {s1:.1f} s, under log.tags in {s2:.1f} s"
+
+
+@probe("deep-yaml")
+def deep_yaml(tmp: Path, args) -> str:
+    config = tmp / "deep.yaml"
+    config.write_text("train:\n  max_steps: " + "[" * 5000 + "]" * 5000 + "\n")
+    line, seconds = config_refused(tmp, config, phrase="nested deeper")
+    return f"5000 levels refused in {seconds:.1f} s: {line[line.index('deep.yaml') :]}"
+
+
+@probe("non-utf8-config")
+def non_utf8_config(tmp: Path, args) -> str:
+    config = tmp / "latin1.yaml"
+    config.write_bytes("log:\n  notes: caf\xe9\n".encode("latin-1"))
+    line, _ = config_refused(tmp, config, phrase="UTF-8")
+    return line[line.index("latin1.yaml") :][:100]
+
+
+@probe("huge-seed")
+def huge_seed(tmp: Path, args) -> str:
+    line, _ = config_refused(tmp, None, "train.seed=99999999999999999999999", phrase="train.seed")
+    return line[:100]
+
+
+@probe("out-inside-input")
+def out_inside_input(tmp: Path, args) -> str:
+    data = dataset(tmp / "data")
+    model = nan_model(tmp / "run" / "model")  # any model: the --out check comes before it is used
+    before = snapshot(tmp)
+    cases = [
+        ("predict", "--data", str(data), "--out", str(data / "features.npy")),
+        ("predict", "--data", str(data), "--out", str(model / "p.npy")),
+        ("forecast", "--data", str(data), "--out", str(data / "targets.npy")),
+        ("export", "--format", "torchscript", "--out", str(model / "model.safetensors")),
+    ]
+    for case in cases:
+        refused(dist_gru(*case, "--model", str(model), timeout=120), "is inside")
+        unchanged(before, tmp)
+    return f"{len(cases)} of {len(cases)} refused (predict, forecast, export), nothing changed"
+
+
+def prepare_csv(tmp: Path, text: bytes) -> Result:
+    (tmp / "in.csv").write_bytes(text)
+    series = ["--series", "--series-column", "key", "--target-columns", "y"]
+    return dist_gru("prepare", "--csv", str(tmp / "in.csv"), "--out", str(tmp / "out"), *series, timeout=120)
+
+
+def csv_refused(tmp: Path, text: bytes, *phrases: str) -> str:
+    line = refused(prepare_csv(tmp, text), *phrases)
+    check(not (tmp / "out").exists(), "the refused prepare left its --out folder")
+    return line[line.find("in.csv") :][:110]
+
+
+@probe("csv-quoted-keys")
+def csv_quoted_keys(tmp: Path, args) -> str:
+    result = finished(prepare_csv(tmp, b'key,x,y\n"s,0",1,2\n"s,1",3,4\n"s,0",5,6\n'))
+    count = strict_json(result.stdout.strip().splitlines()[-1]).get("num_sequences")
+    check(count == 2, f"keys \"s,0\" and \"s,1\" made {count} series, not 2")
+    return 'keys "s,0" and "s,1": 2 series'
+
+
+@probe("csv-extra-field")
+def csv_extra_field(tmp: Path, args) -> str:
+    return csv_refused(tmp, b"key,x,y\na,1,2\na,3,4,5\na,5,6\n", "line 3")
+
+
+@probe("csv-latin1")
+def csv_latin1(tmp: Path, args) -> str:
+    return csv_refused(tmp, "key,x,y\ncaf\xe9,1,2\ncaf\xe9,3,4\n".encode("latin-1"), "utf-8", "line 2")
+
+
+@probe("csv-blank-line")
+def csv_blank_line(tmp: Path, args) -> str:
+    return csv_refused(tmp, b"key,x,y\na,1,2\n\na,5,6\n", "line 3", "blank")
+
+
+@probe("umask")
+def umask(tmp: Path, args) -> str:
+    (tmp / "in.csv").write_text("x,y\n" + "".join(f"{i},{i % 3}\n" for i in range(20)))
+    prepare = ["prepare", "--csv", str(tmp / "in.csv"), "--series", "--target-columns", "y", "--val-fraction", "0.2"]
+    finished(dist_gru(*prepare, "--out", str(tmp / "data"), umask=0o022))
+    finished(dist_gru("train", *BASE, "train.max_steps=2", f"train.run_dir={tmp / 'run'}", umask=0o022))
+    weights = stat.S_IMODE((tmp / "run" / "model" / "model.safetensors").stat().st_mode)
+    folders = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp / "data", *(tmp / "data").iterdir()] if p.is_dir()}
+    check(weights == 0o644, f"model.safetensors is {weights:04o} under umask 022, not 0644")
+    wrong = {name: f"{mode:04o}" for name, mode in folders.items() if mode != 0o755}
+    check(not wrong, f"dataset folders {wrong} under umask 022, not 0755")
+    return f"umask 022: model.safetensors 0644, dataset folders {sorted(folders)} 0755"
+
+
 # ------------------------------------------------------------------------------------- runner
 
 
@@ -342,9 +458,9 @@ def run_probe(name: str, args: argparse.Namespace) -> tuple[bool, str]:
 
     with tempfile.TemporaryDirectory(prefix=f"dist-gru-torture-{name}-") as tmp:
         try:
-            return True, PROBES[name](Path(tmp), args)
+            return True, PROBES[name](Path(tmp), args).replace(tmp, "TMP")
         except ProbeFailed as exc:
-            return False, str(exc)
+            return False, str(exc).replace(tmp, "TMP")
         except pytest.fail.Exception as exc:  # conftest's timeouts, a Background run that ended early
             return False, tail(str(exc).split("\n---")[0])
         except Exception as exc:
