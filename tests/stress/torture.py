@@ -449,6 +449,75 @@ def umask(tmp: Path, args) -> str:
     return f"umask 022: model.safetensors 0644, dataset folders {sorted(folders)} 0755"
 
 
+# ------------------------------------------------------------------------- kill -9, full disk
+
+
+MOMENTS = ("any", "save", "training", "save")  # the kill of attempt i waits for MOMENTS[i % 4]
+STEPS = 3000  # a run of the kill probes: far more steps than the seconds between kills train
+
+
+def kill_moment(job: Background, run_dir: Path, moment: str) -> None:
+    """Wait for the moment to kill: a random time after the launch (start-up included) or after
+    training began, or a `.tmp-step-*` folder appearing in checkpoints/ (a save in flight)."""
+    if moment == "any":
+        time.sleep(random.uniform(0.2, 5.0))
+    elif moment == "training":
+        job.wait_until(job.printed("dist-gru: world_size="), "the start of training", timeout=180)
+        time.sleep(random.uniform(0.0, 2.0))
+    else:
+        root = ckpt_lib.checkpoint_dir(run_dir)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job.proc.poll() is None:
+            try:
+                if any(entry.name.startswith(".tmp-step-") for entry in os.scandir(root)):
+                    return
+            except FileNotFoundError:
+                time.sleep(0.002)
+
+
+def kill_and_resume(tmp: Path, nproc: int, kills: int) -> str:
+    """kill -9 a run `kills` times, the same command started again after each; then let it finish.
+    Every resume must name a checkpoint that verified before it started (nothing changes between)."""
+    run_dir = tmp / "run"
+    args = ["train", *BASE, "checkpoint.every=2", f"train.max_steps={STEPS}", f"train.run_dir={run_dir}"]
+    # A fresh free port each time: the killed agent's port may linger; the arguments are the same.
+    command = (lambda: torchrun_cmd(nproc, *args)) if nproc > 1 else (lambda: [PY, "-m", "dist_gru", *args])
+    mid_save, resumes, steps = set(), [], []
+    for i in range(kills + 1):
+        good, tmps = verified(run_dir), set(tmp_steps(run_dir))
+        if i == kills:  # the last start runs to the end
+            final = finished(run(command(), timeout=500))
+            output = final.output
+        else:
+            job = background(command(), tmp / f"attempt-{i}.log")
+            kill_moment(job, run_dir, MOMENTS[i % len(MOMENTS)])
+            check(job.proc.poll() is None, f"attempt {i} ended ({job.proc.returncode}) before its kill")
+            job.kill()
+            output = job.output()
+            mid_save |= set(tmp_steps(run_dir)) - tmps
+            newest = ckpt_lib.find_latest(run_dir)
+            steps.append(newest.step if newest else 0)
+        source = resumed_from(output)
+        check(source is None or source in good, f"start {i} resumed from {source}, not a verified checkpoint")
+        resumes += [source] if source else []
+    newest = ckpt_lib.find_latest(run_dir)
+    check(newest and newest.step == STEPS, f"the final run did not end at step {STEPS}")
+    return (
+        f"{kills} kill -9 (newest checkpoint then: {steps}; {len(mid_save)} left a .tmp-step), "
+        f"{len(resumes)} resumes, all from verified checkpoints; final run exit 0 at step {STEPS}"
+    )
+
+
+@probe("kill9-1proc")
+def kill9_one_process(tmp: Path, args) -> str:
+    return kill_and_resume(tmp, 1, args.kills)
+
+
+@probe("kill9-torchrun2")
+def kill9_torchrun(tmp: Path, args) -> str:
+    return kill_and_resume(tmp, 2, args.kills)
+
+
 # ------------------------------------------------------------------------------------- runner
 
 
@@ -456,19 +525,23 @@ def run_probe(name: str, args: argparse.Namespace) -> tuple[bool, str]:
     """Run one probe in a temporary folder of its own; whatever happens, kill what it launched."""
     import pytest
 
-    with tempfile.TemporaryDirectory(prefix=f"dist-gru-torture-{name}-") as tmp:
-        try:
-            return True, PROBES[name](Path(tmp), args).replace(tmp, "TMP")
-        except ProbeFailed as exc:
-            return False, str(exc).replace(tmp, "TMP")
-        except pytest.fail.Exception as exc:  # conftest's timeouts, a Background run that ended early
-            return False, tail(str(exc).split("\n---")[0])
-        except Exception as exc:
-            return False, f"the probe crashed: {type(exc).__name__}: {tail(str(exc))}"
-        finally:
-            while LIVE:
-                LIVE.pop().kill()
-            subprocess.run(["chmod", "-R", "u+rwX", tmp], capture_output=True)  # what a probe made unreadable
+    tmp = tempfile.mkdtemp(prefix=f"dist-gru-torture-{name}-")
+    try:
+        return True, PROBES[name](Path(tmp), args).replace(tmp, "TMP")
+    except ProbeFailed as exc:
+        return False, str(exc).replace(tmp, "TMP")
+    except pytest.fail.Exception as exc:  # conftest's timeouts, a Background run that ended early
+        return False, tail(str(exc).split("\n---")[0]).replace(tmp, "TMP")
+    except Exception as exc:
+        return False, f"the probe crashed: {type(exc).__name__}: {tail(str(exc))}"
+    finally:
+        while LIVE:
+            LIVE.pop().kill()
+        subprocess.run(["chmod", "-R", "u+rwX", tmp], capture_output=True)  # what a probe made unreadable
+        if args.keep:
+            print(f"      (TMP of {name}: {tmp})")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
@@ -477,6 +550,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=8, help="kill -9 tries per kill probe")
     parser.add_argument("--seed", type=int, default=None, help="seed of the kill moments (default: random)")
     parser.add_argument("--list", action="store_true", help="print the probe names and exit")
+    parser.add_argument("--keep", action="store_true", help="keep each probe's temporary folder (TMP in the lines)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(PROBES))
