@@ -9,7 +9,8 @@ all-reduced and before `optimizer.step`. When the step's gradient norm is NaN or
   the step before, the last periodic checkpoint stays the newest) and every process exits with
   EXIT_NONFINITE = 3.
 - `train.nonfinite=skip`: the step's update is dropped (the gradients are zeroed, the optimizer
-  and its moments untouched), one warning line says why, and training goes on; more than
+  and its moments untouched; in stream mode a lane whose carried state is not finite restarts
+  from zero), one warning line says why, and training goes on; more than
   `train.nonfinite_max_skips` such steps in a row stop the run as with `stop`.
 
 One decision for all ranks, without a collective of its own: `spread` adds to each micro-batch's
@@ -88,6 +89,7 @@ class LossGuard:
         stop = self.mode == STOP or self.in_a_row > self.max_skips
         if not stop:
             self.skipped += 1
+            self._restart_lanes()
         if self.job.accelerator.is_main_process:
             if stop:
                 tqdm.write(self._stop_message(step, cause, data_cause, lr), file=sys.stderr)
@@ -98,6 +100,14 @@ class LossGuard:
                     f"{self.max_skips}; {self.skipped} skipped so far)"
                 )
         return STOP if stop else SKIP
+
+    def _restart_lanes(self) -> None:
+        """Stream mode: a lane whose carried state is not finite would carry it into every later
+        chunk of its stream; it starts again from zero, as at the start of a stream."""
+        lanes = self.job.lanes
+        if lanes is not None:
+            bad = ~torch.isfinite(lanes.h).all(dim=2).all(dim=0)  # [lanes] of this rank
+            lanes.h[:, bad] = 0.0
 
     def _diagnose(self, grad_norm: float, batches: list[dict], loss: float) -> tuple[str, bool]:
         """What was not finite, as one phrase, and whether a batch's data is the cause."""

@@ -8,6 +8,10 @@ learning rate and RNG state are pure functions of the optimizer step, so a check
 optimizer, step) is all a resume needs, on any world size that divides the batch. Stream mode
 (`train.tbptt`, dist_gru.data.streams) adds the one piece of training state that is not a function
 of the step, every lane's carried hidden state, which checkpoints hold indexed by global lane.
+
+Exit codes: 0 finished, 2 bad input, 75 preempted (checkpoint saved, see checkpoint.py), 3 a loss
+or gradient norm that is NaN or infinite stopped the run before that step's update, with nothing
+saved (`train.nonfinite`, dist_gru/nonfinite.py).
 """
 
 from __future__ import annotations

@@ -253,3 +253,29 @@ def test_config_names_the_nonfinite_modes_and_help_describes_them(tmp_path: Path
     assert not (tmp_path / "r").exists()
     described = assert_ok(cli("train", "--help", timeout=60)).stdout
     assert "nonfinite_max_skips" in described and "exit with code 3" in described
+
+
+def test_stream_mode_skip_restarts_a_lane_whose_state_is_not_finite(tmp_path: Path) -> None:
+    """4 streams of 160 steps, 4 lanes of 16-step chunks: 10 steps per epoch, each lane walking one
+    stream. A NaN at step 40 of stream 1 poisons the chunk that reads it; the lane's carried state
+    would poison every later chunk of that stream (steps in a row), so the lane restarts from zero."""
+    rng = np.random.default_rng(0)
+    series = [rng.standard_normal((160, 2)).astype(np.float32) for _ in range(4)]
+    targets = [s.sum(axis=1, keepdims=True) for s in series]
+    path = write_sequences(tmp_path / "streams", series, targets, task="regression")
+    features = np.load(path / "features.npy", mmap_mode="r+")
+    features[160 + 40, 0] = np.nan
+    features.flush()
+    args = [
+        "train", "model.hidden_size=8", "model.num_layers=1", "model.head=step", "data.name=files",
+        f"data.train_path={path}", "data.targets=dataset", "train.tbptt=16", "train.global_batch_size=4",
+        "train.max_steps=20", "train.log_every=5", "checkpoint.every=5", "optim.warmup_steps=2",
+        "log.mode=disabled", "train.nonfinite=skip", "train.nonfinite_max_skips=2", f"train.run_dir={tmp_path / 'run'}",
+        "--quiet",
+    ]
+    result = assert_ok(cli(*args, timeout=180))
+    skips = re.findall(r"dist-gru: warning: non-finite values at optimizer step (\d+): (.*)", result.stdout)
+    assert [step for step, _ in skips] == ["3", "13"], result.stdout[-3000:]  # once per epoch: chunk 2 of stream 1
+    assert f"the chunk from stored row {160 + 32} of the training data has non-finite inputs" in skips[0][1]
+    for checkpoint in ckpt_lib.list_checkpoints(tmp_path / "run"):
+        assert _all_finite(checkpoint) and bool(load_weights(checkpoint / "lanes.safetensors")["lane_state"].isfinite().all())
