@@ -79,6 +79,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not be loaded; the message names the folder and the reason."""
 
 
+class NonFiniteError(CheckpointError):
+    """Weights that must not be saved, exported or trained on: they hold NaN or infinity."""
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming the floating-point tensors that hold NaN or infinity.
+
+    The one check before every save (checkpoints, `best/`, `model/`) and every export: a model
+    that diverged must never be written where a resume, `dist-gru predict` or a deployment would
+    pick it up as if it were trained."""
+    bad = [name for name, value in tensors.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+        raise NonFiniteError(f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or infinity ({shown})")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state's tensors by `parameter/key` (Adam's moments), for `require_finite`."""
+    state = optimizer.state_dict()["state"]
+    return {f"optimizer {i}/{k}": v for i, entry in state.items() for k, v in entry.items() if torch.is_tensor(v)}
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -117,14 +139,18 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoints/step-<step>/` atomically and prune to the newest `keep`. Main rank only.
 
-    `lanes`: stream mode's carried state of every lane, written to lanes.safetensors."""
+    `lanes`: stream mode's carried state of every lane, written to lanes.safetensors. Refuses
+    (NonFiniteError, nothing written) weights, optimizer state or lanes that hold NaN or infinity."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    checked = {**weights, **optimizer_tensors(optimizer), **({"lanes": lanes} if lanes is not None else {})}
+    require_finite(checked, f"refusing to save checkpoint {final}")
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file(weights, tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2) + "\n")
     files = _FILES

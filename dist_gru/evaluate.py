@@ -36,6 +36,16 @@ def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return total / units
 
 
+def json_line(record: dict) -> str:
+    """`record` as strict JSON: a NaN or infinite number becomes null, and `nonfinite` lists the
+    keys that were (bare NaN / Infinity, which `json.dumps` writes by default, is not JSON)."""
+    from dist_gru.tracking import finite_or_none
+
+    clean = finite_or_none(record)
+    nonfinite = [key for key, value in record.items() if value is not None and clean[key] is None]
+    return json.dumps({**clean, "nonfinite": nonfinite} if nonfinite else clean, allow_nan=False)
+
+
 def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     non_blocking = device.type == "cuda"
     return (
@@ -169,7 +179,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     else:
         metrics = evaluate(model, dataset, accelerator, args.batch_size, season=cfg.data.season)
     if accelerator.is_main_process:
-        print(json.dumps(metrics), flush=True)
+        print(json_line(metrics), flush=True)
     exit_process(0)
     return 0
 
@@ -235,5 +245,10 @@ def forecast_main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outputs = forecast_series(model.to(device), dataset, cfg.data.window, args.batch_size, device)
     np.save(args.out, outputs)
-    print(json.dumps({"out": str(args.out), "shape": list(outputs.shape)}), file=sys.stdout)
+    written = {"out": str(args.out), "shape": list(outputs.shape)}
+    bad = int((~np.isfinite(outputs.reshape(len(outputs), -1))).any(axis=1).sum())
+    if bad:  # a model whose weights or inputs are not finite: say so, not only in the file
+        written["nonfinite_series"] = bad
+        print(f"dist-gru: warning: the forecasts of {bad} of {len(outputs)} series hold NaN or infinity", file=sys.stderr)
+    print(json_line(written), file=sys.stdout)
     return 0

@@ -150,7 +150,8 @@ def _run_id(run_dir: Path, resume: Checkpoint | None) -> str:
     return run_id
 
 
-def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+def finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as None (JSON null): strict JSON parsers reject bare NaN / Infinity."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
@@ -268,7 +269,7 @@ class RunTracker(Tracker):
         os.replace(tmp, self.metrics_path)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        metrics = _clean(metrics)
+        metrics = finite_or_none(metrics)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.active:
