@@ -114,7 +114,7 @@ def init_weights(given: str, model: torch.nn.Module, model_config: dict[str, Any
         "path": str(Path(given).resolve()),
         "kind": kind,
         "step": step,
-        "sha256": ckpt_lib._sha256(weights_file),
+        "sha256": ckpt_lib.sha256_file(weights_file),
         "loaded": [p.rstrip(".") for p in parts],
         "head_reinitialised": ", ".join(head_changes) or None,
     }

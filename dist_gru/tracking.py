@@ -244,16 +244,18 @@ class RunTracker(Tracker):
     def _truncate_after(self, step: int) -> None:
         """A resumed run retrains the steps after its checkpoint: drop their stale lines first.
 
-        A process killed mid-write leaves a last line cut short; it (and any other unreadable line)
-        is dropped with a warning naming it, instead of failing the resume.
+        A process killed mid-write leaves a last line cut short, even mid-character; it (and any
+        other unreadable line, UTF-8 or not) is dropped with a warning naming it, instead of failing
+        the resume.
         """
         if not self.metrics_path.is_file():
             return
         kept = []
-        lines = self.metrics_path.read_text().splitlines() if step > 0 else []  # from step 0 nothing is kept
-        for number, line in enumerate(lines, 1):
+        lines = self.metrics_path.read_bytes().splitlines() if step > 0 else []  # from step 0 nothing is kept
+        for number, raw in enumerate(lines, 1):
+            line = raw.decode(errors="replace")
             try:
-                stale = json.loads(line)["step"] > step
+                stale = json.loads(raw.decode())["step"] > step  # UnicodeDecodeError is a ValueError
             except (ValueError, TypeError, KeyError) as exc:
                 where = "its last line" if number == len(lines) else f"line {number}"
                 _warn(

@@ -1,0 +1,180 @@
+"""Bad state on disk is never a traceback, and dist-gru never removes what it did not write.
+
+    .venv/bin/pytest -q tests/test_run_state.py -n 0
+
+The run folder (its `.dist-gru-run` manifest, `train.resume=overwrite`), the training data's
+fingerprint in every checkpoint, damaged or unreadable checkpoints, a full disk during a save, a
+torn metrics.jsonl, and `model/`'s SHA256SUMS: all through the real CLI on TINY runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PY, TINY, assert_ok, cli, read_metrics, run
+
+from dist_gru import checkpoint as ckpt_lib
+from dist_gru import run_folder
+from dist_gru.config import ConfigError, load_config
+from dist_gru.data import write_sequences
+
+pytestmark = pytest.mark.timeout(180)
+
+RUN = [*TINY, "checkpoint.every=4", "log.mode=disabled"]  # 12 steps: checkpoints at 4, 8 and 12
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, "dir" for every folder, the target of every link."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            found[str(path.relative_to(root))] = f"link -> {path.readlink()}"
+        else:
+            found[str(path.relative_to(root))] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def assert_error(result, *phrases: str) -> str:
+    """One `error:` line, exit 2, no traceback, every phrase in stderr."""
+    assert result.returncode == 2, result.output[-3000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, f"{phrase!r} not in:\n{result.stderr[-3000:]}"
+    return result.stderr
+
+
+def train(run_dir: Path, *overrides: str, prefix: tuple[str, ...] = ()):
+    return run([*prefix, PY, "-m", "dist_gru", "train", *RUN, f"train.run_dir={run_dir}", *overrides], timeout=150)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert_ok(train(run_dir))
+    return run_dir
+
+
+@pytest.fixture
+def used(finished, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged checkpoints: auto resume skips them with a warning; an explicit path is one error
+
+
+def _reseal(folder: Path, name: str, text: str) -> None:
+    """Replace one file and update the COMPLETE marker to match, as an editor could."""
+    (folder / name).write_text(text)
+    marker = json.loads((folder / ckpt_lib.MARKER).read_text())
+    data = (folder / name).read_bytes()
+    marker[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / ckpt_lib.MARKER).write_text(json.dumps(marker))
+
+
+DAMAGE = {
+    "marker_is_a_list": lambda f: (f / ckpt_lib.MARKER).write_text("[]"),
+    "marker_is_a_string": lambda f: (f / ckpt_lib.MARKER).write_text('"x"'),
+    "marker_entry_not_an_object": lambda f: (f / ckpt_lib.MARKER).write_text('{"state.json": 3}'),
+    "state_is_a_list": lambda f: _reseal(f, "state.json", "[]"),
+    "state_without_step": lambda f: _reseal(f, "state.json", '{"epoch": 0}'),
+    "state_step_not_an_int": lambda f: _reseal(f, "state.json", '{"step": "twelve"}'),
+    "state_not_json": lambda f: _reseal(f, "state.json", "{not json"),
+    "weights_replaced_by_a_folder": lambda f: ((f / "model.safetensors").unlink(), (f / "model.safetensors").mkdir()),
+    "state_a_dangling_link": lambda f: ((f / "state.json").unlink(), (f / "state.json").symlink_to(f / "gone")),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(used, damage):
+    newest = used / "checkpoints" / "step-000012"
+    DAMAGE[damage](newest)
+    with pytest.raises(ckpt_lib.CheckpointError, match=str(newest)):
+        ckpt_lib.verify(newest)
+    before = snapshot(used)
+    assert_error(train(used, f"train.resume={newest}"), f"checkpoint {newest}")
+    assert snapshot(used) == before
+    result = assert_ok(train(used))  # step 12 is skipped: the run resumes from 8 and ends at 12
+    assert f"skipping checkpoint {newest}" in result.output
+    assert "step-000008 (step 8)" in result.stdout
+    assert ckpt_lib.verify(newest).step == 12  # saved anew
+
+
+def _without_root_powers() -> tuple[str, ...]:
+    """A prefix that runs a command without root's power to read any file (tests run as root)."""
+    if os.geteuid() != 0:
+        return ()
+    drop = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search")
+    if shutil.which("setpriv") is None or subprocess.run([*drop, "true"]).returncode != 0:
+        pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE: chmod 000 denies nothing")
+    return drop
+
+
+@pytest.mark.parametrize("what", ["model.safetensors", "folder"])
+def test_an_unreadable_checkpoint_is_skipped_with_a_warning(used, what):
+    prefix = _without_root_powers()
+    newest = used / "checkpoints" / "step-000012"
+    target = newest if what == "folder" else newest / what
+    target.chmod(0)
+    try:
+        result = assert_ok(train(used, prefix=prefix))
+        assert f"skipping checkpoint {newest}" in result.output and "step-000008 (step 8)" in result.stdout
+    finally:
+        target.chmod(0o755)
+
+
+def test_an_unreadable_checkpoints_folder_is_one_error(used):
+    prefix = _without_root_powers()
+    (used / "checkpoints").chmod(0)
+    try:
+        assert_error(train(used, prefix=prefix), str(used / "checkpoints"), "Permission denied")
+    finally:
+        (used / "checkpoints").chmod(0o755)
+
+
+# --------------------------------------------------------------------------------------------
+# A full disk during a save
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a 2 MiB tmpfs here (not root, or no mount permission)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_save_is_one_error_and_leaves_no_temporary_folder(small_disk):
+    run_dir = small_disk / "run"
+    # 256 hidden units: a checkpoint of about 2.4 MB (weights + Adam's two moments) on a 2 MiB disk.
+    result = train(run_dir, "model.hidden_size=256", "train.max_steps=4")
+    assert_error(result, "checkpoint", "No space left on device", str(run_dir / "checkpoints"))
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl with a torn, non-UTF-8 tail
+
+
+def test_a_garbage_metrics_tail_is_dropped_with_a_warning_at_resume(used):
+    with open(used / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 13, "train/lo\xff\xfe\x80')
+    result = assert_ok(train(used, "train.max_steps=16"))
+    assert "metrics.jsonl: dropping its last line" in result.output
+    steps = [m["step"] for m in read_metrics(used) if "train/loss" in m]
+    assert steps == [4, 8, 12, 16]
+
+
