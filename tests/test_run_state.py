@@ -71,6 +71,113 @@ def used(finished, tmp_path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# The run folder: overwrite removes only what a run wrote
+
+
+def _users_folder(root: Path) -> Path:
+    root.mkdir()
+    (root / "config.yaml").write_text("my: own settings\n")
+    for name in ("model", "plots", "samples"):
+        (root / name).mkdir()
+        (root / name / "mine.txt").write_text(name)
+    return root
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "auto"])
+def test_a_folder_of_the_users_files_is_refused_and_left_as_it_was(tmp_path, mode):
+    folder = _users_folder(tmp_path / "mine")
+    before = snapshot(folder)
+    err = assert_error(
+        train(folder, f"train.resume={mode}"),
+        "no dist-gru run wrote",
+        "config.yaml, model/, plots/, samples/",
+        "another train.run_dir",
+    )
+    assert str(folder) in err
+    assert snapshot(folder) == before
+
+
+def test_a_run_claims_its_folder_and_an_entry_it_does_not_own_is_refused(used):
+    manifest = json.loads((used / run_folder.MANIFEST).read_text())
+    assert manifest == {"format": run_folder.MANIFEST_FORMAT, "owns": list(run_folder.RUN_FILES)}
+    # `plots/` made by the user in a run folder whose manifest does not list it (written by a release
+    # whose runs never wrote plots, say): overwrite neither removes it nor lets a run write into it.
+    manifest["owns"].remove("plots")
+    (used / run_folder.MANIFEST).write_text(json.dumps(manifest))
+    (used / "plots").mkdir()
+    (used / "plots" / "mine.png").write_text("keep me")
+    before = snapshot(used)
+    assert_error(train(used, "train.resume=overwrite"), "holds plots/, which no dist-gru run wrote")
+    assert snapshot(used) == before
+    shutil.rmtree(used / "plots")  # moved out: the overwrite goes ahead, and the run owns plots/ again
+    result = assert_ok(train(used, "train.resume=overwrite", "train.max_steps=4"))
+    assert "removing the earlier run" in result.stdout
+    assert json.loads((used / run_folder.MANIFEST).read_text())["owns"] == list(run_folder.RUN_FILES)
+    assert sorted(p.name for p in (used / "checkpoints").iterdir()) == ["step-000004"]
+
+
+def test_a_run_folder_of_an_older_version_is_recognised_by_its_checkpoints(used):
+    (used / run_folder.MANIFEST).unlink()  # as an older version left it
+    plan = run_folder.decide(load_config(None, ["train.resume=overwrite"]), used)
+    assert {"checkpoints", "model", "config.yaml", "metrics.jsonl"} <= set(plan.remove)
+
+
+def test_a_broken_manifest_is_an_error_not_a_traceback(used):
+    (used / run_folder.MANIFEST).write_text("[1, 2")
+    with pytest.raises(ConfigError, match=r"\.dist-gru-run.*not a dist-gru run manifest"):
+        run_folder.decide(load_config(None, ["train.resume=overwrite"]), used)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_a_run_folder_that_cannot_be_made_is_one_error(tmp_path, where):
+    (tmp_path / "somefile").write_text("x")
+    run_dir = tmp_path / "somefile" / "run" if where == "under_a_file" else tmp_path / "somefile"
+    before = snapshot(tmp_path)
+    assert_error(train(run_dir), f"train.run_dir={run_dir}", "not a folder")
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# The training data's fingerprint
+
+
+def _write_data(path: Path, n: int) -> None:
+    rng = np.random.default_rng(n)
+    write_sequences(path, [rng.normal(size=(10, 2)).astype(np.float32) for _ in range(n)],
+                    rng.normal(size=(n, 1)).astype(np.float32), task="regression")
+
+
+def test_a_resume_onto_other_training_data_is_refused_naming_what_changed(tmp_path):
+    from dist_gru.data.files import data_fingerprint
+
+    data, run_dir = tmp_path / "train", tmp_path / "run"
+    _write_data(data, 64)
+    files = ["data.name=files", f"data.train_path={data}"]
+    assert_ok(train(run_dir, *files, "train.max_steps=4"))
+    state = json.loads((run_dir / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["data"]["train"] == data_fingerprint(data)
+    assert state["data"]["train"]["num_sequences"] == 64
+    shutil.rmtree(data)
+    _write_data(data, 500)  # other data at the same path
+    before = snapshot(run_dir)
+    assert_error(
+        train(run_dir, *files, "train.max_steps=8"),
+        "data.train: num_sequences was 64, is 500",
+        "train.resume=overwrite",
+    )
+    assert snapshot(run_dir) == before
+
+
+def test_the_fingerprint_reads_no_whole_file_and_names_sizes(tmp_path):
+    from dist_gru.data.files import data_fingerprint
+
+    _write_data(tmp_path / "d", 8)
+    fp = data_fingerprint(tmp_path / "d")
+    assert fp["num_sequences"] == 8 and fp["total_steps"] == 80 and "created_by" not in fp
+    assert fp["features.npy bytes"] == (tmp_path / "d" / "features.npy").stat().st_size
+
+
+# --------------------------------------------------------------------------------------------
 # Damaged checkpoints: auto resume skips them with a warning; an explicit path is one error
 
 
