@@ -36,7 +36,7 @@ import torch
 
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
-from dist_gru.evaluate import _batch_to, _load_for_inference, _load_model, _parser
+from dist_gru.evaluate import _batch_to, _load_for_inference, _parser, load_model
 
 
 def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
@@ -87,7 +87,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--out {out}: expected a file name ending in .npy")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
-    model = _load_model(Path(args.model))
+    model = load_model(Path(args.model))
     if args.probabilities and model.task != "classification":
         raise ConfigError(
             f"--probabilities: the model at --model {args.model} is a regression model; class probabilities "

@@ -285,3 +285,57 @@ def test_a_garbage_metrics_tail_is_dropped_with_a_warning_at_resume(used):
     assert steps == [4, 8, 12, 16]
 
 
+# --------------------------------------------------------------------------------------------
+# model/: loading errors and SHA256SUMS
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _model_commands(used: Path, tmp_path: Path) -> dict[str, list[str]]:
+    model = str(used / "model")
+    return {
+        "evaluate": ["evaluate", "--model", model, "--data", "adding"],
+        "predict": ["predict", "--model", model, "--data", "adding", "--out", str(tmp_path / "p.npy")],
+        "export": ["export", "--model", model, "--format", "torchscript", "--out", str(tmp_path / "m.pt")],
+        "init_from": ["train", *RUN, f"train.run_dir={tmp_path / 'tuned'}", f"train.init_from={model}"],
+    }
+
+
+def test_model_folder_has_checksums(finished):
+    sums = (finished / "model" / "SHA256SUMS").read_text().splitlines()
+    for name in ("config.json", "model.safetensors"):
+        digest = hashlib.sha256((finished / "model" / name).read_bytes()).hexdigest()
+        assert f"{digest}  {name}" in sums
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "init_from"])
+def test_a_flipped_byte_in_the_model_is_caught_by_every_loader(used, tmp_path, command):
+    _flip_last_byte(used / "model" / "model.safetensors")
+    before = snapshot(tmp_path)
+    result = cli(*_model_commands(used, tmp_path)[command], timeout=150)
+    assert_error(result, "model.safetensors", "corrupt or edited", "SHA256SUMS")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "bad_config_json"])
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_broken_model_folder_is_one_error(used, tmp_path, command, damage):
+    model = used / "model"
+    if damage == "truncated_weights":
+        data = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (model / "config.json").write_text("{not json")
+    (model / "SHA256SUMS").unlink()  # an older model folder: the loader itself must say what is wrong
+    assert_error(cli(*_model_commands(used, tmp_path)[command], timeout=150), f"--model {model}")
+
+
+def test_a_model_folder_without_checksums_loads_with_a_warning(used, tmp_path):
+    (used / "model" / "SHA256SUMS").unlink()
+    result = assert_ok(cli(*_model_commands(used, tmp_path)["evaluate"], timeout=150))
+    assert "no SHA256SUMS" in result.stderr
+    assert "mse" in result.json_last_line()
