@@ -14,6 +14,9 @@ as it was, byte for byte. The cases (README, "The run folder"):
 - that checkpoint is at `train.max_steps` and `model/` holds its weights: the run is finished;
   exit 0 with nothing written (a larger `train.max_steps` continues it);
 - `train.resume=overwrite`: the earlier run's files (RUN_FILES) are removed, then a fresh run;
+- in every mode, a folder holding entries of RUN_FILES' names that its manifest (`.dist-gru-run`,
+  which `commit` writes first) does not list is refused: they are someone else's files;
+- a resume onto training data other than the checkpoint's (its fingerprint in state.json) is refused;
 - `train.resume=none`: a fresh run, refused in a folder that holds checkpoints (a later `auto`
   would pick the old run's);
 - `train.resume=PATH`: that checkpoint (it must be complete and fit), into its own run folder or
