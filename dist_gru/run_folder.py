@@ -150,6 +150,18 @@ def data_differences(ckpt: Checkpoint, cfg: Config) -> list[str]:
     return lines
 
 
+def check_same_data(ckpt: Checkpoint, cfg: Config) -> None:
+    """Refuse to resume a checkpoint onto other training data than it was trained on (ConfigError)."""
+    changed = data_differences(ckpt, cfg)
+    if changed:
+        raise ConfigError(
+            f"checkpoint {ckpt.path} was trained on other data than this job's (the fingerprint in its "
+            f"state.json: meta.json and file sizes), and resuming it would mix two datasets:\n  "
+            + "\n  ".join(changed)
+            + f"\nTo continue that run, put its data back at that path. To train on this data, {_START_OVER}."
+        )
+
+
 def _model_is_from(run_dir: Path, ckpt: Checkpoint) -> bool:
     """Whether `<run_dir>/model` holds exactly the checkpoint's weights (the run reached its end)."""
     try:
@@ -287,14 +299,7 @@ def _decide(cfg: Config, run_dir: Path) -> Plan:
             + f"\nTo continue that run, give these keys the checkpoint's values. To train this configuration, "
             f"{_START_OVER}."
         )
-    changed = data_differences(chosen, cfg)
-    if changed:
-        raise ConfigError(
-            f"checkpoint {chosen.path} was trained on other data than this job's (the fingerprint in its "
-            f"state.json: meta.json and file sizes), and resuming it would mix two datasets:\n  "
-            + "\n  ".join(changed)
-            + f"\nTo continue that run, put its data back at that path. To train on this data, {_START_OVER}."
-        )
+    check_same_data(chosen, cfg)
     if chosen.step > max_steps:
         raise ConfigError(
             f"train.max_steps={max_steps}, but checkpoint {chosen.path} is at step {chosen.step} already: a run "
