@@ -28,6 +28,7 @@ import json
 import math
 import netrc
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -144,10 +145,25 @@ def _run_id(run_dir: Path, resume: Checkpoint | None) -> str:
     path = run_dir / "wandb_run_id"
     run_id = None
     if resume is not None:
-        run_id = resume.state.get("tracker_run_id") or (path.read_text().strip() if path.is_file() else None)
+        run_id = resume.state.get("tracker_run_id") or (_read_run_id(path) if path.is_file() else None)
+    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+        # An edited state.json or a damaged wandb_run_id: the W&B run cannot be continued, the run can.
+        _warn(f"the saved W&B run id {str(run_id)[:40]!r} is not a run id; logging under a new one")
+        run_id = None
     run_id = run_id or secrets.token_hex(4)
     path.write_text(run_id + "\n")
     return run_id
+
+
+# What W&B takes as a run id (dist-gru draws 8 hex digits): no path, query or URL characters.
+_RUN_ID = re.compile(r"[^/\\#?%:\s\ufffd]{1,128}")
+
+
+def _read_run_id(path: Path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace").strip()
+    except OSError:
+        return ""  # unreadable: a new id
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -285,6 +285,24 @@ def test_a_garbage_metrics_tail_is_dropped_with_a_warning_at_resume(used):
     assert steps == [4, 8, 12, 16]
 
 
+@pytest.mark.parametrize("saved", ["state", "file"])
+def test_a_damaged_saved_run_id_gives_a_new_one_with_a_warning(used, saved):
+    newest = used / "checkpoints" / "step-000012"
+    state = json.loads((newest / "state.json").read_text())
+    if saved == "state":
+        state["tracker_run_id"] = ["not", "an", "id"]  # an edit, resealed
+    else:  # an older checkpoint without the id: the folder's wandb_run_id, torn and not UTF-8
+        del state["tracker_run_id"]
+        (used / "wandb_run_id").write_bytes(b"\xff\xfe/")
+    _reseal(newest, "state.json", json.dumps(state))
+    result = assert_ok(train(used, "train.max_steps=16"))
+    assert "is not a run id; logging under a new one" in result.stderr
+    run_id = (used / "wandb_run_id").read_text().strip()
+    assert len(run_id) == 8 and json.loads((used / "checkpoints" / "step-000016" / "state.json").read_text())[
+        "tracker_run_id"
+    ] == run_id
+
+
 # --------------------------------------------------------------------------------------------
 # model/: loading errors and SHA256SUMS
 
