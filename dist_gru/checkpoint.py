@@ -4,7 +4,8 @@ A checkpoint folder holds
     model.safetensors   the model weights (unwrapped)
     optimizer.pt        the optimizer state, read back with torch.load(weights_only=True): no pickle code
     state.json          step, epoch, samples seen, world size, config digest, model config, task,
-                        tracker run id, gradient-scaler state: a person can read it
+                        tracker run id, gradient-scaler state, training data fingerprint: a
+                        person can read it
     lanes.safetensors   stream mode only: every lane's carried hidden state [lanes, layers, H],
                         indexed by global lane (its positions are in state.json)
     COMPLETE            written last: size and sha256 of every file above
