@@ -255,7 +255,23 @@ def _read_state(path: Path) -> dict[str, Any]:
             f"checkpoint {path}: state.json is not a checkpoint state (expected a JSON object with an integer "
             f"step >= 0; got {json.dumps(state)[:80]})"
         )
+    wrong = [key for key, kind in _STATE_TYPES.items() if key in state and not isinstance(state[key], kind)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: state.json has {', '.join(wrong)} of the wrong type (edited?)")
     return state
+
+
+# The JSON types of the state.json fields a resume reads (absent fields are older checkpoints').
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "epoch": int,
+    "config": dict,
+    "model_config": dict,
+    "data": dict,
+    "selection": (dict, type(None)),
+    "scaler": (dict, type(None)),
+    "skipped_steps": int,
+    "lanes": dict,
+}
 
 
 def _step_of(path: Path) -> int | None:

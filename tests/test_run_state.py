@@ -198,6 +198,7 @@ DAMAGE = {
     "state_without_step": lambda f: _reseal(f, "state.json", '{"epoch": 0}'),
     "state_step_not_an_int": lambda f: _reseal(f, "state.json", '{"step": "twelve"}'),
     "state_not_json": lambda f: _reseal(f, "state.json", "{not json"),
+    "state_model_config_a_list": lambda f: _reseal(f, "state.json", '{"step": 12, "model_config": []}'),
     "weights_replaced_by_a_folder": lambda f: ((f / "model.safetensors").unlink(), (f / "model.safetensors").mkdir()),
     "state_a_dangling_link": lambda f: ((f / "state.json").unlink(), (f / "state.json").symlink_to(f / "gone")),
 }
