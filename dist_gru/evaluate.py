@@ -82,12 +82,21 @@ def evaluate(
     return sums.results(reduced)
 
 
-def _load_model(model_dir: Path):
-    from dist_gru.model import GRUModel
+def load_model(model_dir: Path):
+    """The one loader of a saved model folder (evaluate, predict, forecast, export, sample): checked
+    against its SHA256SUMS, then loaded strictly; any failure is a ConfigError naming the folder."""
+    from dist_gru.model import GRUModel, verify_model_folder
 
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir}: not a folder; expected a saved model folder (config.json + model.safetensors)")
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise ConfigError(f"--model {model_dir}: expected a folder with config.json and model.safetensors")
-    return GRUModel.from_pretrained(str(model_dir))
+    verify_model_folder(model_dir, f"--model {model_dir}")
+    try:
+        return GRUModel.from_pretrained(str(model_dir))
+    except Exception as exc:  # a broken config.json or weights file: the mixin's errors vary
+        raise ConfigError(f"--model {model_dir}: not a loadable model folder ({type(exc).__name__}: {exc})") from exc
 
 
 def _inference_config(args: argparse.Namespace, model, extra: list[str] = ()):
@@ -121,7 +130,7 @@ def _check_features(args: argparse.Namespace, model, num_features: int) -> None:
 
 def _load_for_inference(args: argparse.Namespace, extra: list[str] = ()):
     """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
-    model = _load_model(Path(args.model))
+    model = load_model(Path(args.model))
     cfg = _inference_config(args, model, list(extra))
     if cfg.train.tbptt:  # a stream-mode run: its validation data are streams, evaluated chunk by chunk
         from dist_gru.data.streams import build_stream_dataset
@@ -222,7 +231,7 @@ def forecast_main(argv: list[str] | None = None) -> int:
     if problem:
         raise ConfigError(problem)
     model_dir = Path(args.model)
-    model = _load_model(model_dir)
+    model = load_model(model_dir)
     if model.head_kind != "forecast":
         raise ConfigError(
             f"--model {model_dir}: a model with head {model.head_kind!r} has no horizon to forecast; dist-gru forecast "

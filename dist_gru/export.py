@@ -56,18 +56,10 @@ CHECK_SHAPES = ((1, 9), (3, 1), (4, 17), (7, 40))
 
 
 def load_model_folder(path: str | Path) -> GRUModel:
-    """``GRUModel.from_pretrained(path)``, any failure a ConfigError naming the folder."""
-    from dist_gru.evaluate import _load_model
+    """``dist_gru.evaluate.load_model``: the saved model at ``path``, any failure a ConfigError naming it."""
+    from dist_gru.evaluate import load_model
 
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model {model_dir}: not a folder; expected a saved model folder (config.json + model.safetensors)")
-    try:
-        return _load_model(model_dir)
-    except ConfigError:
-        raise
-    except Exception as exc:  # a broken config.json or weights file: the mixin's errors vary
-        raise ConfigError(f"--model {model_dir}: not a loadable model folder ({type(exc).__name__}: {exc})") from exc
+    return load_model(Path(path))
 
 
 def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool) -> list[str]:

@@ -36,7 +36,7 @@ import torch
 
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
-from dist_gru.evaluate import _batch_to, _load_for_inference, _load_model, _parser, json_line, output_inside_input
+from dist_gru.evaluate import _batch_to, _load_for_inference, _parser, json_line, load_model, output_inside_input
 
 
 def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
@@ -90,7 +90,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
     if problem:
         raise ConfigError(problem)
-    model = _load_model(Path(args.model))
+    model = load_model(Path(args.model))
     if args.probabilities and model.task != "classification":
         raise ConfigError(
             f"--probabilities: the model at --model {args.model} is a regression model; class probabilities "

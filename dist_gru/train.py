@@ -44,6 +44,7 @@ from dist_gru.data.loading import (
     loader_workers,
     make_loader,
     train_stream,
+    training_data_fingerprint,
 )
 from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset, evaluate_streams, lane_stream
@@ -296,6 +297,7 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             "world_size": acc.num_processes,
             "config_digest": cfg.digest(),
             "config": cfg.to_dict(),  # a resume compares its trajectory keys with the new job's
+            "data": training_data_fingerprint(cfg.data),  # ... and the data it trains on
             "task": job.train_set.task,
             "model_config": job.model_config,
             "tracker_run_id": job.tracker.run_id,
