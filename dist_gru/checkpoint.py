@@ -4,7 +4,8 @@ A checkpoint folder holds
     model.safetensors   the model weights (unwrapped)
     optimizer.pt        the optimizer state, read back with torch.load(weights_only=True): no pickle code
     state.json          step, epoch, samples seen, world size, config digest, model config, task,
-                        tracker run id, gradient-scaler state: a person can read it
+                        tracker run id, gradient-scaler state, training data fingerprint: a
+                        person can read it
     lanes.safetensors   stream mode only: every lane's carried hidden state [lanes, layers, H],
                         indexed by global lane (its positions are in state.json)
     COMPLETE            written last: size and sha256 of every file above
@@ -50,6 +51,7 @@ workers, they resume from that checkpoint, remove the marker and train on.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -79,6 +81,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not be loaded; the message names the folder and the reason."""
 
 
+class NonFiniteError(CheckpointError):
+    """Weights that must not be saved, exported or trained on: they hold NaN or infinity."""
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming the floating-point tensors that hold NaN or infinity.
+
+    The one check before every save (checkpoints, `best/`, `model/`) and every export: a model
+    that diverged must never be written where a resume, `dist-gru predict` or a deployment would
+    pick it up as if it were trained."""
+    bad = [name for name, value in tensors.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+        raise NonFiniteError(f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or infinity ({shown})")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state's tensors by `parameter/key` (Adam's moments), for `require_finite`."""
+    state = optimizer.state_dict()["state"]
+    return {f"optimizer {i}/{k}": v for i, entry in state.items() for k, v in entry.items() if torch.is_tensor(v)}
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -93,7 +117,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -117,31 +141,61 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoints/step-<step>/` atomically and prune to the newest `keep`. Main rank only.
 
-    `lanes`: stream mode's carried state of every lane, written to lanes.safetensors."""
+    `lanes`: stream mode's carried state of every lane, written to lanes.safetensors. Refuses
+    (NonFiniteError, nothing written) weights, optimizer state or lanes that hold NaN or infinity."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    checked = {**weights, **optimizer_tensors(optimizer), **({"lanes": lanes} if lanes is not None else {})}
+    require_finite(checked, f"refusing to save checkpoint {final}")
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2) + "\n")
-    files = _FILES
-    if lanes is not None:
-        save_file({"lane_state": lanes.detach().contiguous().cpu()}, tmp / LANES_FILE)
-        files = (*_FILES, LANES_FILE)
-    for name in files:
-        _fsync_file(tmp / name)
-    marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    _fsync_file(tmp / MARKER)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2) + "\n")
+        files = _FILES
+        if lanes is not None:
+            save_file({"lane_state": lanes.detach().contiguous().cpu()}, tmp / LANES_FILE)
+            files = (*_FILES, LANES_FILE)
+        for name in files:
+            _fsync_file(tmp / name)
+        marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _fsync_file(tmp / MARKER)
+    except Exception as exc:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: all I/O here
+        message = save_failure(final, exc)
+        # Removed at once: on a full disk the half-written folder holds the space a retry needs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(message) from exc
     # A re-save of the same step (a signal right after a periodic save, a run completed at its last
     # step) moves the old folder aside under a name `list_checkpoints` still finds: a crash at any
     # point leaves a complete checkpoint of this step.
     replace_folder(tmp, final, root / f"{_ASIDE}{step:06d}-{os.getpid()}")
     prune(run_dir, keep, newest=final)
     return final
+
+
+def save_failure(final: Path, exc: Exception) -> str:
+    """Why writing checkpoint `final` failed, with the free space of its disk (the usual cause),
+    measured before the partial folder is removed.
+
+    safetensors and torch.save report a full disk without its errno (`file write failed`, an
+    `inline_container.cc` line), so the free space is what tells."""
+    reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        return f"cannot save checkpoint {final}: {reason}"
+    if free < (1 << 20) and os.strerror(errno.ENOSPC) not in reason:
+        reason += f" ({os.strerror(errno.ENOSPC)})"
+    return (
+        f"cannot save checkpoint {final}: {reason}; the disk that holds {final.parent} has {free} bytes free now. "
+        "Free space there (or lower checkpoint.keep, or use a train.run_dir on a larger disk), then run again: "
+        "train.resume=auto resumes from the last complete checkpoint"
+    )
 
 
 def replace_folder(tmp: Path, final: Path, aside: Path) -> None:
@@ -158,7 +212,11 @@ def replace_folder(tmp: Path, final: Path, aside: Path) -> None:
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     if moved:
-        shutil.rmtree(aside)
+        # The new folder is in place: an old copy that cannot be deleted (unreadable, say) is
+        # reported, not fatal; `prune` tries again after the next save.
+        shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            log.warning("could not remove %s (the replaced copy of %s); remove it by hand", aside, final)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -171,7 +229,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def verify(path: Path) -> Checkpoint:
-    """Check the COMPLETE marker against every file; raise CheckpointError naming what is wrong."""
+    """Check the COMPLETE marker against every file; raise CheckpointError naming what is wrong.
+
+    Anything but a readable, sealed folder whose state.json is an object with an integer step is
+    refused the same way, however it got so (a crash, an edit, a permission, a file for a folder)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: not a folder")
@@ -181,19 +242,62 @@ def verify(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: no {MARKER} marker (an interrupted save?)") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} marker ({exc})") from None
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"checkpoint {path}: its {MARKER} marker holds a JSON {type(marker).__name__}, not an object of files")
     for name in (*_FILES, *([LANES_FILE] if LANES_FILE in marker else [])):
-        file = path / name
-        expected = marker.get(name, {})
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        size = file.stat().st_size
-        if size != expected.get("bytes"):
-            raise CheckpointError(
-                f"checkpoint {path}: {name} has {size} bytes, the marker says {expected.get('bytes')} (truncated?)"
-            )
-        if _sha256(file) != expected.get("sha256"):
-            raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in {MARKER} (corrupt)")
-    return Checkpoint(path, json.loads((path / "state.json").read_text()))
+        try:
+            _check_sealed(path, name, marker.get(name))
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {path}: {name} is unreadable ({exc.strerror or exc})") from None
+    return Checkpoint(path, _read_state(path))
+
+
+def _check_sealed(path: Path, name: str, expected: Any) -> None:
+    """One file of a checkpoint against its marker entry: size, then sha256."""
+    file = path / name
+    if not isinstance(expected, dict):
+        raise CheckpointError(f"checkpoint {path}: its {MARKER} marker has no entry for {name}")
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path}: {name} is missing")
+    size = file.stat().st_size
+    if size != expected.get("bytes"):
+        raise CheckpointError(
+            f"checkpoint {path}: {name} has {size} bytes, the marker says {expected.get('bytes')} (truncated?)"
+        )
+    if sha256_file(file) != expected.get("sha256"):
+        raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in {MARKER} (corrupt)")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """state.json, which must be an object with an integer step (a sealed file can still be an
+    edited one: the marker is updated by whoever edits it)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable state.json ({exc})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(
+            f"checkpoint {path}: state.json is not a checkpoint state (expected a JSON object with an integer "
+            f"step >= 0; got {json.dumps(state)[:80]})"
+        )
+    wrong = [key for key, kind in _STATE_TYPES.items() if key in state and not isinstance(state[key], kind)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: state.json has {', '.join(wrong)} of the wrong type (edited?)")
+    return state
+
+
+# The JSON types of the state.json fields a resume reads (absent fields are older checkpoints').
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "epoch": int,
+    "config": dict,
+    "model_config": dict,
+    "data": dict,
+    "selection": (dict, type(None)),
+    "scaler": (dict, type(None)),
+    "skipped_steps": int,
+    "lanes": dict,
+}
 
 
 def _step_of(path: Path) -> int | None:
@@ -217,8 +321,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
+    try:
+        entries = list(root.iterdir())
+    except OSError as exc:
+        raise CheckpointError(f"cannot list the checkpoints in {root}: {exc.strerror or exc}") from None
     by_step: dict[int, Path] = {}
-    for path in sorted(root.iterdir(), key=lambda p: p.name.startswith(_ASIDE)):  # `step-N` first
+    for path in sorted(entries, key=lambda p: p.name.startswith(_ASIDE)):  # `step-N` first
         step = _step_of(path)
         if step is not None and path.is_dir():
             by_step.setdefault(step, path)

@@ -274,6 +274,17 @@ class TrainConfig(_Section):
         description="hold an exclusive lock on train.run_dir for the whole run, so a second job there refuses to "
         "start; false only on a file system without flock (Lustre without -o flock)",
     )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a step whose loss or gradient norm is NaN or infinite (any rank): stop = exit with code 3 before "
+        "the optimizer step, saving nothing; skip = drop that step's update and train on",
+    )
+    nonfinite_max_skips: int = Field(
+        10,
+        ge=0,
+        description="train.nonfinite=skip: skip at most this many non-finite steps in a row; the next one stops the "
+        "run as with stop",
+    )
     tbptt: int | None = Field(
         None,
         ge=1,
@@ -442,7 +453,8 @@ TRAJECTORY_SECTIONS = ("model", "data", "optim", "train")
 # not the computation), the
 # sample audit, where the run lives and how it resumes, and the horizon (`train.max_steps` may be
 # raised to continue a finished run; the cosine schedule then follows the new horizon; early
-# stopping only chooses where the run ends). Every other
+# stopping only chooses where the run ends; `train.nonfinite` changes nothing in a run without a
+# non-finite step, and a run stopped at one may go on with `skip`). Every other
 # key of the four sections defines the trajectory, including keys added later, so a new field is
 # safe by default; the `checkpoint` and `log` sections never do.
 NOT_TRAJECTORY = frozenset(
@@ -463,6 +475,8 @@ NOT_TRAJECTORY = frozenset(
         "train.record_samples",
         "train.run_lock",
         "train.early_stopping",
+        "train.nonfinite",
+        "train.nonfinite_max_skips",
     }
 )
 

@@ -36,6 +36,16 @@ def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return total / units
 
 
+def json_line(record: dict) -> str:
+    """`record` as strict JSON: a NaN or infinite number becomes null, and `nonfinite` lists the
+    keys that were (bare NaN / Infinity, which `json.dumps` writes by default, is not JSON)."""
+    from dist_gru.tracking import finite_or_none
+
+    clean = finite_or_none(record)
+    nonfinite = [key for key, value in record.items() if value is not None and clean[key] is None]
+    return json.dumps({**clean, "nonfinite": nonfinite} if nonfinite else clean, allow_nan=False)
+
+
 def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     non_blocking = device.type == "cuda"
     return (
@@ -72,12 +82,21 @@ def evaluate(
     return sums.results(reduced)
 
 
-def _load_model(model_dir: Path):
-    from dist_gru.model import GRUModel
+def load_model(model_dir: Path):
+    """The one loader of a saved model folder (evaluate, predict, forecast, export, sample): checked
+    against its SHA256SUMS, then loaded strictly; any failure is a ConfigError naming the folder."""
+    from dist_gru.model import GRUModel, verify_model_folder
 
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir}: not a folder; expected a saved model folder (config.json + model.safetensors)")
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise ConfigError(f"--model {model_dir}: expected a folder with config.json and model.safetensors")
-    return GRUModel.from_pretrained(str(model_dir))
+    verify_model_folder(model_dir, f"--model {model_dir}")
+    try:
+        return GRUModel.from_pretrained(str(model_dir))
+    except Exception as exc:  # a broken config.json or weights file: the mixin's errors vary
+        raise ConfigError(f"--model {model_dir}: not a loadable model folder ({type(exc).__name__}: {exc})") from exc
 
 
 def _inference_config(args: argparse.Namespace, model, extra: list[str] = ()):
@@ -111,7 +130,7 @@ def _check_features(args: argparse.Namespace, model, num_features: int) -> None:
 
 def _load_for_inference(args: argparse.Namespace, extra: list[str] = ()):
     """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
-    model = _load_model(Path(args.model))
+    model = load_model(Path(args.model))
     cfg = _inference_config(args, model, list(extra))
     if cfg.train.tbptt:  # a stream-mode run: its validation data are streams, evaluated chunk by chunk
         from dist_gru.data.streams import build_stream_dataset
@@ -169,7 +188,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     else:
         metrics = evaluate(model, dataset, accelerator, args.batch_size, season=cfg.data.season)
     if accelerator.is_main_process:
-        print(json.dumps(metrics), flush=True)
+        print(json_line(metrics), flush=True)
     exit_process(0)
     return 0
 
@@ -212,7 +231,7 @@ def forecast_main(argv: list[str] | None = None) -> int:
     if problem:
         raise ConfigError(problem)
     model_dir = Path(args.model)
-    model = _load_model(model_dir)
+    model = load_model(model_dir)
     if model.head_kind != "forecast":
         raise ConfigError(
             f"--model {model_dir}: a model with head {model.head_kind!r} has no horizon to forecast; dist-gru forecast "
@@ -235,5 +254,10 @@ def forecast_main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outputs = forecast_series(model.to(device), dataset, cfg.data.window, args.batch_size, device)
     np.save(args.out, outputs)
-    print(json.dumps({"out": str(args.out), "shape": list(outputs.shape)}), file=sys.stdout)
+    written = {"out": str(args.out), "shape": list(outputs.shape)}
+    bad = int((~np.isfinite(outputs.reshape(len(outputs), -1))).any(axis=1).sum())
+    if bad:  # a model whose weights or inputs are not finite: say so, not only in the file
+        written["nonfinite_series"] = bad
+        print(f"dist-gru: warning: the forecasts of {bad} of {len(outputs)} series hold NaN or infinity", file=sys.stderr)
+    print(json_line(written), file=sys.stdout)
     return 0

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dist_gru.checkpoint import NonFiniteError, require_finite
 from dist_gru.config import ConfigError
 from dist_gru.evaluate import output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
@@ -55,18 +56,10 @@ CHECK_SHAPES = ((1, 9), (3, 1), (4, 17), (7, 40))
 
 
 def load_model_folder(path: str | Path) -> GRUModel:
-    """``GRUModel.from_pretrained(path)``, any failure a ConfigError naming the folder."""
-    from dist_gru.evaluate import _load_model
+    """``dist_gru.evaluate.load_model``: the saved model at ``path``, any failure a ConfigError naming it."""
+    from dist_gru.evaluate import load_model
 
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model {model_dir}: not a folder; expected a saved model folder (config.json + model.safetensors)")
-    try:
-        return _load_model(model_dir)
-    except ConfigError:
-        raise
-    except Exception as exc:  # a broken config.json or weights file: the mixin's errors vary
-        raise ConfigError(f"--model {model_dir}: not a loadable model folder ({type(exc).__name__}: {exc})") from exc
+    return load_model(Path(path))
 
 
 def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool) -> list[str]:
@@ -296,17 +289,28 @@ def read_metadata(path: str | Path, fmt: str) -> dict[str, Any]:
     return json.loads(extra["meta.json"])
 
 
+def max_difference(got: np.ndarray, want: np.ndarray) -> float:
+    """Max |got - want|; infinity when either holds a NaN or infinity (a running `max` would take a
+    NaN difference for 0.0, since every comparison with NaN is false)."""
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        return float("inf")
+    return float(np.abs(got - want).max()) if got.size else 0.0
+
+
 def _valid_difference(model: GRUModel, got: np.ndarray, want: Tensor, lengths: Tensor) -> float:
-    """Max |got - want|, over valid steps only for step heads (padded steps hold unread values)."""
-    diff = np.abs(got.astype(np.float64) - want.double().numpy())
+    """`max_difference`, over valid steps only for step heads (padded steps hold unread values)."""
+    want = want.double().numpy()
     if model.head_kind == "step":
         mask = (torch.arange(want.shape[1])[None, :] < lengths[:, None]).numpy()
-        diff = diff[mask]
-    return float(diff.max()) if diff.size else 0.0
+        got, want = got[mask], want[mask]
+    return max_difference(got, want)
 
 
 def verify(path: str | Path, fmt: str, model: GRUModel, stateful: bool, seed: int = 0) -> float:
-    """Max difference between the exported file and ``model`` over the verification batches."""
+    """Max difference between the exported file and ``model`` over the verification batches
+    (infinity if an output holds NaN or infinity). NonFiniteError if the model's own outputs do:
+    then nothing can be checked, and the model is not fit to deploy."""
     runner = load_runner(path, fmt)
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
@@ -317,10 +321,15 @@ def verify(path: str | Path, fmt: str, model: GRUModel, stateful: bool, seed: in
                 if stateful:
                     want, want_state = model.step(x, state, lengths)
                     got, got_state = runner(x.numpy(), lengths.numpy(), state.numpy())
-                    worst = max(worst, float(np.abs(got_state - want_state.numpy()).max()))
+                    worst = max(worst, max_difference(got_state, want_state.numpy()))
                 else:
                     want = model(x, lengths)
                     (got,) = runner(x.numpy(), lengths.numpy())
+                if not bool(torch.isfinite(want).all()):
+                    raise NonFiniteError(
+                        f"the model's own outputs hold NaN or infinity on a batch of {batch} x {steps} inputs on the "
+                        "scale of its training data (its weights overflow): nothing to export; nothing written"
+                    )
                 if got.shape != tuple(want.shape):
                     raise RuntimeError(f"exported output has shape {got.shape}, the model's is {tuple(want.shape)}")
                 worst = max(worst, _valid_difference(model, got, want, lengths))
@@ -340,6 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = load_model_folder(args.model)
+    require_finite(model.state_dict(), f"--model {args.model}: cannot export a model whose weights are not finite")
     problems = export_problems(model, args.format, args.opset, args.stateful)
     out = Path(args.out)
     if not out.parent.is_dir():
@@ -363,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tmp_name)
     try:
         write_export(args.model, args.format, tmp, opset, args.stateful)
-        difference = verify(tmp, args.format, model, args.stateful)
+        try:
+            difference = verify(tmp, args.format, model, args.stateful)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"--model {args.model}: {exc}") from None
         if not difference <= TOLERANCE:
             raise RuntimeError(
                 f"the exported graph differs from the PyTorch model by {difference:.3g} (> {TOLERANCE}); nothing written"

@@ -52,6 +52,9 @@ def read_source(given: str) -> tuple[Path, str, dict[str, Any], int | None]:
         config = {"task": ckpt.state.get("task"), **ckpt.state.get("model_config", {})}
         return path / "model.safetensors", "checkpoint", config, ckpt.step
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        from dist_gru.model import verify_model_folder
+
+        verify_model_folder(path, f"train.init_from={given}")
         try:
             config = json.loads((path / "config.json").read_text())
         except ValueError as exc:
@@ -114,7 +117,7 @@ def init_weights(given: str, model: torch.nn.Module, model_config: dict[str, Any
         "path": str(Path(given).resolve()),
         "kind": kind,
         "step": step,
-        "sha256": ckpt_lib._sha256(weights_file),
+        "sha256": ckpt_lib.sha256_file(weights_file),
         "loaded": [p.rstrip(".") for p in parts],
         "head_reinitialised": ", ".join(head_changes) or None,
     }

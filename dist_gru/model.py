@@ -27,7 +27,9 @@ by chunk, with the state carried between calls. The module holds no training log
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from pathlib import Path
@@ -46,6 +48,8 @@ from dist_gru.data.files import follow_umask
 from dist_gru.heads import HEADS, OUTPUTS, build_head, shape_output, units_per_output
 from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast, step_mask
 from dist_gru.recurrence import gru_direction, gru_layers
+
+log = logging.getLogger(__name__)
 
 TASKS = ("regression", "classification")
 CELLS = ("torch", "seed")
@@ -678,6 +682,13 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         save_file(state, str(Path(save_directory) / "model.safetensors"))
         follow_umask(Path(save_directory) / "model.safetensors")  # safetensors writes it 0600
 
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """The mixin's save (config.json, model.safetensors, README.md), then SHA256SUMS of the two
+        files a load reads, so a corrupt or edited copy is refused (`verify_model_folder`)."""
+        result = super().save_pretrained(save_directory, **kwargs)
+        write_checksums(Path(save_directory))
+        return result
+
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> GRUModel:
         # The mixin loads with strict=False, which silently keeps random weights for any
@@ -685,6 +696,51 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         model = super()._from_pretrained(strict=strict, **kwargs)
         model.flatten_parameters()
         return model
+
+
+CHECKSUMS = "SHA256SUMS"
+CHECKSUMMED = ("config.json", "model.safetensors")
+
+
+def write_checksums(folder: Path) -> None:
+    """`<folder>/SHA256SUMS` in `sha256sum` format (`sha256sum -c SHA256SUMS` checks it by hand)."""
+    from dist_gru.checkpoint import sha256_file
+
+    lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in CHECKSUMMED)
+    tmp = folder / f".{CHECKSUMS}.{os.getpid()}"
+    tmp.write_text(lines)
+    os.replace(tmp, folder / CHECKSUMS)
+
+
+def verify_model_folder(folder: Path, label: str) -> None:
+    """Check a saved model folder against its SHA256SUMS before it is loaded; `label` names it in
+    errors (`--model DIR`, `train.init_from=DIR`). A folder saved before SHA256SUMS existed loads
+    with a warning."""
+    from dist_gru.checkpoint import sha256_file
+
+    sums_file = Path(folder) / CHECKSUMS
+    if not sums_file.is_file():
+        log.warning("%s: no %s (saved by an older release): its files cannot be checked for corruption", label, CHECKSUMS)
+        return
+    try:
+        lines = sums_file.read_text().splitlines()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{label}: {CHECKSUMS} is unreadable ({exc}); expected `sha256  name` lines") from None
+    expected = {}
+    for line in lines:
+        digest, _, name = line.partition(" ")
+        expected[name.strip().lstrip("*")] = digest  # `sha256sum -b` marks names with a `*`
+    for name in CHECKSUMMED:
+        file = Path(folder) / name
+        try:
+            actual = sha256_file(file)
+        except OSError as exc:
+            raise ConfigError(f"{label}: {name} is unreadable ({exc.strerror or exc})") from None
+        if actual != expected.get(name):
+            raise ConfigError(
+                f"{label}: {name} does not match its sha256 in {CHECKSUMS} (corrupt or edited); restore the "
+                "folder from a copy, or save the model again (train.init_from can start from a checkpoint)"
+            )
 
 
 def _window_moments(x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -25,8 +25,8 @@ throughput (`samples_per_s`, all ranks together, over the forward passes and the
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import torch
 
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
-from dist_gru.evaluate import _batch_to, _load_for_inference, _load_model, _parser, output_inside_input
+from dist_gru.evaluate import _batch_to, _load_for_inference, _parser, json_line, load_model, output_inside_input
 
 
 def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
@@ -90,7 +90,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
     if problem:
         raise ConfigError(problem)
-    model = _load_model(Path(args.model))
+    model = load_model(Path(args.model))
     if args.probabilities and model.task != "classification":
         raise ConfigError(
             f"--probabilities: the model at --model {args.model} is a regression model; class probabilities "
@@ -124,16 +124,21 @@ def predict_main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = np.load(partial[0], mmap_mode="r+")
     batches = predict_batches(len(dataset), args.batch_size, rank, world_size)
+    nonfinite = 0  # rows of this rank holding NaN or infinity (a model with non-finite weights)
     with torch.no_grad():
         for batch in make_loader(dataset, batches, 0):
             x, lengths, _ = _batch_to(batch, device)
             first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
             if step_model:
                 first, last = int(offsets[first]), int(offsets[last])
-            rows[first:last] = _rows(model, model(x, lengths), lengths, args.probabilities)
+            written_rows = _rows(model, model(x, lengths), lengths, args.probabilities)
+            rows[first:last] = written_rows
+            if dtype.kind == "f":
+                nonfinite += int((~np.isfinite(written_rows.reshape(len(written_rows), -1))).any(axis=1).sum())
     rows.flush()
     del rows
-    accelerator.wait_for_everyone()  # all ranks participate: every row is written
+    # All ranks participate: every row is written, and the counts are summed.
+    nonfinite = int(accelerator.reduce(torch.tensor([nonfinite], device=device), reduction="sum").item())
     elapsed = time.perf_counter() - start
 
     if accelerator.is_main_process:
@@ -149,10 +154,13 @@ def predict_main(argv: list[str] | None = None) -> int:
         written.update(
             world_size=world_size,
             num_samples=len(dataset),
+            nonfinite_rows=nonfinite,
             seconds=round(elapsed, 4),
             samples_per_s=round(len(dataset) / max(elapsed, 1e-9), 1),
         )
-        print(json.dumps(written), flush=True)
+        if nonfinite:
+            print(f"dist-gru: warning: {nonfinite} of {num_rows} rows of {out} hold NaN or infinity", file=sys.stderr)
+        print(json_line(written), flush=True)
     accelerator.wait_for_everyone()  # all ranks participate: the file is in place when any rank exits
     exit_process(0)
     return 0

@@ -52,10 +52,10 @@ def generate(model: torch.nn.Module, prompt: bytes, count: int, temperature: flo
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dist_gru.evaluate import _load_model
+    from dist_gru.evaluate import load_model
 
     with contextlib.redirect_stdout(sys.stderr):  # the hub mixin announces the load on stdout; the text goes there
-        model = _load_model(Path(args.model)).eval()
+        model = load_model(Path(args.model)).eval()
     problems = []
     if model.vocab_size != 256:
         problems.append(f"--model {args.model}: not a byte-level model (vocab_size={model.vocab_size}, expected 256)")

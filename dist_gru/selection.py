@@ -169,8 +169,11 @@ def eval_metric_names(model: torch.nn.Module, season: int, tokens: bool = False)
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, watch: Watch) -> Path:
-    """Write `<run_dir>/best/` (model + best.json) under a temporary name, then swap it in. Main rank only."""
+    """Write `<run_dir>/best/` (model + best.json) under a temporary name, then swap it in. Main rank only.
+
+    Weights holding NaN or infinity are refused (checkpoint.NonFiniteError)."""
     final = Path(run_dir) / BEST
+    ckpt_lib.require_finite(model.state_dict(), f"refusing to save {final}")  # nothing written
     tmp = Path(run_dir) / f".{BEST}-tmp-{os.getpid()}"
     model.save_pretrained(tmp)
     about = {key: watch.state()[key] for key in ("metric", "mode", "value", "step")}

@@ -28,6 +28,7 @@ import json
 import math
 import netrc
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -144,13 +145,29 @@ def _run_id(run_dir: Path, resume: Checkpoint | None) -> str:
     path = run_dir / "wandb_run_id"
     run_id = None
     if resume is not None:
-        run_id = resume.state.get("tracker_run_id") or (path.read_text().strip() if path.is_file() else None)
+        run_id = resume.state.get("tracker_run_id") or (_read_run_id(path) if path.is_file() else None)
+    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+        # An edited state.json or a damaged wandb_run_id: the W&B run cannot be continued, the run can.
+        _warn(f"the saved W&B run id {str(run_id)[:40]!r} is not a run id; logging under a new one")
+        run_id = None
     run_id = run_id or secrets.token_hex(4)
     path.write_text(run_id + "\n")
     return run_id
 
 
-def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+# What W&B takes as a run id (dist-gru draws 8 hex digits): no path, query or URL characters.
+_RUN_ID = re.compile(r"[^/\\#?%:\s\ufffd]{1,128}")
+
+
+def _read_run_id(path: Path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace").strip()
+    except OSError:
+        return ""  # unreadable: a new id
+
+
+def finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as None (JSON null): strict JSON parsers reject bare NaN / Infinity."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
@@ -244,16 +261,18 @@ class RunTracker(Tracker):
     def _truncate_after(self, step: int) -> None:
         """A resumed run retrains the steps after its checkpoint: drop their stale lines first.
 
-        A process killed mid-write leaves a last line cut short; it (and any other unreadable line)
-        is dropped with a warning naming it, instead of failing the resume.
+        A process killed mid-write leaves a last line cut short, even mid-character; it (and any
+        other unreadable line, UTF-8 or not) is dropped with a warning naming it, instead of failing
+        the resume.
         """
         if not self.metrics_path.is_file():
             return
         kept = []
-        lines = self.metrics_path.read_text().splitlines() if step > 0 else []  # from step 0 nothing is kept
-        for number, line in enumerate(lines, 1):
+        lines = self.metrics_path.read_bytes().splitlines() if step > 0 else []  # from step 0 nothing is kept
+        for number, raw in enumerate(lines, 1):
+            line = raw.decode(errors="replace")
             try:
-                stale = json.loads(line)["step"] > step
+                stale = json.loads(raw.decode())["step"] > step  # UnicodeDecodeError is a ValueError
             except (ValueError, TypeError, KeyError) as exc:
                 where = "its last line" if number == len(lines) else f"line {number}"
                 _warn(
@@ -268,7 +287,7 @@ class RunTracker(Tracker):
         os.replace(tmp, self.metrics_path)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        metrics = _clean(metrics)
+        metrics = finite_or_none(metrics)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.active:

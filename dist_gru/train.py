@@ -8,6 +8,10 @@ learning rate and RNG state are pure functions of the optimizer step, so a check
 optimizer, step) is all a resume needs, on any world size that divides the batch. Stream mode
 (`train.tbptt`, dist_gru.data.streams) adds the one piece of training state that is not a function
 of the step, every lane's carried hidden state, which checkpoints hold indexed by global lane.
+
+Exit codes: 0 finished, 2 bad input, 75 preempted (checkpoint saved, see checkpoint.py), 3 a loss
+or gradient norm that is NaN or infinite stopped the run before that step's update, with nothing
+saved (`train.nonfinite`, dist_gru/nonfinite.py).
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ from dist_gru.data.loading import (
     loader_workers,
     make_loader,
     train_stream,
+    training_data_fingerprint,
 )
 from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset, evaluate_streams, lane_stream
 from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
+from dist_gru.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard
 from dist_gru.preemption import StepBoundary
 from dist_gru.run_lock import RunLock, lock_run_folder
 from dist_gru.runtime import compute_precision, exit_process, make_accelerator, summary
@@ -291,6 +297,7 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
             "world_size": acc.num_processes,
             "config_digest": cfg.digest(),
             "config": cfg.to_dict(),  # a resume compares its trajectory keys with the new job's
+            "data": training_data_fingerprint(cfg.data),  # ... and the data it trains on
             "task": job.train_set.task,
             "model_config": job.model_config,
             "tracker_run_id": job.tracker.run_id,
@@ -325,15 +332,16 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         dynamic_ncols=True,
         desc="train",
     )
-    # Per-interval accumulators stay on the device: no host sync until a log step.
+    # Per-interval accumulators stay on the device: no host sync until a log step (but `guard`'s one).
     loss_acc = torch.zeros((), device=device)
-    samples = seq_steps = interval_steps = 0
+    samples = seq_steps = interval_steps = loss_steps = 0
     data_wait = 0.0
     interval_start = time.perf_counter()
     epoch = job.sampler.position(job.start_step)[0]
     metrics: dict[str, float] = {}
     sample_log = _sample_log(job)
     end_step, final = max_steps, None  # early stopping ends the run sooner, with its evaluation
+    guard = LossGuard(job)  # train.nonfinite: no NaN or infinity reaches the weights
 
     model.train()
     for step in range(job.start_step, max_steps):
@@ -342,11 +350,13 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         units = loss_units(job, step)
+        step_loss, batches = torch.zeros((), device=device), []  # this rank's; batches: `guard` reads them
 
         # Forward/backward over the micro-batches of one optimizer step; DDP syncs on the last one.
         for _ in range(accum):
             t0 = time.perf_counter()
             epoch, batch = next(stream)
+            batches.append(batch)
             data_wait += time.perf_counter() - t0
             x = batch["x"].to(device, non_blocking=True)
             y = batch["y"].to(device, non_blocking=True)
@@ -360,14 +370,23 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                 # Scaled so that DDP's mean over ranks and Accelerate's division by the accumulation
                 # steps leave the mean over every unit of the global batch (see `loss_units`).
                 loss = total.float() * (world_size * accum / units)
-                acc.backward(loss)
-            loss_acc += loss.detach() / accum
+                acc.backward(guard.spread(loss))
+            step_loss += loss.detach() / accum
             samples += len(y)
             if sample_log is not None:
                 sample_log.write(json.dumps({"step": step, "epoch": epoch, "index": batch["index"].tolist()}) + "\n")
             seq_steps += int(batch["lengths"].sum())
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
-        optimizer.step()
+        grad_norm = guard.norm(grad_norm)
+        verdict = guard.check(step + 1, grad_norm, batches, step_loss, lr)  # the same on every rank
+        if verdict == STOP:  # before optimizer.step: the weights stay finite; nothing is saved
+            progress.close()
+            job.boundary.drain()
+            return EXIT_NONFINITE, metrics
+        if verdict == OK:  # SKIP: the step's update and loss are dropped
+            optimizer.step()
+            loss_acc += step_loss
+            loss_steps += 1
         optimizer.zero_grad(set_to_none=True)
         job.skipped_steps += int(acc.optimizer_step_was_skipped)
         done = step + 1
@@ -391,7 +410,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             )
             every = acc.gather(local[None]).cpu()  # [world, 6]
             metrics = {
-                "train/loss": float(every[:, 0].mean()) / interval_steps,
+                "train/loss": float(every[:, 0].mean()) / loss_steps if loss_steps else float("nan"),
                 "train/lr": lr,
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "perf/samples_per_s": float(every[:, 1].sum()) / elapsed,
@@ -402,12 +421,14 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                 "progress/epoch": epoch,
                 "progress/samples_seen": done * cfg.train.global_batch_size,
                 "amp/skipped_steps": job.skipped_steps,
+                "train/nonfinite_skips": guard.skipped,
             }
             if device.type == "cuda":
                 metrics["mem/cuda_max_alloc_mb"] = float(every[:, 5].max())
             if job.lanes is not None:
                 metrics["perf/state_gather_s"] = job.state_gather_s  # at checkpoints, outside perf/step_time_s
             job.tracker.log(metrics, step=done)
+            guard.watch_loss(metrics["train/loss"], done, lr)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4g}", sps=f"{metrics['perf/samples_per_s']:.0f}")
             if cfg.log.quiet and acc.is_main_process:
                 print(
@@ -416,7 +437,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
                     flush=True,
                 )
             loss_acc.zero_()
-            samples = seq_steps = interval_steps = 0
+            samples = seq_steps = interval_steps = loss_steps = 0
             data_wait = 0.0
             interval_start = time.perf_counter()
 
@@ -455,7 +476,9 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         _select(job, final, max_steps, can_stop=False)
     final_path = save(job, end_step, epoch)
     if acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(job.run_dir / "model")
+        final_model = acc.unwrap_model(model)
+        ckpt_lib.require_finite(final_model.state_dict(), f"refusing to save {job.run_dir / 'model'}")
+        final_model.save_pretrained(job.run_dir / "model")
         _print_final(job, final, final_path)
     return 0, final
 

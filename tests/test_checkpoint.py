@@ -224,7 +224,7 @@ def test_pickle_bomb_is_refused_by_the_marker_and_by_the_loader(tmp_path):
     marker = json.loads((path / "COMPLETE").read_text())
     marker["optimizer.pt"] = {
         "bytes": (path / "optimizer.pt").stat().st_size,
-        "sha256": ckpt_lib._sha256(path / "optimizer.pt"),
+        "sha256": ckpt_lib.sha256_file(path / "optimizer.pt"),
     }
     (path / "COMPLETE").write_text(json.dumps(marker))
     ckpt = ckpt_lib.verify(path)

@@ -302,10 +302,10 @@ def test_overwrite_plans_to_remove_only_what_a_run_writes(tmp_path):
     plan = run_folder.decide(load_config(None, ["train.resume=overwrite"]), run_dir)
     assert plan.resume is None and plan.remove == ["checkpoints", "config.yaml"]
     run_folder.commit(plan, load_config(None, ["train.resume=overwrite"]), run_dir)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt", "wandb"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [run_folder.MANIFEST, "config.yaml", "notes.txt", "wandb"]
 
 
-def test_overwrite_removes_nothing_from_a_folder_that_is_not_a_run_folder(tmp_path):
+def test_overwrite_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
     (tmp_path / "model").mkdir()  # e.g. a project's own source folder, not a saved model
-    plan = run_folder.decide(load_config(None, ["train.resume=overwrite"]), tmp_path)
-    assert plan.remove == [] and plan.message == ""
+    with pytest.raises(ConfigError, match=r"holds model/, which no dist-gru run wrote"):
+        run_folder.decide(load_config(None, ["train.resume=overwrite"]), tmp_path)

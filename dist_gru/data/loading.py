@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,17 @@ def build_dataset(cfg: DataConfig, split: str, head: str | None = None) -> Datas
 
     mode = None if head is None else {"forecast": "forecast", "step": "step", "last": "last"}[head]
     return WindowDataset(source, cfg.window, cfg.horizon, cfg.window_stride, mode=mode)
+
+
+def training_data_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """The fingerprint of the data a job trains on, which every checkpoint records: `{"train": ...}`
+    (`dist_gru.data.files.data_fingerprint`) for a files job; nothing for synthetic data, whose
+    generator is fully given by the config (which checkpoints record too)."""
+    if cfg.name != "files":
+        return {}
+    from dist_gru.data.files import data_fingerprint
+
+    return {"train": data_fingerprint(cfg.train_path)}
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
