@@ -518,6 +518,55 @@ def kill9_torchrun(tmp: Path, args) -> str:
     return kill_and_resume(tmp, 2, args.kills)
 
 
+def fill(disk: Path, free: int) -> None:
+    """Fill the disk but `free` bytes (a file of zeros; tmpfs counts whole 4 KiB pages)."""
+    fs = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, fs.f_bavail * fs.f_frsize - free))
+
+
+def disk_full_levels(disk: Path) -> str:
+    """Train, then at each fill level: a save that cannot fit must fail in one error line leaving no
+    temporary folder, and the same command with the space back must resume from a verified checkpoint."""
+    run_dir = disk / "run"
+    wide = ["model.hidden_size=64", "checkpoint.every=2", "checkpoint.keep=2"]
+    finished(train(run_dir, *wide, "train.max_steps=2"))
+    size = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step-000002").iterdir())
+    levels, step = (0, size // 4, size // 2, 3 * size // 4, size - 8192), 2
+    for free in levels:
+        fill(disk, free)
+        failed = train(run_dir, *wide, f"train.max_steps={step + 2}")
+        check(failed.returncode != 0, f"{free} bytes free for a {size}-byte checkpoint, yet the run exited 0")
+        line = refused(failed)
+        check(not tmp_steps(run_dir), f"{free} bytes free: the failed save left {tmp_steps(run_dir)}")
+        listed = ckpt_lib.list_checkpoints(run_dir)
+        check(len(verified(run_dir)) == len(listed), f"{free} bytes free: a checkpoint that does not verify")
+        (disk / "filler").unlink()
+        good = verified(run_dir)
+        again = finished(train(run_dir, *wide, f"train.max_steps={step + 2}"))
+        source = resumed_from(again.stdout)
+        check(source in good, f"{free} bytes free, then space: resumed from {source}, not a verified checkpoint")
+        step += 2
+    return (
+        f"{size}-byte checkpoint, {'/'.join(str(f) for f in levels)} bytes free: every save failed with exit 2 and "
+        f"one error line, no .tmp-step left, then resumed; last: {line[line.find(': ', 30) + 2 :][:60]}"
+    )
+
+
+@probe("full-disk")
+def full_disk(tmp: Path, args) -> str:
+    disk = tmp / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
+    check(mounted.returncode == 0, f"cannot mount a tmpfs here (root needed): {tail(mounted.stderr)}")
+    try:
+        return disk_full_levels(disk)
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 # ------------------------------------------------------------------------------------- runner
 
 
