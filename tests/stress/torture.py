@@ -449,6 +449,145 @@ def umask(tmp: Path, args) -> str:
     return f"umask 022: model.safetensors 0644, dataset folders {sorted(folders)} 0755"
 
 
+# -------------------------------------------------------------------------- run state on disk
+
+
+@probe("overwrite-user-files")
+def overwrite_user_files(tmp: Path, args) -> str:
+    run_dir = tmp / "mine"
+    for name in ("model/notes.txt", "plots/figure.png", "samples/a.txt"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(f"the user's {name}\n")
+    (run_dir / "config.yaml").write_text("my: own config\n")
+    before = snapshot(run_dir)
+    result = train(run_dir, "train.resume=overwrite")
+    check("Traceback" not in result.output, f"a traceback: {tail(result.output, 2)}")
+    unchanged(before, run_dir)
+    line = refused(result)
+    return f"refused, the user's config.yaml, model/, plots/, samples/ unchanged: {line[7:120]}"
+
+
+@probe("data-replaced")
+def data_replaced(tmp: Path, args) -> str:
+    data, run_dir = tmp / "data", tmp / "run"
+    dataset(data, n=64)
+    finished(train(run_dir, f"data.train_path={data}", base=FILES))
+    shutil.rmtree(data)
+    dataset(data, n=500)
+    before = snapshot(run_dir)
+    line = refused(train(run_dir, f"data.train_path={data}", "train.max_steps=12", base=FILES), "64", "500")
+    unchanged(before, run_dir)
+    return f"resume onto 500 sequences refused, run folder unchanged: {line[line.find('data.train'):][:60]}"
+
+
+def damaged_newest(tmp: Path, damage: Callable[[Path], object], prefix: tuple[str, ...] = ()) -> str:
+    """Damage step 12 of a finished run: a resume by its path is refused (nothing changed), and
+    `auto` skips it with a warning and resumes from step 8."""
+    run_dir = finished_run(tmp)
+    newest = run_dir / "checkpoints" / "step-000012"
+    damage(newest)
+    before = snapshot(run_dir)
+    line = refused(train(run_dir, f"train.resume={newest}", prefix=prefix), str(newest))
+    unchanged(before, run_dir)
+    auto = finished(train(run_dir, prefix=prefix))
+    source = resumed_from(auto.stdout)
+    check(source and source.endswith("step-000008"), f"auto resumed from {source}, not step-000008")
+    check(f"skipping checkpoint {newest}" in auto.output, "auto skipped step 12 without a warning")
+    return f"by path refused ({line[line.find('step-000012') + 13 :][:50]}), auto skipped it and resumed from step 8"
+
+
+@probe("marker-not-object")
+def marker_not_object(tmp: Path, args) -> str:
+    return damaged_newest(tmp, lambda f: (f / ckpt_lib.MARKER).write_text("[]"))
+
+
+@probe("state-edited")
+def state_edited(tmp: Path, args) -> str:
+    return damaged_newest(tmp, lambda f: reseal(f, "state.json", '{"step": "twelve"}'))
+
+
+@probe("unreadable-checkpoint")
+def unreadable_checkpoint(tmp: Path, args) -> str:
+    prefix = NO_DAC if os.geteuid() == 0 else ()
+    return damaged_newest(tmp, lambda f: (f / "model.safetensors").chmod(0), prefix=prefix)
+
+
+def model_users(run_dir: Path, model: Path, tmp: Path) -> dict[str, list[str]]:
+    """Every command that loads a model folder, with arguments that would otherwise succeed."""
+    return {
+        "evaluate": ["evaluate", "--model", str(model), "--data", "adding"],
+        "predict": ["predict", "--model", str(model), "--data", "adding", "--out", str(tmp / "p.npy")],
+        "export": ["export", "--model", str(model), "--format", "torchscript", "--out", str(tmp / "m.pt")],
+        "init_from": ["train", *BASE, f"train.init_from={model}", f"train.run_dir={tmp / 'new'}"],
+    }
+
+
+def damaged_model(tmp: Path, damage: Callable[[Path], object], commands: tuple[str, ...], phrase: str) -> str:
+    run_dir = finished_run(tmp)
+    damage(run_dir / "model")
+    before = snapshot(tmp)
+    users = model_users(run_dir, run_dir / "model", tmp)
+    lines = []
+    for name in commands:
+        try:
+            lines.append(refused(dist_gru(*users[name], timeout=180), phrase))
+        except ProbeFailed as exc:
+            raise ProbeFailed(f"{name}: {exc}") from None
+        unchanged(before, tmp)
+    gist = lines[0][lines[0].find(phrase) :][:70]
+    return f"{len(commands)} of {len(commands)} refused ({', '.join(commands)}), nothing written: {gist}"
+
+
+def flip_last_byte(model: Path) -> None:
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor: the file still parses
+    weights.write_bytes(bytes(data))
+
+
+@probe("flipped-byte")
+def flipped_byte(tmp: Path, args) -> str:
+    return damaged_model(tmp, flip_last_byte, ("evaluate", "predict", "export", "init_from"), "model.safetensors")
+
+
+@probe("truncated-model")
+def truncated_model(tmp: Path, args) -> str:
+    def truncate(model: Path) -> None:
+        with open(model / "model.safetensors", "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+
+    return damaged_model(tmp, truncate, ("evaluate", "predict"), "model.safetensors")
+
+
+@probe("bad-model-config")
+def bad_model_config(tmp: Path, args) -> str:
+    return damaged_model(tmp, lambda m: (m / "config.json").write_text("{not json"), ("evaluate", "predict"), "config.json")
+
+
+@probe("unwritable-run-dir")
+def unwritable_run_dir(tmp: Path, args) -> str:
+    (tmp / "a-file").write_text("not a folder\n")
+    before = snapshot(tmp)
+    line = refused(train(tmp / "a-file" / "run"), "a-file")
+    unchanged(before, tmp)
+    if os.geteuid() != 0:
+        return f"run_dir under a file refused: {line[:80]}"
+    (tmp / "read-only").mkdir(mode=0o555)
+    refused(train(tmp / "read-only" / "run", prefix=NO_DAC), "read-only")
+    return "under a regular file and in a 0555 folder (root powers dropped): refused, nothing written"
+
+
+@probe("metrics-non-utf8")
+def metrics_non_utf8(tmp: Path, args) -> str:
+    run_dir = finished_run(tmp)
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 13, "train/lo\xff\xfe\x80')
+    result = finished(train(run_dir, "train.max_steps=16"))
+    warned = [line for line in result.output.splitlines() if "metrics.jsonl" in line and "warning" in line.lower()]
+    check(warned, f"no warning naming metrics.jsonl: {tail(result.output, 2)}")
+    return f"resumed with exit 0: {warned[0][warned[0].find('metrics.jsonl') :][:80]}"
+
+
 # ------------------------------------------------------------------------- kill -9, full disk
 
 
