@@ -175,13 +175,15 @@ def all_finite(run_dir: Path) -> tuple[int, list[str]]:
     return len(files), bad
 
 
-def dataset(folder: Path, n: int = 64, length: int = 6, nan_sample: int | None = None) -> Path:
-    """A regression dataset of `n` sequences of 2 features; optionally one NaN in a sample's features,
-    written into the file after `write_sequences`, as a corrupted file would hold it."""
+def dataset(folder: Path, n: int = 64, length: int = 6, nan_sample: int | None = None, per_step: bool = False) -> Path:
+    """A regression dataset of `n` sequences of 2 features (a target per sequence, or per step: series
+    to forecast); optionally one NaN in a sample's features, written into the file after
+    `write_sequences`, as a corrupted file would hold it."""
     from dist_gru.data import write_sequences
 
     x = np.random.default_rng(0).standard_normal((n, length, 2)).astype(np.float32)
-    path = write_sequences(folder, x, x.sum(axis=(1, 2))[:, None], task="regression")
+    y = x.sum(axis=2, keepdims=True) if per_step else x.sum(axis=(1, 2))[:, None]
+    path = write_sequences(folder, list(x), list(y) if per_step else y, task="regression")
     if nan_sample is not None:
         features = np.load(path / "features.npy", mmap_mode="r+")
         features[nan_sample * length + 2, 1] = np.nan
@@ -196,7 +198,7 @@ def finished_run(tmp: Path, name: str = "run", *extra: str) -> Path:
     return run_dir
 
 
-def nan_model(folder: Path, inputs: int = 2, **kwargs) -> Path:
+def nan_model(folder: Path, inputs: int = 2, nan: bool = True, **kwargs) -> Path:
     """A model folder whose head holds one NaN (saved by the library, so any checksum matches)."""
     import torch
 
@@ -205,7 +207,7 @@ def nan_model(folder: Path, inputs: int = 2, **kwargs) -> Path:
     torch.manual_seed(0)
     model = GRUModel(inputs, 8, **kwargs)
     with torch.no_grad():
-        model.head.weight[0, 0] = float("nan")
+        model.head.weight[0, 0] = float("nan") if nan else 0.5
     model.save_pretrained(folder)
     return folder
 
@@ -386,7 +388,7 @@ def huge_seed(tmp: Path, args) -> str:
 @probe("out-inside-input")
 def out_inside_input(tmp: Path, args) -> str:
     data = dataset(tmp / "data")
-    model = nan_model(tmp / "run" / "model")  # any model: the --out check comes before it is used
+    model = nan_model(tmp / "run" / "model", nan=False)
     before = snapshot(tmp)
     cases = [
         ("predict", "--data", str(data), "--out", str(data / "features.npy")),
@@ -447,6 +449,96 @@ def umask(tmp: Path, args) -> str:
     wrong = {name: f"{mode:04o}" for name, mode in folders.items() if mode != 0o755}
     check(not wrong, f"dataset folders {wrong} under umask 022, not 0755")
     return f"umask 022: model.safetensors 0644, dataset folders {sorted(folders)} 0755"
+
+
+# ------------------------------------------------------------------------- non-finite values
+
+
+def nonfinite_run(tmp: Path, *extra: str) -> tuple[Result, Path, Path]:
+    """Train on 64 sequences of which sample 31 holds a NaN in its features."""
+    data, run_dir = dataset(tmp / "data", nan_sample=31), tmp / "run"
+    return train(run_dir, f"data.train_path={data}", *extra, base=FILES), data, run_dir
+
+
+def saved_finite(run_dir: Path) -> int:
+    count, bad = all_finite(run_dir)
+    check(not bad, f"non-finite tensors saved: {', '.join(bad)}")
+    return count
+
+
+@probe("nan-in-features")
+def nan_in_features(tmp: Path, args) -> str:
+    result, data, run_dir = nonfinite_run(tmp)
+    out = result.output
+    check(result.returncode == 3, f"exit {result.returncode}, not 3 (non-finite): {tail(out, 2)}")
+    check("Traceback" not in out, f"a traceback: {tail(out, 2)}")
+    lines = [line for line in out.splitlines() if "non-finite" in line]
+    check(lines, f"no line about non-finite values: {tail(out, 2)}")
+    message = out[out.index(lines[0]) :]
+    for phrase in ("step", "loss", "nan", "sample 31", str(data / "features.npy")):
+        check(phrase in message, f"the message does not name {phrase!r}: {lines[0][:200]}")
+    count = saved_finite(run_dir)
+    return f"exit 3, '{lines[0][10:70]}...' names sample 31 and its file; {count} saved weight files, all finite"
+
+
+@probe("nan-skip")
+def nan_skip(tmp: Path, args) -> str:
+    result, _, run_dir = nonfinite_run(tmp, "train.nonfinite=skip")
+    finished(result)
+    skipped = [line for line in result.output.splitlines() if "skip" in line and "non-finite" in line]
+    check(skipped, f"no line about a skipped step: {tail(result.output, 2)}")
+    count = saved_finite(run_dir)
+    check((run_dir / "model" / "model.safetensors").is_file(), "no model/ after a run that skipped its NaN steps")
+    return f"exit 0, {len(skipped)} step(s) skipped with a warning, {count} saved weight files, all finite"
+
+
+@probe("diverging")
+def diverging(tmp: Path, args) -> str:
+    run_dir = tmp / "run"
+    result = train(run_dir, "optim.lr=10", "optim.grad_clip=0", "train.log_every=1")
+    out = result.output
+    check("Traceback" not in out, f"a traceback: {tail(out, 2)}")
+    warned = [line for line in out.splitlines() if "warning" in line and "loss" in line]
+    check(result.returncode in (0, 3), f"exit {result.returncode}: {tail(out, 2)}")
+    check(result.returncode == 3 or warned, "optim.lr=10 optim.grad_clip=0: exit 0 without a warning")
+    count = saved_finite(run_dir)
+    said = warned[0][warned[0].find("loss") :][:60] if warned else "stopped"
+    return f"exit {result.returncode}, '{said}...'; {count} saved weight files, all finite"
+
+
+@probe("export-nonfinite")
+def export_nonfinite(tmp: Path, args) -> str:
+    model = nan_model(tmp / "nan")
+    before = snapshot(tmp)
+    line = refused(dist_gru("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp / "m.pt")),
+                   "not finite")  # fmt: skip
+    unchanged(before, tmp)
+    return f"refused, nothing written: {line[line.find('cannot') :][:80]}"
+
+
+def strict_last_line(result: Result, command: str) -> dict:
+    check(result.returncode == 0, f"{command}: exit {result.returncode}: {tail(result.output, 2)}")
+    return strict_json(result.stdout.strip().splitlines()[-1])
+
+
+@probe("strict-json")
+def strict_json_output(tmp: Path, args) -> str:
+    data = dataset(tmp / "data", n=5)
+    model = nan_model(tmp / "run" / "model")
+    (tmp / "run" / "config.yaml").write_text("model:\n  hidden_size: 8\n")
+    metrics = strict_last_line(dist_gru("evaluate", "--model", str(model), "--data", str(data)), "evaluate")
+    predict = ["predict", "--model", str(model), "--data", str(data), "--out", str(tmp / "p.npy")]
+    predicted = strict_last_line(dist_gru(*predict), "predict")
+    forecaster = nan_model(tmp / "fc" / "model", inputs=3, head="forecast", horizon=2)
+    (tmp / "fc" / "config.yaml").write_text("model:\n  head: forecast\ndata:\n  window: 4\n  horizon: 2\n")
+    series = dataset(tmp / "series", n=3, length=9, per_step=True)
+    forecast = ["forecast", "--model", str(forecaster), "--data", str(series), "--out", str(tmp / "f.npy")]
+    forecasted = strict_last_line(dist_gru(*forecast), "forecast")
+    return (
+        f"evaluate {{loss: {metrics.get('loss')}, nonfinite: {metrics.get('nonfinite')}}}, "
+        f"predict nonfinite_rows {predicted.get('nonfinite_rows')}, forecast nonfinite_series "
+        f"{forecasted.get('nonfinite_series')}: strict JSON"
+    )
 
 
 # -------------------------------------------------------------------------- run state on disk
