@@ -97,7 +97,7 @@ def check(condition: object, reason: str) -> None:
 
 def tail(text: str, lines: int = 1) -> str:
     """The last lines of an output, on one line, for a FAIL reason."""
-    kept = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
+    kept = [line.strip() for line in text.strip().splitlines() if line.strip().strip("^~")][-lines:]
     return " | ".join(kept)[:300] or "(no output)"
 
 
@@ -811,7 +811,7 @@ def run_probe(name: str, args: argparse.Namespace) -> tuple[bool, str]:
     except ProbeFailed as exc:
         return False, str(exc).replace(tmp, "TMP")
     except pytest.fail.Exception as exc:  # conftest's timeouts, a Background run that ended early
-        return False, tail(str(exc).split("\n---")[0]).replace(tmp, "TMP")
+        return False, str(exc).split("\n")[0][:200].replace(tmp, "TMP")
     except Exception as exc:
         return False, f"the probe crashed: {type(exc).__name__}: {tail(str(exc))}"
     finally:
