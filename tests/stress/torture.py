@@ -17,8 +17,10 @@ a 2-process torchrun run, each followed by the same command: a resume must name 
 whose COMPLETE marker verifies, and the run must finish with exit 0. Every process a probe starts
 is killed with its children when the probe ends, and every command has a timeout.
 
-Not part of the test suite (pytest does not collect it: the file is not named test_*.py). It takes
-about 15 minutes on 2 busy cores; run probes one at a time with --only while working on one.
+Run it as root for all of it: full-disk mounts a tmpfs, and the probes of unreadable files drop
+root's power to read them with `setpriv`. Not part of the test suite (pytest does not collect it:
+the file is not named test_*.py). It takes about 15 minutes on 2 busy cores; run probes one at a
+time with --only while working on one.
 """
 
 from __future__ import annotations
@@ -696,6 +698,7 @@ def kill_moment(job: Background, run_dir: Path, moment: str) -> None:
         job.wait_until(job.printed("dist-gru: world_size="), "the start of training", timeout=180)
         time.sleep(random.uniform(0.0, 2.0))
     else:
+        # A tiny model's save lasts a few milliseconds: poll at half a millisecond to land inside one.
         root = ckpt_lib.checkpoint_dir(run_dir)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and job.proc.poll() is None:
@@ -703,7 +706,8 @@ def kill_moment(job: Background, run_dir: Path, moment: str) -> None:
                 if any(entry.name.startswith(".tmp-step-") for entry in os.scandir(root)):
                     return
             except FileNotFoundError:
-                time.sleep(0.002)
+                pass
+            time.sleep(0.0005)
 
 
 def kill_and_resume(tmp: Path, nproc: int, kills: int) -> str:
@@ -726,6 +730,8 @@ def kill_and_resume(tmp: Path, nproc: int, kills: int) -> str:
             job.kill()
             output = job.output()
             mid_save |= set(tmp_steps(run_dir)) - tmps
+            listed = ckpt_lib.list_checkpoints(run_dir)
+            check(len(verified(run_dir)) == len(listed), f"kill {i} left a checkpoint that does not verify: {listed}")
             newest = ckpt_lib.find_latest(run_dir)
             steps.append(newest.step if newest else 0)
         source = resumed_from(output)
