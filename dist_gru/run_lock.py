@@ -25,13 +25,10 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-from accelerate.utils import broadcast_object_list
 
 from dist_gru.config import ConfigError
 from dist_gru.run_folder import check_run_dir
-from dist_gru.runtime import LaunchError
+from dist_gru.runtime import LaunchError, main_decides
 
 LOCK_FILE = ".lock"
 
@@ -159,17 +156,3 @@ def lock_run_folder(run_dir: Path, enabled: bool, accelerator) -> RunLock | None
             error = exc
     main_decides(accelerator, error)
     return lock
-
-
-def main_decides(accelerator, outcome: Any) -> Any:
-    """Global rank 0's `outcome` on every rank (all ranks participate; it doubles as a barrier).
-
-    An exception is raised on every rank, marked `same_on_every_rank` so that rank 0 alone prints
-    it: one rank's failure to write must stop all of them, not leave them waiting at a barrier."""
-    payload = [outcome if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(payload)
-    if isinstance(payload[0], Exception):
-        payload[0].same_on_every_rank = True
-        raise payload[0]
-    return payload[0]

@@ -53,8 +53,8 @@ from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel, model_kwargs
 from dist_gru.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard
 from dist_gru.preemption import StepBoundary
-from dist_gru.run_lock import RunLock, lock_run_folder, main_decides
-from dist_gru.runtime import compute_precision, exit_process, make_accelerator, summary
+from dist_gru.run_lock import RunLock, lock_run_folder
+from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
 from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
 from dist_gru.tracking import active_trackers, make_tracker
 
