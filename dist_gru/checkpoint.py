@@ -66,6 +66,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dist_gru.data.files import follow_umask
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -162,6 +164,7 @@ def save_checkpoint(
             files = (*_FILES, LANES_FILE)
         for name in files:
             _fsync_file(tmp / name)
+            follow_umask(tmp / name)  # safetensors writes its files 0600
         marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _fsync_file(tmp / MARKER)
@@ -178,7 +181,27 @@ def save_checkpoint(
     return final
 
 
-def save_failure(final: Path, exc: Exception) -> str:
+def save_model_folder(model: torch.nn.Module, final: Path, extra: dict[str, str] | None = None) -> Path:
+    """`model.save_pretrained` into `final` (e.g. RUN/model, RUN/best) atomically, with `extra` text
+    files beside it. Main rank only. Non-finite weights are refused (NonFiniteError) and a failed
+    write (a full disk) is a CheckpointError; either way nothing changes at `final`."""
+    final = Path(final)
+    require_finite(model.state_dict(), f"refusing to save {final}")
+    tmp = final.with_name(f".{final.name}-tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        replace_folder(tmp, final, final.with_name(f".{final.name}-old-{os.getpid()}"))
+    except Exception as exc:  # OSError, safetensors' SafetensorError: all I/O here
+        message = save_failure(final, exc, what="the model folder")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(message) from exc
+    return final
+
+
+def save_failure(final: Path, exc: Exception, what: str = "checkpoint") -> str:
     """Why writing checkpoint `final` failed, with the free space of its disk (the usual cause),
     measured before the partial folder is removed.
 
@@ -188,11 +211,11 @@ def save_failure(final: Path, exc: Exception) -> str:
     try:
         free = shutil.disk_usage(final.parent).free
     except OSError:
-        return f"cannot save checkpoint {final}: {reason}"
+        return f"cannot save {what} {final}: {reason}"
     if free < (1 << 20) and os.strerror(errno.ENOSPC) not in reason:
         reason += f" ({os.strerror(errno.ENOSPC)})"
     return (
-        f"cannot save checkpoint {final}: {reason}; the disk that holds {final.parent} has {free} bytes free now. "
+        f"cannot save {what} {final}: {reason}; the disk that holds {final.parent} has {free} bytes free now. "
         "Free space there (or lower checkpoint.keep, or use a train.run_dir on a larger disk), then run again: "
         "train.resume=auto resumes from the last complete checkpoint"
     )

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_gru.checkpoint import CheckpointError
     from dist_gru.config import ConfigError
     from dist_gru.data.files import DataFormatError
-    from dist_gru.runtime import LaunchError
+    from dist_gru.runtime import LaunchError, exit_process
 
     module, func, _ = COMMANDS[argv[0]]
 
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
             else:
                 wait_for_rank0()
+            exit_process(2)  # under a launcher: now, and with exactly 2 (runtime.exit_process says why)
             return 2
 
     try:

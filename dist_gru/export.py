@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from dist_gru.checkpoint import NonFiniteError, require_finite
 from dist_gru.config import ConfigError
+from dist_gru.data.files import follow_umask
 from dist_gru.evaluate import output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
 
@@ -381,10 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(
                 f"the exported graph differs from the PyTorch model by {difference:.3g} (> {TOLERANCE}); nothing written"
             )
-        # mkstemp makes the file private; the export gets the permissions any new file would.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
+        follow_umask(tmp)  # mkstemp makes the file private; the export gets what any new file would
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

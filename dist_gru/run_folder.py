@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate.utils import broadcast_object_list
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -45,6 +44,7 @@ from dist_gru.checkpoint import Checkpoint, CheckpointError
 from dist_gru.config import Config, ConfigError, trajectory
 from dist_gru.data.files import DataFormatError
 from dist_gru.data.loading import training_data_fingerprint
+from dist_gru.runtime import main_decides
 
 log = logging.getLogger(__name__)
 
@@ -333,22 +333,18 @@ def resolve(cfg: Config, run_dir: Path, accelerator) -> Plan:
     """Global rank 0 decides (`decide`); every rank gets the same plan or the same error (all ranks
     participate). Every rank then reads the chosen checkpoint itself, so the run folder must be on
     storage every node can read; rank 0 has verified it already (sha256 of every file): not twice."""
-    payload: list[Any] = [None]
+    plan: Plan | Exception | None = None
     if accelerator.is_main_process:
         try:
-            payload[0] = decide(cfg, run_dir)
+            plan = decide(cfg, run_dir)
         except (ConfigError, CheckpointError) as exc:
-            payload[0] = exc  # an error must stop every rank, not only this one
-    if accelerator.num_processes > 1:
-        broadcast_object_list(payload)
-    plan = payload[0]
-    if isinstance(plan, Exception):
-        raise plan
+            plan = exc  # an error must stop every rank, not only this one
+    plan = main_decides(accelerator, plan)
     if plan.resume is not None and not accelerator.is_main_process:
         try:
             plan.resume = ckpt_lib.verify(plan.resume.path)
         except CheckpointError as exc:
-            raise CheckpointError(f"rank {accelerator.process_index} cannot read {exc}") from None
+            raise CheckpointError(f"this rank cannot read {exc}") from None  # printed by this rank, named
     return plan
 
 

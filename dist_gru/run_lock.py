@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from accelerate.utils import broadcast_object_list
-
-from dist_gru.runtime import LaunchError
+from dist_gru.config import ConfigError
+from dist_gru.run_folder import check_run_dir
+from dist_gru.runtime import LaunchError, main_decides
 
 LOCK_FILE = ".lock"
 
@@ -147,15 +147,12 @@ def _remove(created: list[Path]) -> None:
 def lock_run_folder(run_dir: Path, enabled: bool, accelerator) -> RunLock | None:
     """Global rank 0 takes the run folder's lock (all ranks' work happens under it); if it cannot,
     every rank stops with its error (all ranks participate). None on the other ranks, or when disabled."""
-    lock, payload = None, [None]
+    lock = error = None
     if enabled and accelerator.is_main_process:
         try:
+            check_run_dir(run_dir)  # a file in the way: say that, not that the lock file failed
             lock = RunLock.acquire(run_dir)
-        except LaunchError as exc:
-            payload[0] = exc
-    if accelerator.num_processes > 1:
-        broadcast_object_list(payload)
-    if payload[0] is not None:
-        payload[0].same_on_every_rank = True  # rank 0's decision: printed once, by rank 0
-        raise payload[0]
+        except (ConfigError, LaunchError) as exc:
+            error = exc
+    main_decides(accelerator, error)
     return lock

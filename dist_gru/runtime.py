@@ -29,11 +29,17 @@ import signal
 import sys
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    broadcast_object_list,
+)
 
 from dist_gru.config import Config, ConfigError
 
@@ -250,3 +256,17 @@ def exit_process(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def main_decides(accelerator, outcome: Any) -> Any:
+    """Global rank 0's `outcome` on every rank (all ranks participate; it doubles as a barrier).
+
+    An exception is raised on every rank, marked `same_on_every_rank` so that rank 0 alone prints
+    it: one rank's failure to write must stop all of them, not leave them waiting at a barrier."""
+    payload = [outcome if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(payload)
+    if isinstance(payload[0], Exception):
+        payload[0].same_on_every_rank = True
+        raise payload[0]
+    return payload[0]

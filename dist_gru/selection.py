@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,11 +171,5 @@ def save_best(run_dir: Path, model: torch.nn.Module, watch: Watch) -> Path:
     """Write `<run_dir>/best/` (model + best.json) under a temporary name, then swap it in. Main rank only.
 
     Weights holding NaN or infinity are refused (checkpoint.NonFiniteError)."""
-    final = Path(run_dir) / BEST
-    ckpt_lib.require_finite(model.state_dict(), f"refusing to save {final}")  # nothing written
-    tmp = Path(run_dir) / f".{BEST}-tmp-{os.getpid()}"
-    model.save_pretrained(tmp)
     about = {key: watch.state()[key] for key in ("metric", "mode", "value", "step")}
-    (tmp / "best.json").write_text(json.dumps(about, indent=2) + "\n")
-    ckpt_lib.replace_folder(tmp, final, Path(run_dir) / f".{BEST}-old-{os.getpid()}")
-    return final
+    return ckpt_lib.save_model_folder(model, Path(run_dir) / BEST, {"best.json": json.dumps(about, indent=2) + "\n"})

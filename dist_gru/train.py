@@ -54,7 +54,7 @@ from dist_gru.model import GRUModel, model_kwargs
 from dist_gru.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard
 from dist_gru.preemption import StepBoundary
 from dist_gru.run_lock import RunLock, lock_run_folder
-from dist_gru.runtime import compute_precision, exit_process, make_accelerator, summary
+from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
 from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
 from dist_gru.tracking import active_trackers, make_tracker
 
@@ -307,10 +307,13 @@ def save(job: Job, step: int, epoch: int) -> Path | None:
         }
         if every_lane is not None:
             state["lanes"] = {"tbptt": cfg.train.tbptt, "positions": _lane_positions(job.sampler, step)}
-        path = ckpt_lib.save_checkpoint(
-            job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep, lanes=every_lane
-        )
-    acc.wait_for_everyone()
+        try:
+            path = ckpt_lib.save_checkpoint(
+                job.run_dir, step, model, job.optimizer, state, cfg.checkpoint.keep, lanes=every_lane
+            )
+        except ckpt_lib.CheckpointError as exc:  # a full disk, non-finite state: every rank must stop
+            path = exc
+    path = main_decides(acc, path)  # all ranks participate; every rank raises rank 0's error
     job.boundary.saved()
     return path
 
@@ -476,9 +479,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
         _select(job, final, max_steps, can_stop=False)
     final_path = save(job, end_step, epoch)
     if acc.is_main_process:
-        final_model = acc.unwrap_model(model)
-        ckpt_lib.require_finite(final_model.state_dict(), f"refusing to save {job.run_dir / 'model'}")
-        final_model.save_pretrained(job.run_dir / "model")
+        ckpt_lib.save_model_folder(acc.unwrap_model(model), job.run_dir / "model")
         _print_final(job, final, final_path)
     return 0, final
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PY, TINY, assert_ok, cli, read_metrics, run
+from conftest import PY, TINY, assert_ok, cli, read_metrics, run, torchrun_cmd
 
 from dist_gru import checkpoint as ckpt_lib
 from dist_gru import run_folder
@@ -271,6 +271,35 @@ def test_a_full_disk_during_a_save_is_one_error_and_leaves_no_temporary_folder(s
     result = train(run_dir, "model.hidden_size=256", "train.max_steps=4")
     assert_error(result, "checkpoint", "No space left on device", str(run_dir / "checkpoints"))
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []
+
+
+def test_a_full_disk_under_torchrun_stops_every_rank_with_one_error(small_disk):
+    """Rank 0's failed save reaches every rank (it is broadcast where a barrier stood): both stop at
+    once with exit 2, instead of rank 1 waiting at the barrier for its peer timeout."""
+    run_dir = small_disk / "run"
+    cmd = torchrun_cmd(2, "train", *RUN, f"train.run_dir={run_dir}", "model.hidden_size=256", "train.max_steps=4")
+    cmd[cmd.index("torch.distributed.run")] = "dist_gru.torchrun"
+    result = run(cmd, timeout=150)
+    assert_error(result, "cannot save checkpoint", "No space left on device")
+    assert "dist-gru torchrun: stopped: rank 0 exited with 2" in result.stderr
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []
+
+
+def test_a_model_folder_that_does_not_fit_on_the_disk_is_an_error_and_leaves_nothing(small_disk):
+    from dist_gru.model import GRUModel
+
+    model = GRUModel(input_size=1, hidden_size=512, output_size=1, num_layers=2)  # about 9 MB
+    with pytest.raises(ckpt_lib.CheckpointError, match="cannot save the model folder .*No space left on device"):
+        ckpt_lib.save_model_folder(model, small_disk / "model")
+    assert list(small_disk.iterdir()) == []
+
+
+def test_checkpoint_files_follow_the_umask(finished):
+    newest = finished / "checkpoints" / "step-000012"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in newest.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 # --------------------------------------------------------------------------------------------
