@@ -644,18 +644,32 @@ def flipped_byte(tmp: Path, args) -> str:
     return damaged_model(tmp, flip_last_byte, ("evaluate", "predict", "export", "init_from"), "model.safetensors")
 
 
+def reseal_sums(model: Path) -> None:
+    """Make the folder's SHA256SUMS (`sha256sum` format) match its files again, as an editor could:
+    the damage must then be caught by the loader itself, not by the checksum."""
+    sums = model / "SHA256SUMS"
+    if sums.is_file():
+        names = [line.split(maxsplit=1)[1].lstrip("*") for line in sums.read_text().splitlines() if line.strip()]
+        sums.write_text("".join(f"{hashlib.sha256((model / n).read_bytes()).hexdigest()}  {n}\n" for n in names))
+
+
 @probe("truncated-model")
 def truncated_model(tmp: Path, args) -> str:
     def truncate(model: Path) -> None:
         with open(model / "model.safetensors", "r+b") as f:
             f.truncate(f.seek(0, 2) // 2)
+        reseal_sums(model)
 
     return damaged_model(tmp, truncate, ("evaluate", "predict"), "model.safetensors")
 
 
 @probe("bad-model-config")
 def bad_model_config(tmp: Path, args) -> str:
-    return damaged_model(tmp, lambda m: (m / "config.json").write_text("{not json"), ("evaluate", "predict"), "config.json")
+    def garble(model: Path) -> None:
+        (model / "config.json").write_text("{not json")
+        reseal_sums(model)
+
+    return damaged_model(tmp, garble, ("evaluate", "predict"), "config.json")
 
 
 @probe("unwritable-run-dir")
@@ -689,9 +703,10 @@ MOMENTS = ("any", "save", "training", "save")  # the kill of attempt i waits for
 STEPS = 3000  # a run of the kill probes: far more steps than the seconds between kills train
 
 
-def kill_moment(job: Background, run_dir: Path, moment: str) -> None:
+def kill_moment(job: Background, run_dir: Path, moment: str, stale: set[str]) -> None:
     """Wait for the moment to kill: a random time after the launch (start-up included) or after
-    training began, or a `.tmp-step-*` folder appearing in checkpoints/ (a save in flight)."""
+    training began, or a new `.tmp-step-*` folder in checkpoints/ (a save in flight; `stale` are
+    those an earlier kill left)."""
     if moment == "any":
         time.sleep(random.uniform(0.2, 5.0))
     elif moment == "training":
@@ -703,7 +718,7 @@ def kill_moment(job: Background, run_dir: Path, moment: str) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and job.proc.poll() is None:
             try:
-                if any(entry.name.startswith(".tmp-step-") for entry in os.scandir(root)):
+                if any(e.name.startswith(".tmp-step-") and e.name not in stale for e in os.scandir(root)):
                     return
             except FileNotFoundError:
                 pass
@@ -725,7 +740,7 @@ def kill_and_resume(tmp: Path, nproc: int, kills: int) -> str:
             output = final.output
         else:
             job = background(command(), tmp / f"attempt-{i}.log")
-            kill_moment(job, run_dir, MOMENTS[i % len(MOMENTS)])
+            kill_moment(job, run_dir, MOMENTS[i % len(MOMENTS)], stale=tmps)
             check(job.proc.poll() is None, f"attempt {i} ended ({job.proc.returncode}) before its kill")
             job.kill()
             output = job.output()
