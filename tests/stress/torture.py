@@ -200,8 +200,9 @@ def finished_run(tmp: Path, name: str = "run", *extra: str) -> Path:
     return run_dir
 
 
-def nan_model(folder: Path, inputs: int = 2, nan: bool = True, **kwargs) -> Path:
-    """A model folder whose head holds one NaN (saved by the library, so any checksum matches)."""
+def nan_model(folder: Path, inputs: int = 2, weights: str = "one NaN", **kwargs) -> Path:
+    """A model folder (saved by the library, so any checksum matches) whose head weights hold
+    "one NaN", or are "finite", or "huge" (3e38 each: finite, but every output overflows)."""
     import torch
 
     from dist_gru.model import GRUModel
@@ -209,7 +210,10 @@ def nan_model(folder: Path, inputs: int = 2, nan: bool = True, **kwargs) -> Path
     torch.manual_seed(0)
     model = GRUModel(inputs, 8, **kwargs)
     with torch.no_grad():
-        model.head.weight[0, 0] = float("nan") if nan else 0.5
+        if weights == "one NaN":
+            model.head.weight[0, 0] = float("nan")
+        elif weights == "huge":
+            model.head.weight.fill_(3e38)
     model.save_pretrained(folder)
     return folder
 
@@ -390,7 +394,7 @@ def huge_seed(tmp: Path, args) -> str:
 @probe("out-inside-input")
 def out_inside_input(tmp: Path, args) -> str:
     data = dataset(tmp / "data")
-    model = nan_model(tmp / "run" / "model", nan=False)
+    model = nan_model(tmp / "run" / "model", weights="finite")
     before = snapshot(tmp)
     cases = [
         ("predict", "--data", str(data), "--out", str(data / "features.npy")),
@@ -510,12 +514,14 @@ def diverging(tmp: Path, args) -> str:
 
 @probe("export-nonfinite")
 def export_nonfinite(tmp: Path, args) -> str:
-    model = nan_model(tmp / "nan")
+    nan, huge = nan_model(tmp / "nan"), nan_model(tmp / "huge", weights="huge")
     before = snapshot(tmp)
-    line = refused(dist_gru("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp / "m.pt")),
-                   "not finite")  # fmt: skip
+    lines = [
+        refused(dist_gru("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp / "m.pt")), phrase)
+        for model, phrase in ((nan, "not finite"), (huge, "NaN or infinity"))
+    ]
     unchanged(before, tmp)
-    return f"refused, nothing written: {line[line.find('cannot') :][:80]}"
+    return f"a NaN weight and overflowing outputs refused, nothing written: {lines[1][lines[1].find('the') :][:70]}"
 
 
 def strict_last_line(result: Result, command: str) -> dict:
@@ -628,7 +634,7 @@ def damaged_model(tmp: Path, damage: Callable[[Path], object], commands: tuple[s
         except ProbeFailed as exc:
             raise ProbeFailed(f"{name}: {exc}") from None
         unchanged(before, tmp)
-    gist = lines[0][lines[0].find(phrase) :][:70]
+    gist = lines[0][lines[0].find(phrase) :].split(": ", 1)[-1][:70]
     return f"{len(commands)} of {len(commands)} refused ({', '.join(commands)}), nothing written: {gist}"
 
 
@@ -660,7 +666,7 @@ def truncated_model(tmp: Path, args) -> str:
             f.truncate(f.seek(0, 2) // 2)
         reseal_sums(model)
 
-    return damaged_model(tmp, truncate, ("evaluate", "predict"), "model.safetensors")
+    return "SHA256SUMS resealed; " + damaged_model(tmp, truncate, ("evaluate", "predict"), "--model")
 
 
 @probe("bad-model-config")
@@ -669,7 +675,7 @@ def bad_model_config(tmp: Path, args) -> str:
         (model / "config.json").write_text("{not json")
         reseal_sums(model)
 
-    return damaged_model(tmp, garble, ("evaluate", "predict"), "config.json")
+    return "SHA256SUMS resealed; " + damaged_model(tmp, garble, ("evaluate", "predict"), "--model")
 
 
 @probe("unwritable-run-dir")
