@@ -45,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 
 from conftest import PY, TINY, Background, Result, run, test_env, torchrun_cmd  # noqa: E402
+from test_run_folder import snapshot  # noqa: E402  (sha256 of every file under a folder)
 
 from dist_gru import checkpoint as ckpt_lib  # noqa: E402
 
@@ -122,7 +123,8 @@ def background(cmd: list[str], log: Path) -> Background:
 
 def refused(result: Result, *phrases: str) -> str:
     """A refused command: exit 2, exactly one line starting with `error`, no traceback, every phrase
-    in that line (or the message under it). Returns the error line."""
+    in that line (or the message under it). Returns the line naming the first phrase (for a
+    message of several lines), else the error line."""
     out = result.output
     errors = [line for line in out.splitlines() if line.startswith("error")]
     check(result.returncode == 2, f"exit {result.returncode}, not 2: {tail(out, 2)}")
@@ -139,20 +141,6 @@ def finished(result: Result) -> Result:
     check(result.returncode == 0, f"exit {result.returncode}: {tail(result.output, 2)}")
     check("Traceback" not in result.output, f"a traceback: {tail(result.output, 2)}")
     return result
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` ("dir" for folders, the target for links)."""
-    seen = {}
-    for path in sorted(Path(folder).rglob("*")):
-        key = str(path.relative_to(folder))
-        if path.is_symlink():
-            seen[key] = f"link {os.readlink(path)}"
-        elif path.is_dir():
-            seen[key] = "dir"
-        else:
-            seen[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return seen
 
 
 def unchanged(before: dict[str, str], folder: Path) -> None:
