@@ -12,7 +12,7 @@ of every file before and after); one job per run folder; Ctrl-C preempts and the
 resumes; checkpoints by the clock; non-finite values stop training (exit 3) and are never saved
 or printed as bare NaN; bounded config loading, CSV parsing and the umask; damaged checkpoints,
 model folders, data and metrics; a full disk (a small tmpfs, mounted as root) at several fill
-levels during a save; and kill -9 at random moments and in the middle of saves, of a 1-process and
+levels during a save, and under a 2-process torchrun job; and kill -9 at random moments and in the middle of saves, of a 1-process and
 a 2-process torchrun run, each followed by the same command: a resume must name a checkpoint
 whose COMPLETE marker verifies, and the run must finish with exit 0. Every process a probe starts
 is killed with its children when the probe ends, and every command has a timeout.
@@ -26,6 +26,7 @@ time with --only while working on one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -113,6 +114,13 @@ def dist_gru(*args: str, timeout: float = 180, prefix: tuple[str, ...] = (), uma
 
 def train(run_dir: Path, *extra: str, base: list[str] = BASE, **kwargs) -> Result:
     return dist_gru("train", *base, f"train.run_dir={run_dir}", *extra, **kwargs)
+
+
+def launcher(nproc: int, *args: str) -> list[str]:
+    """`python -m dist_gru.torchrun ... -m dist_gru ARGS`: torchrun that ends a user error in one line."""
+    cmd = torchrun_cmd(nproc, *args)
+    cmd[cmd.index("torch.distributed.run")] = "dist_gru.torchrun"
+    return cmd
 
 
 def background(cmd: list[str], log: Path) -> Background:
@@ -318,9 +326,7 @@ def every_minutes(tmp: Path, args) -> str:
 @probe("torchrun-user-error")
 def torchrun_user_error(tmp: Path, args) -> str:
     bad = ["train", *BASE, "train.precision=fp8", f"train.run_dir={tmp / 'run'}"]
-    launcher = torchrun_cmd(2, *bad)
-    launcher[launcher.index("torch.distributed.run")] = "dist_gru.torchrun"
-    ours = run(launcher, timeout=240)
+    ours = run(launcher(2, *bad), timeout=240)
     refused(ours, "train.precision")
     check("ChildFailedError" not in ours.output, f"a ChildFailedError report: {tail(ours.output, 2)}")
     plain = run(torchrun_cmd(2, *bad), timeout=240)
@@ -800,17 +806,47 @@ def disk_full_levels(disk: Path) -> str:
     )
 
 
-@probe("full-disk")
-def full_disk(tmp: Path, args) -> str:
+@contextlib.contextmanager
+def small_disk(tmp: Path):
+    """A 4 MiB tmpfs mounted at TMP/disk (root only), unmounted at the end whatever happens."""
     disk = tmp / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
     check(mounted.returncode == 0, f"cannot mount a tmpfs here (root needed): {tail(mounted.stderr)}")
     try:
-        return disk_full_levels(disk)
+        yield disk
     finally:
         if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@probe("full-disk")
+def full_disk(tmp: Path, args) -> str:
+    with small_disk(tmp) as disk:
+        return disk_full_levels(disk)
+
+
+@probe("full-disk-torchrun")
+def full_disk_torchrun(tmp: Path, args) -> str:
+    """Rank 0's save fails on a 2-process job: every rank must stop (no hang), in one error line."""
+    with small_disk(tmp) as disk:
+        run_dir = disk / "run"
+        job = ["train", *BASE, "model.hidden_size=64", "checkpoint.every=2", f"train.run_dir={run_dir}"]
+        finished(run(launcher(2, *job, "train.max_steps=2"), timeout=300))
+        size = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step-000002").iterdir())
+        fill(disk, size // 2)
+        start = time.monotonic()
+        line = refused(run(launcher(2, *job, "train.max_steps=4"), timeout=300))
+        seconds = time.monotonic() - start
+        check(not tmp_steps(run_dir), f"the failed save left {tmp_steps(run_dir)}")
+        (disk / "filler").unlink()
+        good = verified(run_dir)
+        source = resumed_from(finished(run(launcher(2, *job, "train.max_steps=4"), timeout=300)).stdout)
+        check(source in good, f"with space again: resumed from {source}, not a verified checkpoint")
+    return (
+        f"2 processes, {size // 2} of {size} bytes free: exit 2 after {seconds:.0f} s, one error line, "
+        f"no .tmp-step; then resumed from step 2: {line[line.find(': ', 30) + 2 :][:60]}"
+    )
 
 
 # ------------------------------------------------------------------------------------- runner
