@@ -232,6 +232,6 @@ def test_written_files_follow_the_umask(tmp_path: Path) -> None:
         "train", *TINY, "train.max_steps=2", f"train.run_dir={run_dir}", umask=0o027, memory=0, timeout=300
     )
     assert_ok(trained)
-    expected = {"": 0o750, "README.md": 0o640, "config.json": 0o640, "model.safetensors": 0o640}
+    expected = {"": 0o750, "README.md": 0o640, "SHA256SUMS": 0o640, "config.json": 0o640, "model.safetensors": 0o640}
     assert modes(run_dir / "model") == expected
     assert json.loads((run_dir / "model" / "config.json").read_text())["hidden_size"] == 16
