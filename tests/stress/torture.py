@@ -292,7 +292,7 @@ def ctrl_c(tmp: Path, args) -> str:
 @probe("ctrl-c-twice")
 def ctrl_c_twice(tmp: Path, args) -> str:
     run_dir = tmp / "run"
-    slow = ["model.hidden_size=128", "data.seq_len=200", "train.global_batch_size=128", "train.max_steps=100000"]
+    slow = ["model.hidden_size=256", "data.seq_len=400", "train.global_batch_size=256", "train.max_steps=100000"]
     job = background([PY, "-m", "dist_gru", "train", *BASE, *slow, f"train.run_dir={run_dir}"], tmp / "train.log")
     job.wait_until(job.printed("dist-gru: world_size="), "the start of training", timeout=180)
     time.sleep(1.0)
@@ -304,10 +304,15 @@ def ctrl_c_twice(tmp: Path, args) -> str:
     check(code == 130, f"exit {code} after two SIGINTs, not 130: {tail(out, 2)}")
     check("interrupted again" in out, f"no 'interrupted again' line: {tail(out, 2)}")
     check("Traceback" not in out, f"a traceback: {tail(out, 2)}")
-    steps = ckpt_lib.list_checkpoints(run_dir)
-    check(len(verified(run_dir)) == len(steps), f"a checkpoint that does not verify: {[p.name for p in steps]}")
-    # An abort may leave its save's temporary folder; no resume loads it, and a later save removes it.
-    return f"exit 130, '{tail(out)[10:60]}...', {len(tmp_steps(run_dir))} .tmp-step left (never loaded)"
+    steps, good, left = ckpt_lib.list_checkpoints(run_dir), verified(run_dir), tmp_steps(run_dir)
+    check(len(good) == len(steps), f"a checkpoint that does not verify: {[p.name for p in steps]}")
+    # An abort may leave its save's temporary folder: the next run must not load it.
+    newest = ckpt_lib.find_latest(run_dir)
+    again = finished(train(run_dir, *slow, f"train.max_steps={(newest.step if newest else 0) + 1}"))
+    source = resumed_from(again.stdout)
+    check(source is None or source in good, f"the next run resumed from {source}, not a verified checkpoint")
+    after = f"resumed from {Path(source).name}" if source else "started afresh (no checkpoint yet)"
+    return f"exit 130, '{tail(out)[10:60]}...'; {len(left)} .tmp-step left; the next run {after}"
 
 
 @probe("every-minutes")
