@@ -7,6 +7,7 @@ singleton, and the distributed tests must exercise real launchers anyway.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -260,6 +261,32 @@ def assert_ok(result: Result) -> Result:
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
     )
     return result
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root`: sha256 of each file, "dir" for each folder, the target of each link
+    (what "nothing changed on disk" compares)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            found[rel] = "link -> " + str(path.readlink())
+        elif path.is_dir():
+            found[rel] = "dir"
+        else:
+            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def assert_refused(result: Result, *phrases: str) -> str:
+    """A refused command: exit 2, one `error:` line, no traceback, every phrase in stderr."""
+    assert result.returncode == 2, result.output[-3000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, f"{phrase!r} not in:\n{result.stderr[-3000:]}"
+    return result.stderr
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, assert_ok, cli, read_metrics, torchrun
+from conftest import TINY, assert_ok, assert_refused, cli, read_metrics, snapshot, torchrun
 from wandb_reader import find_offline_runs
 
 from dist_gru import checkpoint as ckpt_lib
@@ -28,18 +28,6 @@ pytestmark = pytest.mark.timeout(120)
 RUN = [*TINY, "checkpoint.every=4"]  # 12 steps: checkpoints at 4, 8 and 12; W&B offline
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under `root`: sha256 of each file, "dir" for each folder, the target of each link."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            found[rel] = "link -> " + str(path.readlink())
-        elif path.is_dir():
-            found[rel] = "dir"
-        else:
-            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +51,6 @@ def train(run_dir: Path, *overrides: str, nproc: int = 1):
     return torchrun(nproc, *args, timeout=180) if nproc > 1 else cli(*args, timeout=120)
 
 
-def assert_refused(result, *phrases: str) -> str:
-    assert result.returncode == 2, result.output[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for phrase in phrases:
-        assert phrase in result.stderr, f"{phrase!r} not in:\n{result.stderr[-3000:]}"
-    return result.stderr
 
 
 # --------------------------------------------------------------------------------------------

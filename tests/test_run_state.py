@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PY, TINY, assert_ok, cli, read_metrics, run, torchrun_cmd
+from conftest import PY, TINY, assert_ok, assert_refused, cli, read_metrics, run, snapshot, torchrun_cmd
 
 from dist_gru import checkpoint as ckpt_lib
 from dist_gru import run_folder
@@ -30,26 +30,8 @@ pytestmark = pytest.mark.timeout(180)
 RUN = [*TINY, "checkpoint.every=4", "log.mode=disabled"]  # 12 steps: checkpoints at 4, 8 and 12
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root`, "dir" for every folder, the target of every link."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            found[str(path.relative_to(root))] = f"link -> {path.readlink()}"
-        else:
-            found[str(path.relative_to(root))] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
 
 
-def assert_error(result, *phrases: str) -> str:
-    """One `error:` line, exit 2, no traceback, every phrase in stderr."""
-    assert result.returncode == 2, result.output[-3000:]
-    assert "Traceback" not in result.output, result.output[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for phrase in phrases:
-        assert phrase in result.stderr, f"{phrase!r} not in:\n{result.stderr[-3000:]}"
-    return result.stderr
 
 
 def train(run_dir: Path, *overrides: str, prefix: tuple[str, ...] = ()):
@@ -87,7 +69,7 @@ def _users_folder(root: Path) -> Path:
 def test_a_folder_of_the_users_files_is_refused_and_left_as_it_was(tmp_path, mode):
     folder = _users_folder(tmp_path / "mine")
     before = snapshot(folder)
-    err = assert_error(
+    err = assert_refused(
         train(folder, f"train.resume={mode}"),
         "no dist-gru run wrote",
         "config.yaml, model/, plots/, samples/",
@@ -107,7 +89,7 @@ def test_a_run_claims_its_folder_and_an_entry_it_does_not_own_is_refused(used):
     (used / "plots").mkdir()
     (used / "plots" / "mine.png").write_text("keep me")
     before = snapshot(used)
-    assert_error(train(used, "train.resume=overwrite"), "holds plots/, which no dist-gru run wrote")
+    assert_refused(train(used, "train.resume=overwrite"), "holds plots/, which no dist-gru run wrote")
     assert snapshot(used) == before
     shutil.rmtree(used / "plots")  # moved out: the overwrite goes ahead, and the run owns plots/ again
     result = assert_ok(train(used, "train.resume=overwrite", "train.max_steps=4"))
@@ -133,7 +115,7 @@ def test_a_run_folder_that_cannot_be_made_is_one_error(tmp_path, where):
     (tmp_path / "somefile").write_text("x")
     run_dir = tmp_path / "somefile" / "run" if where == "under_a_file" else tmp_path / "somefile"
     before = snapshot(tmp_path)
-    assert_error(train(run_dir), f"train.run_dir={run_dir}", "not a folder")
+    assert_refused(train(run_dir), f"train.run_dir={run_dir}", "not a folder")
     assert snapshot(tmp_path) == before
 
 
@@ -160,7 +142,7 @@ def test_a_resume_onto_other_training_data_is_refused_naming_what_changed(tmp_pa
     shutil.rmtree(data)
     _write_data(data, 500)  # other data at the same path
     before = snapshot(run_dir)
-    assert_error(
+    assert_refused(
         train(run_dir, *files, "train.max_steps=8"),
         "data.train: num_sequences was 64, is 500",
         "train.resume=overwrite",
@@ -211,7 +193,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(used
     with pytest.raises(ckpt_lib.CheckpointError, match=str(newest)):
         ckpt_lib.verify(newest)
     before = snapshot(used)
-    assert_error(train(used, f"train.resume={newest}"), f"checkpoint {newest}")
+    assert_refused(train(used, f"train.resume={newest}"), f"checkpoint {newest}")
     assert snapshot(used) == before
     result = assert_ok(train(used))  # step 12 is skipped: the run resumes from 8 and ends at 12
     assert f"skipping checkpoint {newest}" in result.output
@@ -246,7 +228,7 @@ def test_an_unreadable_checkpoints_folder_is_one_error(used):
     prefix = _without_root_powers()
     (used / "checkpoints").chmod(0)
     try:
-        assert_error(train(used, prefix=prefix), str(used / "checkpoints"), "Permission denied")
+        assert_refused(train(used, prefix=prefix), str(used / "checkpoints"), "Permission denied")
     finally:
         (used / "checkpoints").chmod(0o755)
 
@@ -269,7 +251,7 @@ def test_a_full_disk_during_a_save_is_one_error_and_leaves_no_temporary_folder(s
     run_dir = small_disk / "run"
     # 256 hidden units: a checkpoint of about 2.4 MB (weights + Adam's two moments) on a 2 MiB disk.
     result = train(run_dir, "model.hidden_size=256", "train.max_steps=4")
-    assert_error(result, "checkpoint", "No space left on device", str(run_dir / "checkpoints"))
+    assert_refused(result, "checkpoint", "No space left on device", str(run_dir / "checkpoints"))
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []
 
 
@@ -280,7 +262,7 @@ def test_a_full_disk_under_torchrun_stops_every_rank_with_one_error(small_disk):
     cmd = torchrun_cmd(2, "train", *RUN, f"train.run_dir={run_dir}", "model.hidden_size=256", "train.max_steps=4")
     cmd[cmd.index("torch.distributed.run")] = "dist_gru.torchrun"
     result = run(cmd, timeout=150)
-    assert_error(result, "cannot save checkpoint", "No space left on device")
+    assert_refused(result, "cannot save checkpoint", "No space left on device")
     assert "dist-gru torchrun: stopped: rank 0 exited with 2" in result.stderr
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []
 
@@ -365,7 +347,7 @@ def test_a_flipped_byte_in_the_model_is_caught_by_every_loader(used, tmp_path, c
     _flip_last_byte(used / "model" / "model.safetensors")
     before = snapshot(tmp_path)
     result = cli(*_model_commands(used, tmp_path)[command], timeout=150)
-    assert_error(result, "model.safetensors", "corrupt or edited", "SHA256SUMS")
+    assert_refused(result, "model.safetensors", "corrupt or edited", "SHA256SUMS")
     assert snapshot(tmp_path) == before
 
 
@@ -379,7 +361,7 @@ def test_a_broken_model_folder_is_one_error(used, tmp_path, command, damage):
     else:
         (model / "config.json").write_text("{not json")
     (model / "SHA256SUMS").unlink()  # an older model folder: the loader itself must say what is wrong
-    assert_error(cli(*_model_commands(used, tmp_path)[command], timeout=150), f"--model {model}")
+    assert_refused(cli(*_model_commands(used, tmp_path)[command], timeout=150), f"--model {model}")
 
 
 def test_a_model_folder_without_checksums_loads_with_a_warning(used, tmp_path):

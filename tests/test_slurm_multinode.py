@@ -172,11 +172,12 @@ def early_notice_job(folder: Path, jobs: list[int]) -> dict:
 
 def kill_training_processes(job: int, node: str) -> list[int]:
     """SIGKILL the job's training processes on the node: the workers (and the bash parent each runs
-    under), not their torchrun agent: what an out-of-memory kill takes first."""
+    under), not their torchrun agent (`python -m dist_gru.torchrun`, whose command line holds the
+    workers' command too): what an out-of-memory kill takes first."""
     victims = [
         pid
         for pid in job_pids(node, job)
-        if "-m dist_gru train" in " ".join(cmdline(pid)) and "torch.distributed.run" not in cmdline(pid)
+        if "-m dist_gru train" in " ".join(cmdline(pid)) and "dist_gru.torchrun" not in cmdline(pid)
     ]
     assert victims, f"no training process of job {job} on {node}: {[cmdline(p) for p in job_pids(node, job)]}"
     for pid in victims:
