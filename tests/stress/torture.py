@@ -45,8 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 
-from conftest import PY, TINY, Background, Result, run, test_env, torchrun_cmd  # noqa: E402
-from test_run_folder import snapshot  # noqa: E402  (sha256 of every file under a folder)
+from conftest import PY, TINY, Background, Result, assert_refused, run, snapshot, test_env, torchrun_cmd  # noqa: E402
 
 from dist_gru import checkpoint as ckpt_lib  # noqa: E402
 
@@ -130,19 +129,18 @@ def background(cmd: list[str], log: Path) -> Background:
 
 
 def refused(result: Result, *phrases: str) -> str:
-    """A refused command: exit 2, exactly one line starting with `error`, no traceback, every phrase
-    in that line (or the message under it). Returns the line naming the first phrase (for a
-    message of several lines), else the error line."""
-    out = result.output
-    errors = [line for line in out.splitlines() if line.startswith("error")]
-    check(result.returncode == 2, f"exit {result.returncode}, not 2: {tail(out, 2)}")
-    check("Traceback" not in out, f"a traceback: {tail(out, 2)}")
-    check(len(errors) == 1, f"{len(errors)} lines start with 'error': {tail(out, 3)}")
-    message = out[out.index(errors[0]) :]
-    for phrase in phrases:
-        check(phrase in message, f"the error does not say {phrase!r}: {errors[0][:240]}")
-    named = [line.strip() for line in message.splitlines() if phrases and phrases[0] in line]
-    return (named or [errors[0]])[0]
+    """conftest's assert_refused (exit 2, one `error:` line, no traceback, every phrase), its failure
+    as a one-line reason. Returns the stderr line naming the first phrase (for a message of several
+    lines), else the error line."""
+    try:
+        stderr = assert_refused(result, *phrases)
+    except AssertionError as exc:
+        if str(exc).startswith("'"):  # refused, but the message misses a phrase
+            raise ProbeFailed(f"{str(exc).splitlines()[0]} {tail(result.stderr, 2)}") from None
+        raise ProbeFailed(f"not refused as a user error (exit {result.returncode}): {tail(result.output, 2)}") from None
+    lines = [line.strip() for line in stderr.splitlines()]
+    named = [line for line in lines if phrases and phrases[0] in line]
+    return (named or [line for line in lines if line.startswith("error: ")])[0]
 
 
 def finished(result: Result) -> Result:
@@ -423,7 +421,7 @@ def csv_refused(tmp: Path, text: bytes, *phrases: str) -> str:
 def csv_quoted_keys(tmp: Path, args) -> str:
     result = finished(prepare_csv(tmp, b'key,x,y\n"s,0",1,2\n"s,1",3,4\n"s,0",5,6\n'))
     count = strict_json(result.stdout.strip().splitlines()[-1]).get("num_sequences")
-    check(count == 2, f"keys \"s,0\" and \"s,1\" made {count} series, not 2")
+    check(count == 2, f'keys "s,0" and "s,1" made {count} series, not 2')
     return 'keys "s,0" and "s,1": 2 series'
 
 
@@ -516,7 +514,9 @@ def export_nonfinite(tmp: Path, args) -> str:
     nan, huge = nan_model(tmp / "nan"), nan_model(tmp / "huge", weights="huge")
     before = snapshot(tmp)
     lines = [
-        refused(dist_gru("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp / "m.pt")), phrase)
+        refused(
+            dist_gru("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp / "m.pt")), phrase
+        )
         for model, phrase in ((nan, "not finite"), (huge, "NaN or infinity"))
     ]
     unchanged(before, tmp)
@@ -576,7 +576,7 @@ def data_replaced(tmp: Path, args) -> str:
     before = snapshot(run_dir)
     line = refused(train(run_dir, f"data.train_path={data}", "train.max_steps=12", base=FILES), "64", "500")
     unchanged(before, run_dir)
-    return f"resume onto 500 sequences refused, run folder unchanged: {line[line.find('data.train'):][:60]}"
+    return f"resume onto 500 sequences refused, run folder unchanged: {line[line.find('data.train') :][:60]}"
 
 
 def damaged_newest(tmp: Path, damage: Callable[[Path], object], prefix: tuple[str, ...] = ()) -> str:
@@ -816,7 +816,9 @@ def small_disk(tmp: Path):
     """A 4 MiB tmpfs mounted at TMP/disk (root only), unmounted at the end whatever happens."""
     disk = tmp / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     check(mounted.returncode == 0, f"cannot mount a tmpfs here (root needed): {tail(mounted.stderr)}")
     try:
         yield disk
