@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
             if rank == "0":
                 print(f"error: {exc}", file=sys.stderr, flush=True)
-            elif not getattr(exc, "same_on_every_rank", isinstance(exc, ConfigError)):
+            elif getattr(exc, "same_on_every_rank", isinstance(exc, ConfigError)) and stopped_after_rank0():
+                pass  # rank 0 has said it
+            else:  # this rank's own error, or one rank 0 did not stop on
                 print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-            else:
-                wait_for_rank0()
             exit_process(2)  # under a launcher: now, and with exactly 2 (runtime.exit_process says why)
             return 2
 
@@ -95,14 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def wait_for_rank0(limit_s: float = 10.0) -> None:
-    """Leave after global rank 0, which prints the error every rank shares: a launcher stops the other
-    workers when the first one exits (torchrun: SIGTERM, which may come before rank 0 has printed
-    anything, and it names the first to exit as the failure). So wait for the launcher's signal,
-    or `limit_s`, with SIGTERM and SIGINT blocked: they end the wait instead of the process."""
+def stopped_after_rank0(limit_s: float = 10.0) -> bool:
+    """Wait for the launcher to stop this process because global rank 0 exited, having printed the
+    error every rank shares. True if it did; False after `limit_s` (rank 0 did not fail: the error
+    is this rank's after all, and it must say so itself).
+
+    A launcher stops the other workers when the first one exits (torchrun: SIGTERM, which may come
+    before rank 0 has printed anything, and it names the first to exit as the failure), so the
+    others wait with SIGTERM and SIGINT blocked: the signal ends the wait instead of the process."""
     stops = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    signal.sigtimedwait(stops, limit_s)
+    return signal.sigtimedwait(stops, limit_s) is not None
 
 
 def process_name() -> str:

@@ -6,7 +6,10 @@ The command that crashes is a stand-in module put in the command table: the repo
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import threading
 
 import pytest
 
@@ -86,14 +89,25 @@ def test_a_user_error_stays_one_line_and_exit_2_with_no_error_file(commands, mon
 def test_an_error_every_rank_shares_is_printed_by_rank_0_alone(commands, monkeypatch, capfd):
     """Rank 1 has the same config error: it says nothing and leaves after rank 0 (the launcher's
     SIGTERM, or a time limit), so the launcher's first failure is the rank that printed."""
-    waited = []
-    monkeypatch.setattr(cli, "wait_for_rank0", lambda: waited.append(True))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli.main(["user-error"]) == 2
+    launcher = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))  # as torchrun does
+    launcher.start()
+    try:
+        assert cli.main(["user-error"]) == 2
+    finally:
+        launcher.join()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     assert capfd.readouterr().err == ""
-    assert waited == [True]
     assert not commands.exists()
+
+
+def test_a_shared_error_rank_0_did_not_stop_on_is_printed_by_its_rank(commands, monkeypatch, capfd):
+    """No signal comes (rank 0 trains on: the error was this rank's after all): it says so itself."""
+    monkeypatch.setattr(cli, "stopped_after_rank0", lambda: False)
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["user-error"]) == 2
+    assert capfd.readouterr().err == "error (rank 1): train.max_steps: must be positive (got -1)\n"
 
 
 def test_an_error_of_one_rank_is_printed_by_that_rank(commands, monkeypatch, capfd):
