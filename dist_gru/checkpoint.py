@@ -51,6 +51,7 @@ workers, they resume from that checkpoint, remove the marker and train on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -377,13 +378,21 @@ def prune(run_dir: Path, keep: int, newest: Path | None = None) -> None:
     for path in complete[: max(0, len(complete) - max(keep, 1))]:
         if newest is None or path != Path(newest):
             shutil.rmtree(path, ignore_errors=True)
-    for tmp in checkpoint_dir(run_dir).glob(".tmp-step-*"):
-        if time.time() - tmp.stat().st_mtime > 3600:  # left by a crash long ago, not a save in flight
-            shutil.rmtree(tmp, ignore_errors=True)
+    remove_unfinished(run_dir, older_than_s=3600)  # left by a crash long ago, not a save in flight
     listed = set(list_checkpoints(run_dir))
     for aside in checkpoint_dir(run_dir).glob(f"{_ASIDE}*"):
         if aside not in listed:  # a crash after a re-save completed: its step-N folder replaces it
             shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_unfinished(run_dir: Path, older_than_s: float = 0.0) -> None:
+    """Remove `.tmp-step-*` folders older than `older_than_s`: saves cut short by a crash, a kill or
+    a second Ctrl-C (never loaded: they have no place in `list_checkpoints`). A job that holds the
+    run folder's lock knows no save is in flight and removes them all."""
+    for tmp in checkpoint_dir(run_dir).glob(".tmp-step-*"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if time.time() - tmp.stat().st_mtime >= older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_compatible(ckpt: Checkpoint, expected: dict[str, Any]) -> None:

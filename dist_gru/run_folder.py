@@ -366,6 +366,8 @@ def commit(plan: Plan, cfg: Config, run_dir: Path) -> None:
                 os.replace(run_dir / name, trash / name)
             shutil.rmtree(trash)
         ckpt_lib.clear_preempted(run_dir)  # a marker left by an earlier attempt is not this one's
+        if cfg.train.run_lock:  # held: no other job is saving here, so every unfinished save is a leftover
+            ckpt_lib.remove_unfinished(run_dir)
         _write_atomically(run_dir / "config.yaml", cfg.to_yaml())
     except OSError as exc:
         raise ConfigError(f"train.run_dir={run_dir}: cannot write the run folder ({exc.strerror or exc}: {exc.filename})") from None

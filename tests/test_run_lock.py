@@ -78,13 +78,18 @@ def test_second_job_refuses_and_the_first_trains_on(tmp_path, first):
 
 
 def test_a_killed_holder_never_blocks_the_next_job(tmp_path, first):
+    """... and the next job, holding the lock, removes the unfinished save a kill can leave."""
     run_dir = tmp_path / "run"
     job = first(run_dir)
     job.kill()  # SIGKILL: no handler runs, the lock file stays with the dead job's pid in it
     assert f'"pid": {job.proc.pid}' in (run_dir / run_lock.LOCK_FILE).read_text()
-    again = cli("train", *LONG, f"train.run_dir={run_dir}", "train.max_steps=12", timeout=120)
+    unfinished = run_dir / "checkpoints" / f".tmp-step-000099-{job.proc.pid}"
+    unfinished.mkdir(exist_ok=True)  # what a kill in the middle of a save leaves
+    last = max(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*"))
+    again = cli("train", *LONG, f"train.run_dir={run_dir}", f"train.max_steps={last + 4}", timeout=120)
     assert again.returncode == 0, again.output
     assert "resuming from" in again.stdout
+    assert not list((run_dir / "checkpoints").glob(".tmp-step-*"))
 
 
 def test_second_torchrun_job_refuses_once(tmp_path, first):
