@@ -103,8 +103,12 @@ def stopped_after_rank0(limit_s: float = 10.0) -> bool:
     A launcher stops the other workers when the first one exits (torchrun: SIGTERM, which may come
     before rank 0 has printed anything, and it names the first to exit as the failure), so the
     others wait with SIGTERM and SIGINT blocked: the signal ends the wait instead of the process."""
+    from dist_gru.preemption import signals_received
+
     stops = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    if stops & set(signals_received()):  # it came already, while training started up
+        return True
     return signal.sigtimedwait(stops, limit_s) is not None
 
 

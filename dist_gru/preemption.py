@@ -27,6 +27,12 @@ import torch
 import torch.distributed as dist
 
 EXIT_ABORTED = 128 + signal.SIGINT  # what a shell reports for a process ended by Ctrl-C
+_received: list[int] = []  # every signal a StepBoundary handled in this process
+
+
+def signals_received() -> list[int]:
+    """The signals this process's step boundary was sent so far (a launcher's stop among them)."""
+    return list(_received)
 
 
 class StepBoundary:
@@ -44,6 +50,7 @@ class StepBoundary:
             signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame) -> None:
+        _received.append(signum)
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts > 1:

@@ -102,6 +102,19 @@ def test_an_error_every_rank_shares_is_printed_by_rank_0_alone(commands, monkeyp
     assert not commands.exists()
 
 
+def test_a_stop_that_came_during_start_up_counts(commands, monkeypatch, capfd):
+    """The launcher's SIGTERM reached the step boundary's handler before the error: no wait."""
+    from dist_gru import preemption
+
+    monkeypatch.setattr(preemption, "_received", [signal.SIGTERM])
+    monkeypatch.setenv("RANK", "1")
+    try:
+        assert cli.main(["user-error"]) == 2
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    assert capfd.readouterr().err == ""
+
+
 def test_a_shared_error_rank_0_did_not_stop_on_is_printed_by_its_rank(commands, monkeypatch, capfd):
     """No signal comes (rank 0 trains on: the error was this rank's after all): it says so itself."""
     monkeypatch.setattr(cli, "stopped_after_rank0", lambda: False)
