@@ -60,6 +60,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def save_checkpoint(
     checked = {**weights, **optimizer_tensors(optimizer), **({"lanes": lanes} if lanes is not None else {})}
     require_finite(checked, f"refusing to save checkpoint {final}")
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    try:
+    with _writing(tmp, final, "checkpoint"):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -169,11 +170,6 @@ def save_checkpoint(
         marker = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _fsync_file(tmp / MARKER)
-    except Exception as exc:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: all I/O here
-        message = save_failure(final, exc)
-        # Removed at once: on a full disk the half-written folder holds the space a retry needs.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(message) from exc
     # A re-save of the same step (a signal right after a periodic save, a run completed at its last
     # step) moves the old folder aside under a name `list_checkpoints` still finds: a crash at any
     # point leaves a complete checkpoint of this step.
@@ -189,17 +185,26 @@ def save_model_folder(model: torch.nn.Module, final: Path, extra: dict[str, str]
     final = Path(final)
     require_finite(model.state_dict(), f"refusing to save {final}")
     tmp = final.with_name(f".{final.name}-tmp-{os.getpid()}")
-    try:
+    with _writing(tmp, final, "the model folder"):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         replace_folder(tmp, final, final.with_name(f".{final.name}-old-{os.getpid()}"))
-    except Exception as exc:  # OSError, safetensors' SafetensorError: all I/O here
-        message = save_failure(final, exc, what="the model folder")
+    return final
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path, final: Path, what: str) -> Iterator[None]:
+    """Writes into the temporary folder `tmp` on the way to `final`: any failure (OSError,
+    safetensors' SafetensorError, torch.save's RuntimeError: all I/O) removes `tmp` at once, since
+    on a full disk it holds the space a retry needs, and becomes a CheckpointError (`save_failure`)."""
+    try:
+        yield
+    except Exception as exc:
+        message = save_failure(final, exc, what)  # measured before the partial folder goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(message) from exc
-    return final
 
 
 def save_failure(final: Path, exc: Exception, what: str = "checkpoint") -> str:
