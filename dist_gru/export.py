@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from dist_gru.checkpoint import NonFiniteError, require_finite
 from dist_gru.config import ConfigError
 from dist_gru.data.files import follow_umask
-from dist_gru.evaluate import output_inside_input
+from dist_gru.evaluate import load_model, output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
 
 FORMATS = ("onnx", "torchscript")
@@ -54,13 +54,6 @@ TOLERANCE = 1e-5
 META_KEY = "dist_gru"
 # (batch, time) of the verification batches: batch 1, odd sizes, length 1 and a long one.
 CHECK_SHAPES = ((1, 9), (3, 1), (4, 17), (7, 40))
-
-
-def load_model_folder(path: str | Path) -> GRUModel:
-    """``dist_gru.evaluate.load_model``: the saved model at ``path``, any failure a ConfigError naming it."""
-    from dist_gru.evaluate import load_model
-
-    return load_model(Path(path))
 
 
 def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool) -> list[str]:
@@ -230,7 +223,7 @@ def _example(model: GRUModel, stateful: bool) -> tuple[Tensor, ...]:
 
 def write_export(model_dir: str | Path, fmt: str, out: Path, opset: int, stateful: bool) -> dict[str, Any]:
     """Export the model at ``model_dir`` to ``out`` (any file there is replaced); returns the metadata."""
-    model = load_model_folder(model_dir)
+    model = load_model(Path(model_dir))
     meta = metadata(model, fmt, opset if fmt == "onnx" else None, stateful)
     names = list(meta["inputs"])
     example = _example(model, stateful)
@@ -349,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model = load_model_folder(args.model)
+    model = load_model(Path(args.model))
     require_finite(model.state_dict(), f"--model {args.model}: cannot export a model whose weights are not finite")
     problems = export_problems(model, args.format, args.opset, args.stateful)
     out = Path(args.out)

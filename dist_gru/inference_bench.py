@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dist_gru import export
+from dist_gru.evaluate import load_model
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
@@ -42,7 +43,7 @@ def _seconds_per_call(call: Callable[[], Any], calls: int) -> float:
 
 def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
     """Latency (batch 1) and throughput (batch ``args.batch_size``) of each runtime."""
-    model = export.load_model_folder(args.model)
+    model = load_model(Path(args.model))
     threads = torch.get_num_threads()
     generator = torch.Generator().manual_seed(0)
     batches = {
