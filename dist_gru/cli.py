@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return getattr(importlib.import_module(module), func)(argv[1:])
         except (ConfigError, DataFormatError, CheckpointError, LaunchError) as exc:
-            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+            rank = launch_rank() or "0"
             if rank == "0":
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             elif getattr(exc, "same_on_every_rank", isinstance(exc, ConfigError)) and stopped_after_rank0():
@@ -112,10 +112,15 @@ def stopped_after_rank0(limit_s: float = 10.0) -> bool:
     return signal.sigtimedwait(stops, limit_s) is not None
 
 
+def launch_rank() -> str | None:
+    """This process's global rank as its launcher gave it (torchrun, srun), None when launched alone."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+
+
 def process_name() -> str:
     """`rank R of W (local rank L, host H)` from the launcher's environment, `host H` for one process."""
     host = socket.gethostname()
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    rank = launch_rank()
     if rank is None:
         return f"host {host}"
     world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "?"))
