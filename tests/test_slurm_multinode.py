@@ -159,7 +159,12 @@ def preempted_job(folder: Path, jobs: list[int]) -> dict:
 def early_notice_job(folder: Path, jobs: list[int]) -> dict:
     """A per-task 2-node job that gets its preemption notice before any training process can handle it."""
     run_dir = folder / "run"
-    job = sbatch(TASKS_SBATCH, folder, *LONG, f"train.run_dir={run_dir}", options=(*TWO_NODES, *TASKS))
+    # Repeats every 2 s, not the default 10: on a fast machine the whole training takes about 10 s,
+    # and a 10 s cycle can fall once into start-up and next after the end.
+    job = sbatch(
+        TASKS_SBATCH, folder, *LONG, f"train.run_dir={run_dir}", options=(*TWO_NODES, *TASKS),
+        env={"DG_RENOTIFY_S": "2"},
+    )
     jobs.append(job)
     output = folder / f"slurm-{job}.out"
     # The header is written once the batch shell's trap is in place, before the tasks start Python.
