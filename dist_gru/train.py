@@ -50,12 +50,13 @@ from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset, evaluate_streams, lane_stream
 from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
-from dist_gru.model import GRUModel, model_kwargs
+from dist_gru.model import GRUModel
 from dist_gru.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard
 from dist_gru.preemption import StepBoundary
 from dist_gru.run_lock import RunLock, lock_run_folder
 from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
 from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
+from dist_gru.tasks import model_kwargs
 from dist_gru.tracking import active_trackers, make_tracker
 
 # Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits

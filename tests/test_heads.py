@@ -17,7 +17,8 @@ from dist_gru import cli as dist_gru_cli
 from dist_gru.config import ConfigError, load_config
 from dist_gru.data import write_sequences
 from dist_gru.data.files import SequenceFileDataset
-from dist_gru.model import GRUModel, SeedGRU, model_kwargs, reverse_within_lengths
+from dist_gru.model import GRUModel, SeedGRU, reverse_within_lengths
+from dist_gru.tasks import model_kwargs
 
 LENGTHS = [3, 7, 1, 5]  # unsorted, with length 1 and the full length
 STEPS = 7
