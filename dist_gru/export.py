@@ -93,7 +93,7 @@ def metadata(model: GRUModel, fmt: str, opset: int | None, stateful: bool) -> di
         "inputs": spec["inputs"],
         "outputs": spec["outputs"],
         "lengths": "int64, valid steps of each sequence, in [1, time]; padding follows each sequence's end",
-        "model_config": dict(model._hub_mixin_config),
+        "model_config": model.config,
     }
 
 

@@ -325,6 +325,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         horizon: int = 0,
         scaling: str = "none",
         vocab_size: int | None = None,
+        data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -376,6 +377,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             problems.append(f"horizon={horizon!r} with head={head!r}: only head='forecast' has a horizon (use 0)")
         if vocab_size is not None:
             vocab_size = integer("vocab_size", vocab_size, 2)
+        if data is not None and not isinstance(data, dict):
+            problems.append(f"data={data!r}: expected a dict (what inference needs to know of the data) or None")
         if problems:
             raise ValueError("invalid GRUModel arguments: " + "; ".join(problems))
 
@@ -392,6 +395,9 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         self.quantiles = tuple(float(q) for q in quantiles)
         self.horizon = int(horizon)
         self.scaling = scaling
+        # What inference needs to know of the data the model was trained on (window, season, names):
+        # carried in config.json so that a copied model folder is all `evaluate` and `forecast` need.
+        self.data = dict(data) if data is not None else None
         # What save_pretrained writes to config.json. The mixin records the raw call
         # arguments and silently drops any json cannot encode (a numpy int, say).
         self._hub_mixin_config = {
@@ -413,6 +419,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "horizon": self.horizon,
             "scaling": scaling,
             "vocab_size": vocab_size,
+            "data": data,
         }
         signature = inspect.signature(GRUModel.__init__).parameters
         for name, value in extra.items():
@@ -448,6 +455,12 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         # function, one autograd node per layer, several times fewer ops per step), "native" runs
         # nn.GRU itself. Inference, GPUs and packed batches always run nn.GRU. Not saved either.
         self.recurrence = "fused"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The arguments this model was built with, as ``save_pretrained`` writes them to config.json
+        (arguments left at their defaults are omitted)."""
+        return dict(self._hub_mixin_config)
 
     @property
     def spec(self) -> OutputSpec:
