@@ -38,7 +38,7 @@ COMMANDS = {
     "export": ("dist_gru.export", "main", "export a saved model to ONNX or TorchScript, checked against its runtime"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
     "sample": ("dist_gru.sample", "main", "generate text from a byte-level stream-mode model"),
-    "bench": ("dist_gru.bench", "main", "measure training throughput"),
+    "bench": ("dist_gru.bench.throughput", "main", "measure training throughput"),
     "plot": ("dist_gru.plot", "main", "draw PNG curves from a run's metrics.jsonl"),
 }
 

@@ -21,6 +21,7 @@ from dist_gru.data.files import (
     validate,
     write_sequences,
 )
+from dist_gru.data.moments import feature_moments
 from dist_gru.data.prepare import main as prepare
 
 
@@ -161,7 +162,7 @@ def test_feature_moments_streams_in_chunks(tmp_path):
     ds = SequenceFileDataset(tmp_path / "m")
     data = np.concatenate(sequences).astype(np.float32).astype(np.float64)
     for chunk_steps in (7, 1 << 20):
-        mean, std = ds.feature_moments(chunk_steps=chunk_steps)
+        mean, std = feature_moments(ds, chunk_steps=chunk_steps)
         assert mean.dtype == std.dtype == np.float32 and mean.shape == std.shape == (3,)
         np.testing.assert_allclose(mean, data.mean(axis=0), rtol=1e-5)
         np.testing.assert_allclose(std, data.std(axis=0), rtol=1e-5)

@@ -108,7 +108,7 @@ def write_sequences(
     """
     path = Path(path)
     where = f"writing {path}"
-    sequences, lengths, num_features, targets, num_classes, target_dim, kind = _check_inputs(
+    sequences, lengths, num_features, targets, num_classes, target_dim, kind = check_inputs(
         where, sequences, targets, task=task, num_classes=num_classes, scan_features=False, target_kind=target_kind
     )
     check_destination(path)
@@ -125,7 +125,7 @@ def write_sequences(
         "total_steps": int(offsets[-1]),
         "min_length": int(lengths.min()),
         "max_length": int(lengths.max()),
-        "created_by": f"dist_gru {_version()}",
+        "created_by": f"dist_gru {package_version()}",
     }
 
     with staged_dataset(path, meta) as staging:
@@ -222,7 +222,7 @@ def _move_into_place(staging: Path, path: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _check_inputs(
+def check_inputs(
     where: str,
     sequences: Any,
     targets: Any,
@@ -542,7 +542,7 @@ def _check_finite_targets(targets: np.ndarray, what: str) -> None:
         raise DataFormatError(f"{what}[{i}, {j}] = {targets[i, j]}; regression targets must be finite (as float32)")
 
 
-def _version() -> str:
+def package_version() -> str:
     from importlib import metadata
 
     try:
@@ -592,7 +592,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
                     f"{self.path / FEATURES_FILE}: token id {int(chunk[row, 0])} in sequence {seq} at step {step} "
                     f"is outside the vocabulary; expected 0 <= id < vocab_size={self.vocab_size}"
                 )
-            self._release_pages()
+            self.release_pages()
 
     def read_span(self, seq: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Steps ``[start, stop)`` of sequence ``seq``: its features (stored dtype, [steps, F]) and
@@ -630,7 +630,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
             elif self.target_kind == "step":
                 for first, chunk in _chunks(self._targets.view(np.ndarray), 1 << 20):
                     _check_step_block(chunk, first, offsets, self.task, self.num_classes, what)
-                    self._release_pages()
+                    self.release_pages()
             elif self.task == "classification":
                 _check_labels(np.asarray(self._targets), self.num_classes, what)
             else:
@@ -645,6 +645,12 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         for key in ("_features", "_feature_rows", "_targets", "_offsets", "_lengths"):
             state[key] = None
         return state
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """int64 [N + 1]: sequence i is time steps ``[offsets[i], offsets[i + 1])`` of the split."""
+        self._ensure_open()
+        return self._offsets
 
     @property
     def lengths(self) -> np.ndarray:
@@ -706,7 +712,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
             batch = pad_batch(sequences, [targets[start:end] for start, end in zip(starts, ends, strict=True)], index)
         else:
             batch = pad_batch(sequences, self._targets[index], index)
-        self._release_pages()
+        self.release_pages()
         return batch
 
     def read_steps(
@@ -725,10 +731,10 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         for row, begin in enumerate(first.tolist()):
             features[row] = self._feature_rows[begin : begin + feature_steps]
             targets[row] = targets_rows[begin : begin + target_steps]
-        self._release_pages()
+        self.release_pages()
         return features, targets
 
-    def _release_pages(self) -> None:
+    def release_pages(self) -> None:
         """Unmap the feature pages this process touched (the page cache keeps them).
 
         Linux counts every mapped file page in the process's RSS, and a read fault maps up to 64 KiB
@@ -743,12 +749,18 @@ class SequenceFileDataset(torch.utils.data.Dataset):
             if mapping is not None:
                 mapping.madvise(mmap.MADV_DONTNEED)
 
-    def feature_moments(self, chunk_steps: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature mean and (population) std over all time steps: float32 [F] each, in one
-        streaming pass of at most `chunk_steps` steps at a time (`dist_gru.data.moments`)."""
-        from dist_gru.data.moments import feature_moments
-
-        return feature_moments(self, chunk_steps=chunk_steps)
+    def step_blocks(
+        self, first: int, last: int, block_steps: int, with_targets: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Rows ``[first, last)`` of the concatenated time steps in blocks of at most ``block_steps``:
+        ``(features [b, F], per-step targets [b, ...] or None)``, views of the memory map; the pages
+        are released after each block, so a streaming pass never holds the whole file mapped."""
+        self._ensure_open()
+        targets = self._targets.view(np.ndarray) if with_targets else None
+        for begin in range(first, last, block_steps):
+            end = min(begin + block_steps, last)
+            yield self._feature_rows[begin:end], None if targets is None else targets[begin:end]
+            self.release_pages()
 
 
 def _chunks(rows: np.ndarray, chunk_steps: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -254,11 +254,3 @@ def train_stream(loader: DataLoader, sampler: TrainBatchSampler, start_step: int
         for batch in loader:
             yield epoch, batch
         epoch, start = epoch + 1, 0
-
-
-def feature_moments(dataset: Dataset, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the model input over all valid time steps of a split, in one
-    process; `dist_gru.data.moments` has the sharded form (`moment_sums` on each rank, summed)."""
-    from dist_gru.data.moments import feature_moments as moments
-
-    return moments(dataset, chunk_steps=chunk)

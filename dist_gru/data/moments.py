@@ -66,12 +66,11 @@ def _share(total: int, shard: int, num_shards: int) -> tuple[int, int]:
 
 def _blocks(dataset: Any, shard: int, num_shards: int, chunk_steps: int) -> Iterator[np.ndarray]:
     """Blocks [rows, C] of the input channels of the shard's time steps."""
-    from dist_gru.data.files import SequenceFileDataset
     from dist_gru.data.windows import WindowDataset
 
     forecast = isinstance(dataset, WindowDataset) and dataset.mode == "forecast"
     source = dataset.source if isinstance(dataset, WindowDataset) else dataset
-    if isinstance(source, SequenceFileDataset):
+    if hasattr(source, "step_blocks"):  # a seq/v1 split: its time steps straight from the file
         yield from _file_blocks(source, forecast, shard, num_shards, chunk_steps)
     elif isinstance(dataset, WindowDataset):
         yield from _series_blocks(source, forecast, shard, num_shards, chunk_steps)
@@ -80,16 +79,11 @@ def _blocks(dataset: Any, shard: int, num_shards: int, chunk_steps: int) -> Iter
 
 
 def _file_blocks(source: Any, forecast: bool, shard: int, num_shards: int, chunk_steps: int) -> Iterator[np.ndarray]:
-    source._ensure_open()
     first, last = _share(int(source.meta["total_steps"]), shard, num_shards)
     width = source.num_features + (source.output_size if forecast else 0)
     step = max(1, min(chunk_steps, (1 << 22) // max(1, width)))
-    targets = source._targets.view(np.ndarray) if forecast else None
-    for begin in range(first, last, step):
-        end = min(begin + step, last)
-        features = source._feature_rows[begin:end]
-        yield np.concatenate([targets[begin:end].reshape(end - begin, -1), features], axis=1) if forecast else features
-        source._release_pages()  # a streaming pass must not leave the whole file mapped
+    for features, targets in source.step_blocks(first, last, step, with_targets=forecast):
+        yield np.concatenate([targets.reshape(len(features), -1), features], axis=1) if forecast else features
 
 
 def _series_blocks(source: Any, forecast: bool, shard: int, num_shards: int, chunk_steps: int) -> Iterator[np.ndarray]:

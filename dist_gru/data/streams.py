@@ -51,8 +51,8 @@ from dist_gru.data.files import (
     OFFSETS_FILE,
     DataFormatError,
     SequenceFileDataset,
-    _version,
     check_destination,
+    package_version,
     staged_dataset,
 )
 
@@ -88,7 +88,7 @@ def write_token_stream(path: str | os.PathLike, tokens: np.ndarray, vocab_size: 
         "total_steps": len(tokens),
         "min_length": len(tokens),
         "max_length": len(tokens),
-        "created_by": f"dist_gru {_version()}",
+        "created_by": f"dist_gru {package_version()}",
     }
     with staged_dataset(path, meta) as staging:
         np.save(staging / FEATURES_FILE, tokens.astype(dtype).reshape(-1, 1))
@@ -178,8 +178,8 @@ class StreamDataset:
                 y[row, :steps] = features[1 : steps + 1, 0] if tokens else features[1 : steps + 1]
             else:
                 y[row, :steps] = stored[:steps]
-            first[row] = int(source._offsets[i]) + start
-        source._release_pages()
+            first[row] = int(source.offsets[i]) + start
+        source.release_pages()
         return {
             "x": torch.from_numpy(x),
             "y": torch.from_numpy(y),
@@ -221,9 +221,8 @@ def build_stream_dataset(cfg: Config, split: str) -> StreamDataset | None:
 
 def max_token(source: SequenceFileDataset) -> int:
     """The largest token id of a token stream (one chunked pass)."""
-    rows = source._feature_rows
-    step = 1 << 22
-    return int(max(int(rows[i : i + step].max()) for i in range(0, len(rows), step)))
+    total = int(source.meta["total_steps"])
+    return int(max(int(rows.max()) for rows, _ in source.step_blocks(0, total, 1 << 22)))
 
 
 # ----------------------------------------------------------------------------------- sampling

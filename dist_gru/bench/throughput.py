@@ -13,7 +13,7 @@ trained from a `dist_gru.seq/v1` folder of 8192 noise sequences written once bes
 (`reference_files`; the bare loop holds the same tensors in memory). Our loop is measured by
 running `train.build` + `train.train_loop` themselves (logging every `--window` steps, as a user
 would) and reading the figures they log; warm-up windows are dropped. With `--compare-bare`,
-rounds alternate ours / an independent loop (`dist_gru.bare_loop`: plain `nn.GRU` + `nn.Linear`,
+rounds alternate ours / an independent loop (`dist_gru.bench.bare_loop`: plain `nn.GRU` + `nn.Linear`,
 an in-memory TensorDataset and a DataLoader, DDP under torchrun, in a fresh process per rank) so
 that drifting machine load hits both alike, and the ratio compares their median throughput.
 With `train.tbptt` (stream mode), `--compare-window`
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_gru import inference_bench
-from dist_gru.bare_loop import BareSpec, reference_tensors
+from dist_gru.bench import inference as inference_bench
+from dist_gru.bench.bare_loop import BareSpec, reference_tensors
 from dist_gru.config import Config, ConfigError, load_config
 from dist_gru.runtime import exit_process, launch_world
 
@@ -172,7 +172,7 @@ def run_ours(args: argparse.Namespace, world_size: int, extra: tuple[str, ...] =
 
 
 def run_bare(cfg: Config, num_features: int, steps: int, warmup: int, device: torch.device) -> float:
-    """One round of the independent loop (`dist_gru.bare_loop`) at the job's shapes and settings,
+    """One round of the independent loop (`dist_gru.bench.bare_loop`) at the job's shapes and settings,
     in a fresh process per rank with a process group of its own (rank 0 picks its port, on
     MASTER_ADDR); this process only waits for it. Fixed-length sequences of `data.seq_len`: compare
     with fixed-length jobs. Returns samples/s over all ranks."""
@@ -207,7 +207,7 @@ def run_bare(cfg: Config, num_features: int, steps: int, warmup: int, device: to
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
     env["OMP_NUM_THREADS"] = str(spec.threads)
     done = subprocess.run(
-        [sys.executable, "-m", "dist_gru.bare_loop", spec.to_json()], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "dist_gru.bench.bare_loop", spec.to_json()], capture_output=True, text=True, env=env
     )
     if done.returncode != 0:
         raise RuntimeError(f"the bare loop of rank {rank} exited with code {done.returncode}:\n{done.stderr[-4000:]}")

@@ -1,8 +1,8 @@
-"""`python -m dist_gru.sweep`: how training cost grows with the shape, as curves instead of points.
+"""`python -m dist_gru.bench.sweep`: how training cost grows with the shape, as curves instead of points.
 
-    python -m dist_gru.sweep --out runs/sweep                 # hidden 64..1024, length 50..2000, 1 and 2
+    python -m dist_gru.bench.sweep --out runs/sweep                 # hidden 64..1024, length 50..2000, 1 and 2
                                                               # processes, fp32 and bf16 (tens of minutes)
-    python -m dist_gru.sweep --out runs/sweep --quick         # the ends and the middle of each axis only
+    python -m dist_gru.bench.sweep --out runs/sweep --quick         # the ends and the middle of each axis only
 
 Every point is one `dist-gru bench` of the reference workload (GRU 32 -> H x 2 layers, batch 64 per
 process) with one axis changed: `model.hidden_size` at length 100, `data.seq_len` at hidden 128.
@@ -150,7 +150,7 @@ def cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_gru.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dist_gru.bench.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/sweep", help="folder for sweep.jsonl, sweep.md, sweep.png")
     parser.add_argument("--quick", action="store_true", help="three values per axis instead of all")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per point (a multiple of 5)")

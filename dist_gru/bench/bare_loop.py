@@ -1,6 +1,6 @@
 """The hand-written loop `dist-gru bench --compare-bare` measures ours against.
 
-    python -m dist_gru.bare_loop '{"seq_len": 100, "num_features": 32, "global_batch": 64, ...}'
+    python -m dist_gru.bench.bare_loop '{"seq_len": 100, "num_features": 32, "global_batch": 64, ...}'
 
 What a user writes with plain PyTorch and nothing of dist_gru: `nn.GRU` + `nn.Linear` on the last
 step, an in-memory TensorDataset through a DataLoader (DistributedSampler + DDP when there are
@@ -144,7 +144,7 @@ def train(spec: BareSpec) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m dist_gru.bare_loop '<BareSpec as JSON>'", file=sys.stderr)
+        print("usage: python -m dist_gru.bench.bare_loop '<BareSpec as JSON>'", file=sys.stderr)
         return 2
     fields = json.loads(argv[0])
     spec = BareSpec(**{**fields, "betas": tuple(fields["betas"])})
