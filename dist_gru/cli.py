@@ -31,7 +31,7 @@ import sys
 import traceback
 
 COMMANDS = {
-    "train": ("dist_gru.train", "main", "train a model"),
+    "train": ("dist_gru.train.trainer", "main", "train a model"),
     "evaluate": ("dist_gru.evaluate", "evaluate_main", "print metrics of a saved model as one JSON line"),
     "predict": ("dist_gru.predict", "predict_main", "write a saved model's predictions as .npy (torchrun: sharded)"),
     "forecast": ("dist_gru.evaluate", "forecast_main", "write the forecast after the end of every series as .npy"),
@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from dist_gru.checkpoint import CheckpointError
     from dist_gru.config import ConfigError
     from dist_gru.data.files import DataFormatError
     from dist_gru.runtime import LaunchError, exit_process
+    from dist_gru.train.checkpoint import CheckpointError
 
     module, func, _ = COMMANDS[argv[0]]
 
@@ -103,7 +103,7 @@ def stopped_after_rank0(limit_s: float = 10.0) -> bool:
     A launcher stops the other workers when the first one exits (torchrun: SIGTERM, which may come
     before rank 0 has printed anything, and it names the first to exit as the failure), so the
     others wait with SIGTERM and SIGINT blocked: the signal ends the wait instead of the process."""
-    from dist_gru.preemption import signals_received
+    from dist_gru.train.preemption import signals_received
 
     stops = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)

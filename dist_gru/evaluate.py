@@ -39,7 +39,7 @@ def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def json_line(record: dict) -> str:
     """`record` as strict JSON: a NaN or infinite number becomes null, and `nonfinite` lists the
     keys that were (bare NaN / Infinity, which `json.dumps` writes by default, is not JSON)."""
-    from dist_gru.tracking import finite_or_none
+    from dist_gru.train.tracking import finite_or_none
 
     clean = finite_or_none(record)
     nonfinite = [key for key, value in record.items() if value is not None and clean[key] is None]

@@ -41,11 +41,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dist_gru.checkpoint import NonFiniteError, require_finite
 from dist_gru.config import ConfigError
 from dist_gru.data.files import follow_umask
 from dist_gru.evaluate import load_model, output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
+from dist_gru.train.checkpoint import NonFiniteError, require_finite
 
 FORMATS = ("onnx", "torchscript")
 # The legacy (TorchScript-based) ONNX exporter's range; GRU with sequence_lens exists in all of them.

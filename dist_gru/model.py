@@ -717,7 +717,7 @@ CHECKSUMMED = ("config.json", "model.safetensors")
 
 def write_checksums(folder: Path) -> None:
     """`<folder>/SHA256SUMS` in `sha256sum` format (`sha256sum -c SHA256SUMS` checks it by hand)."""
-    from dist_gru.checkpoint import sha256_file
+    from dist_gru.train.checkpoint import sha256_file
 
     lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in CHECKSUMMED)
     tmp = folder / f".{CHECKSUMS}.{os.getpid()}"
@@ -729,7 +729,7 @@ def verify_model_folder(folder: Path, label: str) -> None:
     """Check a saved model folder against its SHA256SUMS before it is loaded; `label` names it in
     errors (`--model DIR`, `train.init_from=DIR`). A folder saved before SHA256SUMS existed loads
     with a warning."""
-    from dist_gru.checkpoint import sha256_file
+    from dist_gru.train.checkpoint import sha256_file
 
     sums_file = Path(folder) / CHECKSUMS
     if not sums_file.is_file():

@@ -4,7 +4,7 @@
 # What both launch modes share: the job header (rendezvous endpoint, run folder, restart count),
 # and the preemption logic: run the srun step in the background, forward a preemption signal that
 # reaches the batch shell to the training processes, then requeue the job if training saved a
-# checkpoint and left `<run_dir>/PREEMPTED` (the contract in dist_gru/checkpoint.py).
+# checkpoint and left `<run_dir>/PREEMPTED` (the contract in dist_gru/train/checkpoint.py).
 #
 #   source slurm/common.sh                 # the sbatch scripts find it next to themselves
 #   dg_setup "$@"                          # the dist-gru train arguments: --config FILE k=v ...
@@ -27,14 +27,14 @@
 # 75 preempted with a checkpoint but not requeued (see above, or the requeue failed);
 # 2 bad config; anything else: training failed (srun's exit code), never requeued.
 
-# Same as dist_gru.checkpoint.EXIT_PREEMPTED / PREEMPTED.
+# Same as dist_gru.train.checkpoint.EXIT_PREEMPTED / PREEMPTED.
 DG_EXIT_PREEMPTED=75
 DG_PREEMPTED_FILE=PREEMPTED
 
 dg_log() { echo "dist-gru slurm: $*"; }
 
 # The run folder and resume mode of `dist-gru train ARGS`, from dist_gru's own config loader (a bad
-# config fails here, before any node starts). The arguments as dist_gru.train.parse_args reads them;
+# config fails here, before any node starts). The arguments as dist_gru.train.trainer.parse_args reads them;
 # importing the trainer itself would load torch (2-8 s here). Prints "run_dir<TAB>resume".
 dg_resolve_config() {
     "$PYTHON" - "$@" <<'EOF'

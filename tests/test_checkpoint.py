@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_gru import checkpoint as ckpt_lib
-from dist_gru.checkpoint import Checkpoint, CheckpointError
 from dist_gru.model import GRUModel
+from dist_gru.train import checkpoint as ckpt_lib
+from dist_gru.train.checkpoint import Checkpoint, CheckpointError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -156,7 +156,7 @@ def test_find_latest_skips_a_broken_newest_checkpoint_with_a_warning(tmp_path, c
     _save(tmp_path, 4)
     newest = _save(tmp_path, 8)
     damage(newest)
-    with caplog.at_level(logging.WARNING, logger="dist_gru.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dist_gru.train.checkpoint"):
         found = ckpt_lib.find_latest(tmp_path)
     assert found is not None and found.step == 4 and found.path.name == "step-000004"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -104,7 +104,7 @@ def test_an_error_every_rank_shares_is_printed_by_rank_0_alone(commands, monkeyp
 
 def test_a_stop_that_came_during_start_up_counts(commands, monkeypatch, capfd):
     """The launcher's SIGTERM reached the step boundary's handler before the error: no wait."""
-    from dist_gru import preemption
+    from dist_gru.train import preemption
 
     monkeypatch.setattr(preemption, "_received", [signal.SIGTERM])
     monkeypatch.setenv("RANK", "1")

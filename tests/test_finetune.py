@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import PY, assert_ok, cli, load_weights, read_metrics, run_all
 
-from dist_gru import finetune
-from dist_gru.checkpoint import save_checkpoint
 from dist_gru.data import write_sequences
 from dist_gru.data.synthetic import SYNTHETIC
 from dist_gru.model import GRUModel
+from dist_gru.train import finetune
+from dist_gru.train.checkpoint import save_checkpoint
 
 SMALL = [
     "model.hidden_size=32",

@@ -16,8 +16,8 @@ import textwrap
 import pytest
 from conftest import PY, TINY, Background, assert_ok, cli, run, torchrun
 
-from dist_gru import checkpoint as ckpt_lib
-from dist_gru.preemption import EXIT_ABORTED
+from dist_gru.train import checkpoint as ckpt_lib
+from dist_gru.train.preemption import EXIT_ABORTED
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     script = textwrap.dedent(
         """
         import os, signal, time
-        from dist_gru.preemption import StepBoundary
+        from dist_gru.train.preemption import StepBoundary
         boundary = StepBoundary(["SIGINT"], every_minutes=0)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.5)

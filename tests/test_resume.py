@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from conftest import PY, TINY, Background, assert_ok, cli, load_weights, max_abs_diff, torchrun, torchrun_cmd
 
-from dist_gru import checkpoint as ckpt_lib
+from dist_gru.train import checkpoint as ckpt_lib
 
 STEPS_PER_EPOCH = 64  # 1024 samples / 16 per step: every interruption below lands mid-epoch 0
 MAX_STEPS = 80  # ... and the resumed run crosses into epoch 1

@@ -18,10 +18,9 @@ import yaml
 from conftest import TINY, assert_ok, assert_refused, cli, read_metrics, snapshot, torchrun
 from wandb_reader import find_offline_runs
 
-from dist_gru import checkpoint as ckpt_lib
-from dist_gru import run_folder
 from dist_gru.config import NOT_TRAJECTORY, ConfigError, load_config, trajectory
-from dist_gru.train import lr_at
+from dist_gru.train import checkpoint as ckpt_lib
+from dist_gru.train import lr_at, run_folder
 
 pytestmark = pytest.mark.timeout(120)
 

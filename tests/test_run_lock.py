@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import PY, TINY, Background, cli, read_metrics, run, torchrun, torchrun_cmd
 
-from dist_gru import run_lock
+from dist_gru.train import run_lock
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from conftest import PY, TINY, assert_ok, assert_refused, cli, read_metrics, run, snapshot, torchrun_cmd
 
-from dist_gru import checkpoint as ckpt_lib
-from dist_gru import run_folder
 from dist_gru.config import ConfigError, load_config
 from dist_gru.data import write_sequences
+from dist_gru.train import checkpoint as ckpt_lib
+from dist_gru.train import run_folder
 
 pytestmark = pytest.mark.timeout(180)
 

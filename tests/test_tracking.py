@@ -18,8 +18,8 @@ import yaml
 from conftest import TINY, assert_ok, cli, read_metrics, torchrun
 from wandb_reader import find_offline_runs, history_series, read_run
 
-from dist_gru.checkpoint import Checkpoint
-from dist_gru.tracking import _run_id, active_trackers, flat_config, wandb_mode, wandb_root
+from dist_gru.train.checkpoint import Checkpoint
+from dist_gru.train.tracking import _run_id, active_trackers, flat_config, wandb_mode, wandb_root
 
 pytestmark = pytest.mark.timeout(60)  # units; each real run sets its own, longer limit
 
@@ -277,7 +277,7 @@ def test_flat_config_gives_tensorboard_only_scalars():
 def test_a_failing_tracker_does_not_stop_training(tmp_path, capsys):
     """Slurm's SIGTERM to a job step kills W&B's service too; the next log must not kill the run."""
     from dist_gru.config import load_config
-    from dist_gru.tracking import RunTracker
+    from dist_gru.train.tracking import RunTracker
 
     class DeadTracker:
         name = "wandb"
@@ -387,7 +387,7 @@ def test_an_online_start_that_fails_continues_offline_under_the_same_run_id(tmp_
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path, capsys):
     from dist_gru.config import load_config
-    from dist_gru.tracking import RunTracker
+    from dist_gru.train.tracking import RunTracker
 
     lines = ['{"step": 4, "train/loss": 0.5}', '{"step": 8, "train/loss": 0.4}', '{"step": 12, "train/loss": 0.3}']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 16, "train/lo')

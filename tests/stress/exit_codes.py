@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from conftest import TINY, Background, run, torchrun_cmd  # noqa: E402
 from test_resume import _worker_exit_codes, checkpoint_exists, preempted  # noqa: E402
 
-from dist_gru import checkpoint as ckpt_lib  # noqa: E402
+from dist_gru.train import checkpoint as ckpt_lib  # noqa: E402
 
 CLEAN = [*TINY, "log.mode=disabled", "train.max_steps=20", "data.variable_length=true"]
 PREEMPT = [

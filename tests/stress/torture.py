@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 
 from conftest import PY, TINY, Background, Result, assert_refused, run, snapshot, test_env, torchrun_cmd  # noqa: E402
 
-from dist_gru import checkpoint as ckpt_lib  # noqa: E402
+from dist_gru.train import checkpoint as ckpt_lib  # noqa: E402
 
 # TINY without W&B (no service process to start) and with checkpoints every 4 of 12 steps.
 BASE = [

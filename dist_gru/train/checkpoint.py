@@ -25,7 +25,7 @@ Saving a step that exists already moves the old folder aside (`.replaced-step-N-
 as step N while no `step-N` exists), renames the new one into place, then deletes the old one: a
 crash at any point leaves a complete checkpoint of that step, even with keep=1. state.json also
 holds the whole resolved config, so a resume can name every key in which a new job differs
-(dist_gru/run_folder.py decides whether the run folder's run may continue).
+(dist_gru/train/run_folder.py decides whether the run folder's run may continue).
 Loading uses safe loaders only: safetensors for the weights, torch.load(weights_only=True) for the
 optimizer state (a pickled object that would run code is refused), JSON for the rest.
 

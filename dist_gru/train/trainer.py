@@ -11,7 +11,7 @@ of the step, every lane's carried hidden state, which checkpoints hold indexed b
 
 Exit codes: 0 finished, 2 bad input, 75 preempted (checkpoint saved, see checkpoint.py), 3 a loss
 or gradient norm that is NaN or infinite stopped the run before that step's update, with nothing
-saved (`train.nonfinite`, dist_gru/nonfinite.py).
+saved (`train.nonfinite`, dist_gru/train/nonfinite.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_gru import checkpoint as ckpt_lib
-from dist_gru import finetune, run_folder
 from dist_gru.config import (
     Config,
     OptimConfig,
@@ -51,13 +49,15 @@ from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset
 from dist_gru.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel
-from dist_gru.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard
-from dist_gru.preemption import StepBoundary
-from dist_gru.run_lock import RunLock, lock_run_folder
 from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
-from dist_gru.selection import BEST, Selection, eval_metric_names, save_best
 from dist_gru.tasks import model_kwargs
-from dist_gru.tracking import active_trackers, make_tracker
+from dist_gru.train import checkpoint as ckpt_lib
+from dist_gru.train import finetune, run_folder
+from dist_gru.train.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard
+from dist_gru.train.preemption import StepBoundary
+from dist_gru.train.run_lock import RunLock, lock_run_folder
+from dist_gru.train.selection import BEST, Selection, eval_metric_names, save_best
+from dist_gru.train.tracking import active_trackers, make_tracker
 
 # Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits
 # EX_TEMPFAIL), distinct from success (0) and from failures; the contract is in checkpoint.py.

@@ -38,13 +38,13 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from dist_gru import checkpoint as ckpt_lib
-from dist_gru import finetune
-from dist_gru.checkpoint import Checkpoint, CheckpointError
 from dist_gru.config import Config, ConfigError, trajectory
 from dist_gru.data.files import DataFormatError
 from dist_gru.data.loading import training_data_fingerprint
 from dist_gru.runtime import main_decides
+from dist_gru.train import checkpoint as ckpt_lib
+from dist_gru.train import finetune
+from dist_gru.train.checkpoint import Checkpoint, CheckpointError
 
 log = logging.getLogger(__name__)
 

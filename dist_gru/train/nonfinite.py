@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dist_gru import checkpoint as ckpt_lib
 from dist_gru.data.windows import describe
+from dist_gru.train import checkpoint as ckpt_lib
 
 # Exit code of a run stopped at a non-finite step: distinct from 0 (finished), 1 (crashed),
 # 2 (bad input) and 75 (preempted, checkpoint saved). Nothing was saved at that step.

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from dist_gru import checkpoint as ckpt_lib
 from dist_gru.config import ConfigError
+from dist_gru.train import checkpoint as ckpt_lib
 
 RECORD = "init_from.json"
 # GRUModel arguments that shape the encoder: a source must match them all.

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dist_gru.checkpoint import Checkpoint
 from dist_gru.config import Config
+from dist_gru.train.checkpoint import Checkpoint
 
 WANDB_HOST = "https://api.wandb.ai"
 # wandb.init's own default is 90 s; a start-up that waits longer than this will not succeed anyway.

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from dist_gru.config import ConfigError
-from dist_gru.run_folder import check_run_dir
 from dist_gru.runtime import LaunchError, main_decides
+from dist_gru.train.run_folder import check_run_dir
 
 LOCK_FILE = ".lock"
 

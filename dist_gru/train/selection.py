@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from dist_gru import checkpoint as ckpt_lib
 from dist_gru.config import Config, ConfigError
+from dist_gru.train import checkpoint as ckpt_lib
 
 BEST = "best"
 # Metrics where a larger value is better; every other metric (losses, errors) is better smaller.
