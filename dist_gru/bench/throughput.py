@@ -298,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare_bare:
             job = result["job"]
             bare.append(
-                run_bare(result["cfg"], job.train_set.num_features, args.steps, args.warmup, job.accelerator.device)
+                run_bare(result["cfg"], job.source.train_set.num_features, args.steps, args.warmup, job.accelerator.device)
             )
     job, cfg = ours[-1]["job"], ours[-1]["cfg"]
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     ceiling = _sum_over_ranks(matmul_gflops(job.accelerator.device, dtype))
     figures = {k: statistics.median(r[k] for r in ours) for k in ("samples_per_s", "seq_steps_per_s", "median_step_s")}
     figures.update({k: ours[-1][k] for k in ("data_wait_frac", "peak_rss_mb", "startup_s")})
-    gflops = figures["seq_steps_per_s"] * gru_flops_per_seq_step(cfg, job.train_set.num_features) / 1e9
+    gflops = figures["seq_steps_per_s"] * gru_flops_per_seq_step(cfg, job.source.train_set.num_features) / 1e9
     ran_batches = (args.warmup + args.steps) * cfg.train.grad_accum_steps
     report = {
         "world_size": world_size,
@@ -318,13 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         "data": cfg.data.train_path if cfg.data.name == "files" else cfg.data.name,
         **{k: round(v, 4) for k, v in figures.items()},
         # Over the batches this bench ran, not a whole epoch (a windowed epoch can hold billions).
-        "padding_fraction": round(job.sampler.padding_fraction(0, ran_batches), 4) if job.lanes is None else 0.0,
+        "padding_fraction": round(job.source.sampler.padding_fraction(0, ran_batches), 4) if not cfg.train.tbptt else 0.0,
         "gru_gflops": round(gflops, 4),
         "matmul_gflops": round(ceiling, 2),
         "fraction_of_matmul": round(gflops / ceiling, 4),
         "rounds_samples_per_s": [round(r["samples_per_s"], 1) for r in ours],
     }
-    if job.lanes is not None:
+    if cfg.train.tbptt:
         report["tbptt"] = cfg.train.tbptt
         report["state_gather_s"] = round(statistics.median(r["state_gather_s"] for r in ours), 6)
         report["checkpoints"] = (args.warmup + args.steps) // args.checkpoint_every if args.checkpoint_every else 0

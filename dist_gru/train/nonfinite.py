@@ -89,7 +89,7 @@ class LossGuard:
         stop = self.mode == STOP or self.in_a_row > self.max_skips
         if not stop:
             self.skipped += 1
-            self._restart_lanes()
+            self.job.source.restart_nonfinite()  # stream mode: lanes carrying a NaN restart from zero
         if self.job.accelerator.is_main_process:
             if stop:
                 tqdm.write(self._stop_message(step, cause, data_cause, lr), file=sys.stderr)
@@ -100,14 +100,6 @@ class LossGuard:
                     f"{self.max_skips}; {self.skipped} skipped so far)"
                 )
         return STOP if stop else SKIP
-
-    def _restart_lanes(self) -> None:
-        """Stream mode: a lane whose carried state is not finite would carry it into every later
-        chunk of its stream; it starts again from zero, as at the start of a stream."""
-        lanes = self.job.lanes
-        if lanes is not None:
-            bad = ~torch.isfinite(lanes.h).all(dim=2).all(dim=0)  # [lanes] of this rank
-            lanes.h[:, bad] = 0.0
 
     def _diagnose(self, grad_norm: float, batches: list[dict], loss: float) -> tuple[str, bool]:
         """What was not finite, as one phrase, and whether a batch's data is the cause."""
@@ -132,7 +124,7 @@ class LossGuard:
 
     def _where(self, index: int, part: str) -> str:
         """`sample I of the training data has non-finite inputs (FILE)`, by dataset kind."""
-        dataset = self.job.train_set
+        dataset = self.job.source.train_set
         source = getattr(dataset, "source", dataset)  # windows and streams read a stored folder
         folder = getattr(source, "path", None)
         file = f"{folder}/{'features.npy' if part == 'inputs' else 'targets.npy'}" if folder else describe(source)

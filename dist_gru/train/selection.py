@@ -140,7 +140,7 @@ class Selection:
             )
         return new_best, stop
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """What a checkpoint's state.json holds of this (training state)."""
         return {
             "best": self.best.state() if self.best else None,
@@ -149,7 +149,7 @@ class Selection:
             "evaluated_step": self.evaluated_step,
         }
 
-    def load(self, state: dict[str, Any] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         self.evaluated_step = int(state.get("evaluated_step", -1))
         if self.best is not None:

@@ -64,6 +64,13 @@ class Tracker:
         """Lines for the end-of-run summary (where the W&B run is, how to sync it)."""
         return []
 
+    def state_dict(self) -> str | None:
+        """The run id a checkpoint records, so that a resume continues the same W&B run."""
+        return self.run_id
+
+    def load_state_dict(self, state: str | None) -> None:
+        pass  # read when the tracker starts, before it logs anything (`make_tracker`'s resume)
+
 
 def api_key_configured() -> bool:
     """Whether wandb would find an API key: WANDB_API_KEY, else the netrc entry of the W&B host.
