@@ -331,7 +331,7 @@ def evaluate_streams(model: torch.nn.Module, dataset: StreamDataset, accelerator
     segments (sizes differ by at most one chunk); segment j is evaluated by rank j mod W, chunk by
     chunk, its state reset where a stream starts. The result does not depend on the world size;
     float64 sums are reduced once (all ranks participate)."""
-    from dist_gru.metrics import MetricSums
+    from dist_gru.tasks import task_for
 
     device = accelerator.device
     was_training = model.training
@@ -342,7 +342,7 @@ def evaluate_streams(model: torch.nn.Module, dataset: StreamDataset, accelerator
     length = np.minimum(chunk, dataset.lengths[stream] - offset)
     segments = np.array_split(np.arange(len(stream)), min(lanes, len(stream)))
     mine = segments[accelerator.process_index :: accelerator.num_processes]
-    sums = MetricSums(model.spec, model.output_size, 1, device)
+    sums = task_for(model.config).metric_sums(1, device)
     tokens = torch.zeros(dataset.output_size, dtype=torch.float64, device=device)
     state = model.initial_state(len(mine), device)
     for k in range(max((len(s) for s in mine), default=0)):
