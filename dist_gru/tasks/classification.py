@@ -78,13 +78,26 @@ class ClassificationTask(Task):
 
 
 class TokenTask(ClassificationTask):
-    """The next token of a stream at every step (``output_size`` = vocabulary size). Its stream
-    evaluation (``dist_gru.data.streams.evaluate_streams``) adds ``bits_per_token`` (the loss in
-    bits) and ``unigram_bits_per_token``: the entropy of the validation tokens' own frequencies,
-    the baseline of a model that knows no context."""
+    """The next token of a stream at every step (``output_size`` = vocabulary size). Adds
+    ``bits_per_token`` (the loss in bits) and ``unigram_bits_per_token``: the entropy of the
+    evaluated tokens' own frequencies, the baseline of a model that knows no context."""
 
-    def metric_names(self) -> list[str]:
-        return super().metric_names() + ["bits_per_token", "unigram_bits_per_token"]
+    def sum_sizes(self) -> dict[str, int]:
+        return super().sum_sizes() | {"tokens": self.output_size}
+
+    def update_values(
+        self, sums: MetricSums, output: Tensor, target: Tensor, lengths: Tensor | None, x: Tensor | None
+    ) -> None:
+        super().update_values(sums, output, target, lengths, x)
+        sums.add("tokens", torch.bincount(target.flatten(), minlength=self.output_size))
+
+    def results(self, sums: SumsView) -> dict[str, float]:
+        metrics = super().results(sums)
+        frequency = sums["tokens"]
+        p = frequency[frequency > 0] / frequency.sum()
+        metrics["bits_per_token"] = metrics["loss"] / math.log(2)
+        metrics["unigram_bits_per_token"] = float(-(p * torch.log2(p)).sum())
+        return metrics
 
     def summary_lines(self, final: dict[str, float], mse_baseline: str | None = None) -> list[str]:
         lines = super().summary_lines(final, mse_baseline)
