@@ -8,7 +8,7 @@
 Evaluation runs on every rank over disjoint shards (sample r, r + W, ...), sums per-sample errors in
 float64 and reduces the sums once: every sample counts exactly once, and the metrics equal the
 1-process ones whatever the world size. Which metrics depends on the model's head and output
-(`dist_gru.metrics`).
+(`dist_gru.tasks`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ import torch
 
 from dist_gru.config import ConfigError, load_config
 from dist_gru.data.loading import build_dataset, eval_batches, make_loader
-from dist_gru.losses import OutputSpec, loss_sum
-from dist_gru.metrics import MetricSums
+from dist_gru.tasks import task_for
 
 
 def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean loss of a batch of a head-`last` point model: MSE (regression) or cross-entropy.
 
-    Every other head and output: `dist_gru.losses.loss_sum`, which the trainer divides by the
-    global number of units."""
-    total, units = loss_sum(OutputSpec(task), output, target)
+    Every other head and output: `Task.loss_sum` (`dist_gru.tasks`), which the trainer divides by
+    the global number of units."""
+    total, units = task_for({"task": task}).loss_sum(output, target)
     return total / units
 
 
@@ -64,13 +63,13 @@ def evaluate(
     num_workers: int = 0,
     season: int = 1,
 ) -> dict[str, float]:
-    """Metrics over the whole dataset for the model's head and output (`dist_gru.metrics`).
+    """Metrics over the whole dataset for the model's head and output (`dist_gru.tasks`).
 
     All ranks participate (one reduce at the end). `season` is `data.season`: the seasonal-naive
     baseline of head `forecast`."""
     was_training = model.training
     model.eval()
-    sums = MetricSums(model.spec, model.output_size, season, accelerator.device)
+    sums = task_for(model.config).metric_sums(season, accelerator.device)
     batches = eval_batches(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
     for batch in make_loader(dataset, batches, num_workers):
         x, lengths, y = _batch_to(batch, accelerator.device)

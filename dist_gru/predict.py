@@ -37,37 +37,17 @@ import torch
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
 from dist_gru.evaluate import _batch_to, _load_for_inference, _parser, json_line, load_model, output_inside_input
+from dist_gru.tasks import task_for
 
 
 def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
-    """(shape of one row, dtype, description of the last axes) of the model's predictions.
-
-    The shape comes from one forward pass over a single zero step, so it follows whatever the head
-    and output kind produce without restating their layouts here."""
-    with torch.no_grad():
-        probe = model(torch.zeros(1, 1, model.input_size), torch.ones(1, dtype=torch.int64))
-    trailing = tuple(probe.shape[2:] if model.head_kind == "step" else probe.shape[1:])
-    if model.task == "classification":
-        if probabilities:
-            return trailing, np.dtype(np.float32), {"values": "class probabilities"}
-        return trailing[:-1], np.dtype(np.int64), {"values": "predicted class labels"}
-    about: dict[str, Any] = {
-        "values": {"point": "values", "gaussian": "mean, scale", "quantile": "quantiles"}[model.output_kind]
-    }
-    if model.output_kind == "quantile":
-        about["quantiles"] = list(model.quantiles)
-    return trailing, np.dtype(np.float32), about
+    """(shape of one row, dtype, description of the last axes) of the model's predictions (its task's)."""
+    return task_for(model.config).row_layout(probabilities)
 
 
 def _rows(model: torch.nn.Module, out: torch.Tensor, lengths: torch.Tensor, probabilities: bool) -> np.ndarray:
     """A batch's outputs as rows of the file: labels or probabilities, valid steps only (head step)."""
-    out = out.float()
-    if model.task == "classification":
-        out = out.softmax(-1) if probabilities else out.argmax(-1)
-    out = out.cpu()
-    if model.head_kind == "step":
-        out = torch.cat([out[i, :length] for i, length in enumerate(lengths.tolist())])
-    return out.numpy()
+    return task_for(model.config).rows(out, lengths, probabilities)
 
 
 def predict_main(argv: list[str] | None = None) -> int:

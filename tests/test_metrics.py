@@ -14,13 +14,13 @@ from conftest import assert_ok, cli, save_run
 
 from dist_gru import cli as dist_gru_cli
 from dist_gru.data import write_sequences
-from dist_gru.losses import OutputSpec
-from dist_gru.metrics import MetricSums, seasonal_naive
 from dist_gru.model import GRUModel
+from dist_gru.tasks import task_for
+from dist_gru.tasks.functional import seasonal_naive
 
 
 def test_step_classification_accuracy_and_macro_f1_by_hand() -> None:
-    sums = MetricSums(OutputSpec(task="classification", head="step"), 3)
+    sums = task_for({"task": "classification", "head": "step", "output_size": 3}).metric_sums()
     # valid steps predict 0, 1, 2 against labels 0, 1, 1; the padded 4th step (label 2) is ignored
     logits = torch.tensor([[[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]]])
     sums.update(logits, torch.tensor([[0, 1, 1, 2]]), torch.tensor([3]))
@@ -32,14 +32,14 @@ def test_step_classification_accuracy_and_macro_f1_by_hand() -> None:
 
 
 def test_macro_f1_averages_only_classes_seen_in_targets_or_predictions() -> None:
-    sums = MetricSums(OutputSpec(task="classification"), 4)
+    sums = task_for({"task": "classification", "output_size": 4}).metric_sums()
     sums.update(torch.tensor([[9.0, 0, 0, 0], [0, 9.0, 0, 0]]), torch.tensor([0, 0]), torch.tensor([1, 1]))
     # class 0: TP 1, FN 1 -> 2/3; class 1: FP 1 -> 0; classes 2 and 3 never occur
     assert sums.results()["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_step_regression_mse_and_mae_over_valid_steps() -> None:
-    sums = MetricSums(OutputSpec(head="step"), 2)
+    sums = task_for({"head": "step", "output_size": 2}).metric_sums()
     output = torch.zeros(2, 2, 2)
     target = torch.tensor([[[1.0, -1.0], [2.0, 0.0]], [[3.0, 1.0], [1e6, 1e6]]])
     sums.update(output, target, torch.tensor([2, 1]))
@@ -50,14 +50,14 @@ def test_step_regression_mse_and_mae_over_valid_steps() -> None:
 
 
 def test_last_regression_keeps_todays_keys() -> None:
-    sums = MetricSums(OutputSpec(), 1)
+    sums = task_for({}).metric_sums()
     sums.update(torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]]), torch.tensor([4, 2]))
     assert sums.results() == {"loss": 2.5, "num_samples": 2, "mse": 2.5, "mae": 1.5}
 
 
 def test_forecast_metrics_and_baselines_by_hand() -> None:
-    spec = OutputSpec(head="forecast", output="quantile", quantiles=(0.1, 0.5, 0.9))
-    sums = MetricSums(spec, 1, season=2)
+    task = task_for({"head": "forecast", "output": "quantile", "quantiles": (0.1, 0.5, 0.9), "horizon": 3})
+    sums = task.metric_sums(season=2)
     x = torch.tensor([[[1.0, 9.0], [2.0, 9.0], [3.0, 9.0], [4.0, 9.0]]])  # history 1 2 3 4, one covariate
     y = torch.tensor([[[5.0], [6.0], [7.0]]])
     out = torch.tensor([[[[4.0, 5.0, 6.0]], [[5.0, 6.5, 7.0]], [[6.0, 7.0, 8.0]]]])  # median 5, 6.5, 7
@@ -87,33 +87,34 @@ def test_seasonal_naive_reads_each_samples_own_last_season() -> None:
 @pytest.mark.parametrize(
     ("spec", "outputs"),
     [
-        (OutputSpec(task="classification", head="step"), 4),
-        (OutputSpec(head="forecast", output="gaussian"), 2),
-        (OutputSpec(head="forecast", output="quantile"), 2),
+        ({"task": "classification", "head": "step"}, 4),
+        ({"task": "regression", "head": "forecast", "output": "gaussian"}, 2),
+        ({"task": "regression", "head": "forecast", "output": "quantile"}, 2),
     ],
 )
-def test_sums_of_shards_give_the_metrics_of_the_whole(spec: OutputSpec, outputs: int) -> None:
+def test_sums_of_shards_give_the_metrics_of_the_whole(spec: dict, outputs: int) -> None:
     # The reduction evaluate() does across ranks: add the vectors, then divide.
     model = GRUModel(
         3,
         4,
-        task=spec.task,
+        task=spec["task"],
         output_size=outputs,
-        head=spec.head,
-        output=spec.output,
-        horizon=2 if spec.head == "forecast" else 0,
+        head=spec["head"],
+        output=spec.get("output", "point"),
+        horizon=2 if spec["head"] == "forecast" else 0,
     ).eval()
     x, lengths = torch.randn(7, 5, 3), torch.tensor([5, 2, 4, 5, 1, 3, 5])
-    if spec.head == "forecast":
+    if spec["head"] == "forecast":
         lengths = torch.full((7,), 5)
         y = torch.randn(7, 2, outputs)
     else:
         y = torch.randint(0, outputs, (7, 5))
     with torch.no_grad():
         out = model(x, lengths)
-    whole = MetricSums(spec, outputs, season=2)
+    task = task_for(model.config)
+    whole = task.metric_sums(season=2)
     whole.update(out, y, lengths, x)
-    shards = [MetricSums(spec, outputs, season=2) for _ in range(2)]
+    shards = [task.metric_sums(season=2) for _ in range(2)]
     for rank, shard in enumerate(shards):
         index = torch.arange(rank, 7, 2)
         shard.update(out[index], y[index], lengths[index], x[index])

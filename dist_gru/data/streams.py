@@ -35,7 +35,6 @@ baseline (the entropy of the evaluated tokens' own frequencies).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,7 +329,7 @@ def evaluate_streams(model: torch.nn.Module, dataset: StreamDataset, accelerator
     segments (sizes differ by at most one chunk); segment j is evaluated by rank j mod W, chunk by
     chunk, its state reset where a stream starts. The result does not depend on the world size;
     float64 sums are reduced once (all ranks participate)."""
-    from dist_gru.metrics import MetricSums
+    from dist_gru.tasks import task_for
 
     device = accelerator.device
     was_training = model.training
@@ -341,8 +340,7 @@ def evaluate_streams(model: torch.nn.Module, dataset: StreamDataset, accelerator
     length = np.minimum(chunk, dataset.lengths[stream] - offset)
     segments = np.array_split(np.arange(len(stream)), min(lanes, len(stream)))
     mine = segments[accelerator.process_index :: accelerator.num_processes]
-    sums = MetricSums(model.spec, model.output_size, 1, device)
-    tokens = torch.zeros(dataset.output_size, dtype=torch.float64, device=device)
+    sums = task_for(model.config).metric_sums(1, device)  # token models: bits per token, unigram baseline
     state = model.initial_state(len(mine), device)
     for k in range(max((len(s) for s in mine), default=0)):
         active = np.array([j for j, s in enumerate(mine) if k < len(s)], dtype=np.int64)
@@ -357,16 +355,6 @@ def evaluate_streams(model: torch.nn.Module, dataset: StreamDataset, accelerator
             out, h_n = model(x, batch["lengths"], state=h)
         state[:, torch.from_numpy(active).to(device)] = h_n.float()
         sums.update(out, y, batch["lengths"])
-        if dataset.vocab_size is not None:
-            valid = torch.arange(chunk, device=device)[None, :] < batch["lengths"].to(device)[:, None]
-            tokens += torch.bincount(y[valid], minlength=dataset.output_size).double()
-    both = torch.cat([sums.sums, tokens])
-    reduced = accelerator.reduce(both, reduction="sum") if accelerator.num_processes > 1 else both
+    reduced = accelerator.reduce(sums.sums, reduction="sum") if accelerator.num_processes > 1 else sums.sums
     model.train(was_training)
-    results = sums.results(reduced[: len(sums.sums)])
-    if dataset.vocab_size is not None:
-        freq = reduced[len(sums.sums) :]
-        p = freq[freq > 0] / freq.sum()
-        results["bits_per_token"] = results["loss"] / math.log(2)
-        results["unigram_bits_per_token"] = float(-(p * torch.log2(p)).sum())
-    return results
+    return sums.results(reduced)

@@ -158,13 +158,13 @@ class Selection:
             self.stopping.load(state.get("early_stopping"))
 
 
-def eval_metric_names(model: torch.nn.Module, season: int, tokens: bool = False) -> list[str]:
-    """The metrics `evaluate` returns for this model (without the `eval/` prefix); `tokens`: a
-    token stream's evaluation, which adds bits per token."""
-    from dist_gru.metrics import MetricSums
+def eval_metric_names(model: torch.nn.Module, season: int = 1, tokens: bool = False) -> list[str]:
+    """The metrics `evaluate` returns for this model (without the `eval/` prefix): its task's
+    (`Task.metric_names`; a token model's include bits per token). `season` and `tokens` are not
+    read: the model's config says both."""
+    from dist_gru.tasks import task_for
 
-    names = list(MetricSums(model.spec, model.output_size, season).results())
-    return names + ["bits_per_token", "unigram_bits_per_token"] if tokens else names
+    return task_for(model.config).metric_names()
 
 
 def save_best(run_dir: Path, model: torch.nn.Module, watch: Watch) -> Path:

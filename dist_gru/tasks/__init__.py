@@ -1,0 +1,96 @@
+"""One object per kind of model output: its loss, metrics, baselines, point forecast, predicted
+rows and end-of-training summary, and the rules its training data must meet.
+
+    python -c "import torch; from dist_gru.tasks import task_for; \
+print(task_for({'task': 'regression', 'head': 'step'}).loss_sum(torch.zeros(2, 3, 1), torch.ones(2, 3, 1), torch.tensor([3, 1])))"
+
+``task_for(model.config)`` builds the task of a model: ``RegressionTask`` (heads ``last`` and
+``step``) or ``ForecastTask`` with a point, gaussian or quantile ``distribution``,
+``ClassificationTask``, or ``TokenTask`` (token streams). ``model_kwargs(cfg, dataset)`` turns a
+job's config and training data into ``GRUModel`` arguments, after the task checks that it fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dist_gru.config import Config
+from dist_gru.tasks.base import DataInfo, Task
+from dist_gru.tasks.classification import ClassificationTask, TokenTask
+from dist_gru.tasks.distributions import distribution
+from dist_gru.tasks.functional import DEFAULT_QUANTILES
+from dist_gru.tasks.regression import ForecastTask, RegressionTask
+
+__all__ = [
+    "CONFIG_DEFAULTS",
+    "ClassificationTask",
+    "DataInfo",
+    "ForecastTask",
+    "RegressionTask",
+    "Task",
+    "TokenTask",
+    "model_kwargs",
+    "task_for",
+]
+
+# What a config.json that omits a key means: GRUModel's defaults of those arguments (a test holds
+# them equal). Config files written before an argument existed keep meaning what they meant.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "task": "regression",
+    "output_size": 1,
+    "head": "last",
+    "output": "point",
+    "quantiles": DEFAULT_QUANTILES,
+    "horizon": 0,
+    "vocab_size": None,
+}
+
+
+def task_for(model_config: Mapping[str, Any]) -> Task:
+    """The task of a model with these ``GRUModel`` arguments (``model.config``; omitted ones take
+    their defaults). A gaussian or quantile output, or head ``forecast``, is a regression task even
+    if ``task`` says otherwise, so that ``check_fits`` can name the mismatch with the data."""
+    config = {**CONFIG_DEFAULTS, **model_config}
+    head, output, size = config["head"], config["output"], config["output_size"]
+    if config["task"] == "regression" or output != "point" or head == "forecast":
+        values = distribution(output, config["quantiles"])
+        return (
+            ForecastTask(size, values, config["horizon"]) if head == "forecast" else RegressionTask(head, size, values)
+        )
+    if config["vocab_size"] is not None:
+        return TokenTask(head, size)
+    return ClassificationTask(head, size)
+
+
+def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
+    """``GRUModel`` arguments of a job: the architecture from ``cfg.model``, sizes and task from the
+    training ``dataset`` (its ``num_features``, ``output_size``, ``task``, ``target_kind``), scaling
+    and horizon from ``cfg.data``. A model section that cannot fit the data is a ConfigError."""
+    model, data = cfg.model, cfg.data
+    tokens = getattr(dataset, "vocab_size", None) is not None
+    kwargs = {
+        "input_size": model.embedding_dim if tokens else dataset.num_features,
+        "hidden_size": model.hidden_size,
+        "num_layers": model.num_layers,
+        "dropout": model.dropout,
+        "task": dataset.task,
+        "output_size": dataset.output_size,
+        "cell": model.cell,
+        "head": model.head,
+        "bidirectional": model.bidirectional,
+        "output": model.output,
+        "quantiles": list(model.quantiles),
+        "horizon": data.horizon,
+        "scaling": data.scaling,
+        "vocab_size": model.vocab_size if tokens else None,
+    }
+    info = DataInfo(
+        source=data.train_path if data.name == "files" else f"data.name={data.name}",
+        task=dataset.task,
+        target_kind=getattr(dataset, "target_kind", "sequence"),
+        output_size=dataset.output_size,
+        horizon=data.horizon,
+    )
+    task_for(kwargs).check_fits(info)
+    return kwargs

@@ -1,0 +1,187 @@
+"""What every task shares: the unit a loss averages over (by head), the sums every evaluation
+keeps, the rows of `dist-gru predict`, and the rules a head sets for the data it is trained on.
+
+A *unit* is what one loss term averages over: a sequence (head ``last``), a forecast window
+(``forecast``), or one valid step (``step``; padded steps past a sequence's length are masked
+out). The loss of a unit is the mean over its output values (output channels, forecast steps and
+quantile levels), or the cross-entropy of its label. ``loss_sum`` returns the sum and the count
+instead of a mean so that the trainer divides by the count of the whole global batch: with
+per-step units ranks hold different numbers of steps, and a per-rank mean would weight the ranks
+with short sequences more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dist_gru.config import ConfigError
+from dist_gru.metrics import MetricSums, SumsView, ratio
+from dist_gru.tasks.functional import at_least_fp32, step_mask
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a task needs to know of its training data to check that it fits (``check_fits``)."""
+
+    source: str  # how the config names the data, for messages: a path or "data.name=adding"
+    task: str  # regression | classification
+    target_kind: str  # sequence (one target per sequence) | step (a target at every step)
+    output_size: int  # target channels or classes
+    horizon: int = 0  # data.horizon
+
+
+class StepCounter(Protocol):
+    """A training sampler that knows the valid steps of every global batch (head ``step``)."""
+
+    def valid_steps(self, step: int) -> int: ...
+
+
+class Task:
+    """The loss, metrics, point forecast and predicted rows of one kind of model output.
+
+    ``head`` is ``last``, ``step`` or ``forecast``; ``output_size`` O (regression channels) or C
+    (classes). Subclasses: ``RegressionTask``, ``ForecastTask``, ``ClassificationTask``,
+    ``TokenTask``; build one with ``dist_gru.tasks.task_for(model.config)``.
+    """
+
+    kind = ""  # the data's task this one trains on: regression | classification
+
+    def __init__(self, head: str, output_size: int):
+        self.head, self.output_size = head, output_size
+        self.per_step = head == "step"  # one unit per valid step, not per sequence
+
+    # --- the loss -----------------------------------------------------------------------------
+
+    def unit_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        """The loss of every unit: [B] (last, forecast) or [B, T] (step), before any masking."""
+        raise NotImplementedError
+
+    def fill_padding(self, target: Tensor, mask: Tensor) -> Tensor:
+        """``target`` with its padded steps (``mask`` False) made harmless for the loss."""
+        return target
+
+    def loss_sum(self, output: Tensor, target: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, int]:
+        """(sum of the per-unit losses, number of units) of one batch; see the module docstring.
+
+        ``lengths`` [B] matters for head ``step`` only: steps at ``t >= length`` count nowhere,
+        whatever the padded targets hold there."""
+        output = at_least_fp32(output)
+        if not self.per_step:
+            return self.unit_losses(output, target).sum(), int(target.shape[0])
+        batch, steps = target.shape[:2]
+        mask = step_mask(lengths, batch, steps, output.device)
+        per_step = self.unit_losses(output, self.fill_padding(target, mask))
+        count = batch * steps if lengths is None else int(torch.as_tensor(lengths).sum())
+        return torch.where(mask, per_step, 0.0).sum(), count
+
+    def units(self, sampler: StepCounter, step: int, global_batch_size: int) -> int:
+        """The units the loss of optimizer step ``step`` averages over, in the whole global batch.
+
+        Head ``step``: every valid time step of every sequence of the global batch (all ranks, all
+        micro-batches), which every rank knows from the sampling contract without a collective.
+        Other heads: the samples."""
+        return sampler.valid_steps(step) if self.per_step else global_batch_size
+
+    def point_forecast(self, output: Tensor) -> Tensor:
+        """One value per output channel (regression); classification: the logits, unchanged."""
+        return output
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def metric_sums(self, season: int = 1, device: torch.device | None = None) -> MetricSums:
+        """Empty float64 sums of one evaluation (``season``: head ``forecast``'s seasonal naive)."""
+        return MetricSums(self, season, device)
+
+    def metric_names(self) -> list[str]:
+        """The metrics an evaluation of this task returns (without the ``eval/`` prefix)."""
+        return list(self.metric_sums().results())
+
+    def sum_sizes(self) -> dict[str, int]:
+        """The named slots of the sums vector, in order (every task: loss, units, samples)."""
+        return {"loss": 1, "units": 1, "samples": 1, **({"steps": 1} if self.per_step else {})}
+
+    def update_sums(
+        self, sums: MetricSums, output: Tensor, target: Tensor, lengths: Tensor | None, x: Tensor | None
+    ) -> None:
+        """Add one batch to ``sums`` (the loss and counts here, the rest in ``update_values``)."""
+        # float64 from here on: sums of float64 terms reduce to the same totals on any world size.
+        output = output.double()
+        total, units = self.loss_sum(output, target, lengths)
+        sums.add("loss", total)
+        sums.add("units", float(units))
+        sums.add("samples", float(target.shape[0]))
+        if self.per_step:
+            sums.add("steps", float(units))
+            mask = step_mask(lengths, target.shape[0], target.shape[1], output.device)
+            output, target = output[mask], target[mask]  # valid steps only: [N, ...]
+        self.update_values(sums, output, target, lengths, x)
+
+    def update_values(
+        self, sums: MetricSums, output: Tensor, target: Tensor, lengths: Tensor | None, x: Tensor | None
+    ) -> None:
+        """Add the task's own sums of one batch (valid steps only for head ``step``)."""
+        raise NotImplementedError
+
+    def results(self, sums: SumsView) -> dict[str, float]:
+        """The metrics from (reduced) sums: ``loss`` (mean over units), ``num_samples``, head
+        ``step``: ``num_steps``, then the task's own."""
+        metrics: dict[str, float] = {
+            "loss": ratio(sums.scalar("loss"), sums.scalar("units")),
+            "num_samples": int(sums.scalar("samples")),
+        }
+        if self.per_step:
+            metrics["num_steps"] = int(sums.scalar("steps"))
+        return metrics
+
+    def summary_lines(self, final: dict[str, float], mse_baseline: str | None = None) -> list[str]:
+        """The metric lines of the end-of-training summary, from the final evaluation's metrics
+        (none if it has not got them); ``mse_baseline`` describes a known MSE to beat."""
+        return []
+
+    # --- predict ------------------------------------------------------------------------------
+
+    def output_shape(self) -> tuple[int, ...]:
+        """The axes of one unit's output, after the batch (and time, head ``step``) axes."""
+        raise NotImplementedError
+
+    def row_layout(self, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
+        """(shape of one row, dtype, description of the last axes) of `dist-gru predict`'s file."""
+        raise NotImplementedError
+
+    def row_values(self, out: Tensor, probabilities: bool) -> Tensor:
+        """A batch's outputs as the values `dist-gru predict` writes."""
+        return out
+
+    def rows(self, out: Tensor, lengths: Tensor, probabilities: bool) -> np.ndarray:
+        """A batch's outputs as rows of the file: valid steps only, concatenated (head step)."""
+        out = self.row_values(out.float(), probabilities).cpu()
+        if self.per_step:
+            out = torch.cat([out[i, :length] for i, length in enumerate(lengths.tolist())])
+        return out.numpy()
+
+    # --- the data it trains on ----------------------------------------------------------------
+
+    def target_problems(self, data: DataInfo) -> list[str]:
+        """Why the data's task (regression, classification) does not fit this one."""
+        return []
+
+    def check_fits(self, data: DataInfo) -> None:
+        """A ConfigError listing every way the training data cannot train this task."""
+        problems = self.target_problems(data)
+        if self.per_step and data.target_kind != "step":
+            problems.append(
+                f"model.head=step needs a target at every step, but {data.source} has one target per sequence: "
+                "use model.head=last, or data with per-step targets"
+            )
+        if self.head == "last" and data.target_kind == "step" and data.horizon == 0:
+            problems.append(
+                f"model.head=last needs one target per sequence, but {data.source} has a target at every step: "
+                "use model.head=step (or model.head=forecast with data.window and data.horizon)"
+            )
+        if problems:
+            raise ConfigError("the model does not fit the data:\n  " + "\n  ".join(problems))

@@ -1,0 +1,99 @@
+"""What a regression output holds per target value (as GluonTS's ``DistributionOutput``): a point,
+a gaussian (mean, scale) or quantile levels. Each owns its per-value loss, its point forecast, its
+description in `dist-gru predict`'s JSON line, and the metrics only it has (quantiles: pinball loss
+and coverage)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from dist_gru.metrics import MetricSums, SumsView, ratio
+from dist_gru.tasks.functional import gaussian_nll, median_index, pinball
+
+
+class PointOutput:
+    """One value per target value; squared-error loss (MSE)."""
+
+    name = "point"
+    extra_shape: tuple[int, ...] = ()  # output axes after the O channels
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Loss of every target value: ``target`` [..., O] -> [..., O]."""
+        return (output - target) ** 2
+
+    def point(self, output: Tensor) -> Tensor:
+        """One value per output channel."""
+        return output
+
+    def about(self) -> dict[str, Any]:
+        """What the last axes of a predicted row mean."""
+        return {"values": "values"}
+
+    def sum_sizes(self) -> dict[str, int]:
+        return {}
+
+    def update_sums(self, sums: MetricSums, output: Tensor, target: Tensor) -> None:
+        pass
+
+    def results(self, sums: SumsView, elements: float) -> dict[str, float]:
+        return {}
+
+
+class GaussianOutput(PointOutput):
+    """(mean, scale) per target value; the full gaussian negative log-likelihood, constant included,
+    so that its value is comparable across runs. The point forecast is the mean."""
+
+    name = "gaussian"
+    extra_shape = (2,)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return gaussian_nll(output, target)
+
+    def point(self, output: Tensor) -> Tensor:
+        return output[..., 0]
+
+    def about(self) -> dict[str, Any]:
+        return {"values": "mean, scale"}
+
+
+class QuantileOutput(PointOutput):
+    """One value per quantile level; the pinball loss averaged over the levels. The point forecast
+    is the level closest to 0.5. Adds ``pinball`` and ``coverage_<q>`` (fraction of values at or
+    below the level-q prediction) to the metrics."""
+
+    name = "quantile"
+
+    def __init__(self, quantiles: Sequence[float]):
+        self.quantiles = tuple(float(q) for q in quantiles)
+        self.extra_shape = (len(self.quantiles),)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return pinball(output, target, self.quantiles).mean(-1)
+
+    def point(self, output: Tensor) -> Tensor:
+        return output[..., median_index(self.quantiles)]
+
+    def about(self) -> dict[str, Any]:
+        return {"values": "quantiles", "quantiles": list(self.quantiles)}
+
+    def sum_sizes(self) -> dict[str, int]:
+        return {"pinball": 1, "covered": len(self.quantiles)}
+
+    def update_sums(self, sums: MetricSums, output: Tensor, target: Tensor) -> None:
+        sums.add("pinball", pinball(output, target, self.quantiles).mean(-1).sum())
+        covered = (target.unsqueeze(-1) <= output).flatten(0, -2).sum(0)
+        sums.add("covered", covered.to(sums.sums.device))
+
+    def results(self, sums: SumsView, elements: float) -> dict[str, float]:
+        metrics = {"pinball": ratio(sums.scalar("pinball"), elements)}
+        for level, covered in zip(self.quantiles, sums["covered"].tolist(), strict=True):
+            metrics[f"coverage_{level:g}"] = ratio(covered, elements)
+        return metrics
+
+
+def distribution(output: str, quantiles: Sequence[float]) -> PointOutput:
+    """The distribution of ``GRUModel(output=...)``: point | gaussian | quantile (at ``quantiles``)."""
+    return {"point": PointOutput, "gaussian": GaussianOutput, "quantile": lambda: QuantileOutput(quantiles)}[output]()
