@@ -144,6 +144,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 class AddingDataset(SyntheticDataset):
     num_features = 2
+    # The end-of-training summary's yardstick: always predicting the expected sum 1 has MSE 1/6.
+    mse_baseline = "predicting 1 always: 0.167"
 
     def _generate(self, index, lengths, steps):
         values = uniform(self.seed, index, 0, (steps,))

@@ -158,15 +158,6 @@ class Selection:
             self.stopping.load(state.get("early_stopping"))
 
 
-def eval_metric_names(model: torch.nn.Module, season: int = 1, tokens: bool = False) -> list[str]:
-    """The metrics `evaluate` returns for this model (without the `eval/` prefix): its task's
-    (`Task.metric_names`; a token model's include bits per token). `season` and `tokens` are not
-    read: the model's config says both."""
-    from dist_gru.tasks import task_for
-
-    return task_for(model.config).metric_names()
-
-
 def save_best(run_dir: Path, model: torch.nn.Module, watch: Watch) -> Path:
     """Write `<run_dir>/best/` (model + best.json) under a temporary name, then swap it in. Main rank only.
 

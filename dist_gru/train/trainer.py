@@ -35,17 +35,16 @@ from dist_gru.config import Config, OptimConfig, help_text, load_config, per_ran
 from dist_gru.data.loading import training_data_fingerprint
 from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.sources import Source, build_source
-from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel
 from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
-from dist_gru.tasks import model_kwargs
+from dist_gru.tasks import Task, model_kwargs, task_for
 from dist_gru.train import checkpoint as ckpt_lib
 from dist_gru.train import finetune, run_folder
 from dist_gru.train.meter import Meter
 from dist_gru.train.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard
 from dist_gru.train.preemption import StepBoundary
 from dist_gru.train.run_lock import RunLock, lock_run_folder
-from dist_gru.train.selection import BEST, Selection, eval_metric_names, save_best
+from dist_gru.train.selection import BEST, Selection, save_best
 from dist_gru.train.stateful import Checkpointer, Count, ScalerState, Stateful
 from dist_gru.train.tracking import active_trackers, make_tracker
 
@@ -79,6 +78,7 @@ class Job:
     model_config: dict
     optimizer: torch.optim.Optimizer
     source: Source  # the training (and validation) data: samples or streams
+    task: Task  # the loss, its units, metrics and summary of the model's output kind
     checkpointer: Checkpointer  # every piece of resumable state, by name
     selection: Selection  # checkpoint.best and train.early_stopping
     skipped_steps: Count  # fp16 steps the gradient scaler skipped, over the whole run
@@ -143,9 +143,9 @@ def _assemble(
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         weight_decay=cfg.optim.weight_decay,
     )
+    task = task_for(model_config)
     selection = Selection(cfg)
-    tokens = cfg.model.vocab_size is not None
-    selection.check(eval_metric_names(model, cfg.data.season, tokens=tokens), source.val_set is not None)
+    selection.check(task.metric_names(), source.val_set is not None)
     job = Job(
         cfg=cfg,
         accelerator=accelerator,
@@ -153,6 +153,7 @@ def _assemble(
         model_config=model_config,
         optimizer=optimizer,
         source=source,
+        task=task,
         checkpointer=Checkpointer(resume),
         selection=selection,
         skipped_steps=Count(),
@@ -195,18 +196,6 @@ def _prepare(job: Job) -> None:
     if accelerator.is_main_process:
         print(summary(cfg, accelerator, job.model, per_rank_batch_size(cfg, accelerator.num_processes)), flush=True)
     job.source.prepare(accelerator.device)
-
-
-def loss_units(job: Job, step: int) -> int:
-    """The units the loss of optimizer step `step` averages over, in the whole global batch.
-
-    Head `step`: every valid time step of every sequence of the global batch (all ranks, all
-    micro-batches), which every rank knows from the sampling contract without a collective. A
-    per-rank mean instead would weight a rank holding short sequences as much as one holding long
-    ones, and N ranks would no longer compute what 1 rank computes. Other heads: the samples."""
-    if job.cfg.model.head == "step":
-        return job.source.valid_steps(step)
-    return job.cfg.train.global_batch_size
 
 
 def _global_moments(train_set, accelerator) -> tuple[np.ndarray, np.ndarray]:
@@ -311,10 +300,12 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
 
     Returns (epoch, this rank's loss of the step, its micro-batches: `guard` reads them)."""
     acc, model, accum = job.accelerator, job.model, job.cfg.train.grad_accum_steps
-    spec = acc.unwrap_model(model).spec
-    # Scaled so that DDP's mean over ranks and Accelerate's division by the accumulation steps
-    # leave the mean over every unit of the global batch (see `loss_units`).
-    scale = acc.num_processes * accum / loss_units(job, step)
+    # Scaled so that DDP's mean over ranks and Accelerate's division by the accumulation steps leave
+    # the mean over every unit (sample or valid time step) of the global batch, which every rank
+    # knows from the sampling contract without a collective (`Task.units`). A per-rank mean instead
+    # would weight a rank holding short sequences as much as one holding long ones, and N ranks
+    # would no longer compute what 1 rank computes.
+    scale = acc.num_processes * accum / job.task.units(job.source, step, job.cfg.train.global_batch_size)
     step_loss, seen = torch.zeros((), device=acc.device), []
     for _ in range(accum):
         with meter.waiting():
@@ -325,7 +316,7 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
         with acc.accumulate(model):
             output, state = _forward(model, x, batch["lengths"], job.source.carried(batch))
             job.source.keep(state)  # stream mode: carried into the lane's next chunk, detached
-            total, _ = loss_sum(spec, output, y, batch["lengths"])
+            total, _ = job.task.loss_sum(output, y, batch["lengths"])
             loss = total.float() * scale
             acc.backward(guard.spread(loss))
         step_loss += loss.detach() / accum
@@ -402,23 +393,7 @@ def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
 
 def _print_final(job: Job, final: dict[str, float], checkpoint: Path | None) -> None:
     lines = ["", "dist-gru: training finished"]
-    if "mse" in final:
-        baseline = " (predicting 1 always: 0.167)" if job.cfg.data.name == "adding" else ""
-        lines.append(f"  final eval mse: {final['mse']:.6g}{baseline}")
-    if "accuracy" in final:
-        lines.append(f"  final eval accuracy: {final['accuracy']:.4f}")
-    if "macro_f1" in final:
-        lines.append(f"  final eval macro-F1: {final['macro_f1']:.4f}")
-    if "bits_per_token" in final:
-        lines.append(
-            f"  final eval bits per token: {final['bits_per_token']:.4f} "
-            f"(unigram baseline: {final['unigram_bits_per_token']:.4f})"
-        )
-    if "mase" in final:
-        lines.append(
-            f"  final eval forecast mae: {final['mae']:.6g} (naive: {final['naive_mae']:.6g}, seasonal naive: "
-            f"{final['seasonal_naive_mae']:.6g}), mase {final['mase']:.4g}"
-        )
+    lines += job.task.summary_lines(final, getattr(job.source.train_set, "mse_baseline", None))
     selection = job.selection
     if selection.stopped:
         lines.append(f"  stopped:      {selection.stopped}")
