@@ -6,7 +6,7 @@ NPROC  ?= 2
 # pytest-xdist workers for `make test` (TEST_WORKERS=0: one process, in collection order)
 TEST_WORKERS ?= 2
 
-.PHONY: setup train test lint clean slurm-up slurm-down
+.PHONY: setup train test test-fast lint clean slurm-up slurm-down
 
 # A local virtual environment with the pinned test environment (requirements-dev.txt pins torch to
 # the CPU build); the package itself is installed editable with its dependency ranges.
@@ -25,6 +25,10 @@ train: setup
 
 test: setup
 	$(BIN)/pytest -q -n $(TEST_WORKERS)
+
+# The fast tier: no test that starts a process (about a minute on 2 cores).
+test-fast: setup
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

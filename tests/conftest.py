@@ -6,6 +6,7 @@ singleton, and the distributed tests must exercise real launchers anyway.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -332,3 +333,43 @@ def pytest_xdist_make_scheduler(config, log):
             return "slurm" if path in SLURM_FILES else path
 
     return FileScheduling(config, log)
+
+
+# The fast tier (`pytest -m "not slow"`): a test is slow when it, a fixture it requests, or a helper
+# of its module starts a process (the CLI, torchrun, a Slurm job, any subprocess): that is where
+# the suite's minutes go. Found from the source, so a new test lands in the right tier by itself;
+# `@pytest.mark.slow` marks one by hand.
+SPAWNERS = {"run", "cli", "torchrun", "run_all", "Popen", "check_output", "check_call", "Background", "sbatch",
+            "sbatch_train"}
+
+
+def _spawning_functions(path: Path) -> set[str]:
+    """Names of the module-level functions of `path` that start a process, directly or through another."""
+    calls = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef):
+            called = set()
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call):
+                    func = call.func
+                    called.add(func.id if isinstance(func, ast.Name) else getattr(func, "attr", ""))
+            calls[node.name] = called
+    spawning: set[str] = set()
+    while True:
+        more = {name for name, called in calls.items() if name not in spawning and called & (SPAWNERS | spawning)}
+        if not more:
+            return spawning
+        spawning |= more
+
+
+def pytest_collection_modifyitems(config, items):
+    shared = _spawning_functions(Path(__file__))
+    by_file: dict[Path, set[str]] = {}
+    for item in items:
+        path = Path(item.path)
+        if path not in by_file:
+            by_file[path] = _spawning_functions(path) | shared
+        names = {getattr(item, "originalname", item.name), *getattr(item, "fixturenames", ())}
+        cluster = item.get_closest_marker("slurm") or item.get_closest_marker("slurm_multinode")
+        if names & by_file[path] or cluster:
+            item.add_marker(pytest.mark.slow)
