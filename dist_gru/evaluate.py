@@ -17,11 +17,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dist_gru.config import ConfigError, load_config
+from dist_gru.config import Config, ConfigError, load_config
 from dist_gru.data.loading import build_dataset, eval_batches, make_loader
 from dist_gru.losses import OutputSpec, loss_sum
 from dist_gru.metrics import MetricSums
@@ -99,14 +100,58 @@ def load_model(model_dir: Path):
         raise ConfigError(f"--model {model_dir}: not a loadable model folder ({type(exc).__name__}: {exc})") from exc
 
 
+SYNTHETIC_KEYS = ("name", "seq_len", "num_features", "variable_length", "train_size", "val_size", "seed")
+
+
+def data_facts(cfg: Config) -> dict[str, Any]:
+    """What inference needs to know of a job's data, saved with the model (``GRUModel(data=...)``,
+    config.json) so that a model folder copied away from its run folder evaluates and forecasts as
+    the run's own does: the season, the context window and its stride, stream mode's chunk length,
+    lanes and targets, and a synthetic dataset's generator parameters (its validation split)."""
+    data, train = cfg.data, cfg.train
+    facts: dict[str, Any] = {"season": data.season}
+    if data.window is not None:
+        facts.update(window=data.window, window_stride=data.window_stride)
+    if train.tbptt is not None:
+        facts["stream"] = {"tbptt": train.tbptt, "lanes": train.global_batch_size, "targets": data.targets}
+    if data.name != "files":
+        facts["synthetic"] = {key: getattr(data, key) for key in SYNTHETIC_KEYS}
+    return facts
+
+
+def fact_overrides(model, data: str, own_config: bool) -> list[str]:
+    """``data_facts`` of `model` as config overrides; none for a model saved without them (its run's
+    config.yaml holds them). A synthetic generator's parameters apply to the same synthetic `data`
+    only, and not under `own_config` (the user's --config names them)."""
+    facts = model.data
+    if facts is None:
+        return []
+    overrides = [f"data.season={facts['season']}", f"data.window={json.dumps(facts.get('window'))}"]
+    if "window" in facts:
+        overrides.append(f"data.window_stride={facts['window_stride']}")
+    if "stream" in facts:
+        stream = facts["stream"]
+        overrides += [
+            f"train.tbptt={stream['tbptt']}",
+            f"train.global_batch_size={stream['lanes']}",
+            f"data.targets={stream['targets']}",
+            f"model.vocab_size={json.dumps(model.vocab_size)}",
+        ]
+    synthetic = facts.get("synthetic")
+    if synthetic and synthetic["name"] == data and not own_config and not Path(data).exists():
+        overrides += [f"data.{key}={json.dumps(synthetic[key])}" for key in SYNTHETIC_KEYS[1:]]
+    return overrides
+
+
 def _inference_config(args: argparse.Namespace, model, extra: list[str] = ()):
-    """The job's config: the run's config.yaml (or --config) < the model's own head and horizon <
-    `extra` < the user's overrides, then checked against the model."""
+    """The job's config: the run's config.yaml (or --config) < the model's own head, horizon and
+    data facts < `extra` < the user's overrides, then checked against the model."""
     model_dir = Path(args.model)
     run_config = args.config or (
         model_dir.parent / "config.yaml" if (model_dir.parent / "config.yaml").is_file() else None
     )
-    overrides = [f"model.head={model.head_kind}", f"data.horizon={model.horizon}", *extra, *args.overrides]
+    overrides = [f"model.head={model.head_kind}", f"data.horizon={model.horizon}"]
+    overrides += [*fact_overrides(model, args.data, args.config is not None), *extra, *args.overrides]
     if Path(args.data).exists():
         overrides += ["data.name=files", f"data.val_path={args.data}", f"data.train_path={args.data}"]
     else:
