@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dist_gru.config import Config, ConfigError
-from dist_gru.evaluate import data_facts
+from dist_gru.infer.load import data_facts
 
 
 def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:

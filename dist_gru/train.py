@@ -48,7 +48,7 @@ from dist_gru.data.loading import (
 )
 from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset, evaluate_streams, lane_stream
-from dist_gru.evaluate import evaluate
+from dist_gru.infer.evaluate import evaluate
 from dist_gru.losses import loss_sum
 from dist_gru.model import GRUModel
 from dist_gru.nonfinite import EXIT_NONFINITE, OK, STOP, LossGuard

@@ -19,8 +19,8 @@ from conftest import TINY, assert_ok, cli, load_weights, read_metrics, run, save
 
 from dist_gru import checkpoint as ckpt_lib
 from dist_gru import cli as dist_gru_cli
-from dist_gru import export
 from dist_gru.data import write_sequences
+from dist_gru.infer import export
 from dist_gru.model import GRUModel
 from dist_gru.nonfinite import EXIT_NONFINITE
 from dist_gru.selection import Watch, save_best

@@ -36,7 +36,7 @@ import torch
 
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
-from dist_gru.evaluate import _batch_to, _load_for_inference, _parser, json_line, load_model, output_inside_input
+from dist_gru.infer.load import batch_to, command_parser, json_line, load_for_inference, load_model, output_inside_input
 
 
 def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, ...], np.dtype, dict[str, Any]]:
@@ -76,7 +76,7 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     from dist_gru.runtime import exit_process, make_accelerator
 
-    parser = _parser("dist-gru predict")
+    parser = command_parser("dist-gru predict")
     parser.add_argument("--out", required=True, help="output .npy path")
     parser.add_argument(
         "--probabilities", action="store_true", help="classification: class probabilities instead of labels"
@@ -98,7 +98,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         )
     # Whole sequences, not training windows: per-step outputs line up with the stored steps.
     extra = ["data.window=null"] if model.head_kind == "step" else []
-    cfg, model, dataset = _load_for_inference(args, extra)
+    cfg, model, dataset = load_for_inference(args, extra)
     if cfg.train.tbptt:
         raise ConfigError(
             f"--model {args.model}: a stream-mode model (train.tbptt); dist-gru predict reads whole sequences: use "
@@ -127,7 +127,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     nonfinite = 0  # rows of this rank holding NaN or infinity (a model with non-finite weights)
     with torch.no_grad():
         for batch in make_loader(dataset, batches, 0):
-            x, lengths, _ = _batch_to(batch, device)
+            x, lengths, _ = batch_to(batch, device)
             first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
             if step_model:
                 first, last = int(offsets[first]), int(offsets[last])

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from dist_gru.checkpoint import NonFiniteError, require_finite
 from dist_gru.config import ConfigError
 from dist_gru.data.files import follow_umask
-from dist_gru.evaluate import load_model, output_inside_input
+from dist_gru.infer.load import load_model, output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
 
 FORMATS = ("onnx", "torchscript")
