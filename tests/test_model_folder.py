@@ -166,3 +166,28 @@ def test_a_checkpoint_saved_before_models_carried_data_facts_still_resumes(tmp_p
     resumed = assert_ok(cli("train", *args, "train.max_steps=6", f"train.run_dir={run}"))
     assert "resuming from" in resumed.stdout and "step-000003" in resumed.stdout
     assert json.loads((run / "model" / "config.json").read_text())["data"]["synthetic"]["seq_len"] == 12
+
+
+@pytest.mark.timeout(400)
+def test_a_copied_stream_model_evaluates_like_its_run_folder(tmp_path):
+    # Stream mode: the chunk length and the number of lanes the validation stream is split into
+    # (the run's train.tbptt and train.global_batch_size) and next-byte targets come with the model.
+    rng = np.random.default_rng(0)
+    words = [b"the ", b"model ", b"folder ", b"carries ", b"its ", b"data. "]
+    (tmp_path / "text.txt").write_bytes(b"".join(words[i] for i in rng.integers(0, len(words), 600)))
+    assert_ok(cli("prepare", "--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "bytes"), "--val-fraction", "0.2"))
+    run = tmp_path / "run"
+    train = [
+        "--config", "configs/bytes.yaml", f"data.train_path={tmp_path / 'bytes' / 'train'}",
+        f"data.val_path={tmp_path / 'bytes' / 'val'}", "model.hidden_size=16", "model.embedding_dim=8",
+        "train.tbptt=12", "train.global_batch_size=6", "train.max_steps=6", "train.eval_every=0", "checkpoint.every=0",
+    ]
+    assert_ok(cli("train", *train, f"train.run_dir={run}", "--quiet"))
+    copy = _copy(run / "model", tmp_path / "elsewhere")
+    val = str(tmp_path / "bytes" / "val")
+    original = assert_ok(cli("evaluate", "--model", str(run / "model"), "--data", val)).json_last_line()
+    copied = cli("evaluate", "--model", str(copy), "--data", val)
+    print(f"\nevaluate, run's model folder: {json.dumps(original)}\nevaluate, copied folder: {copied.output[-400:]}")
+    assert_ok(copied)
+    assert copied.json_last_line() == original
+    assert json.loads((copy / "config.json").read_text())["data"]["stream"] == {"tbptt": 12, "lanes": 6, "targets": "next"}
