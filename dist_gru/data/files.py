@@ -108,7 +108,7 @@ def write_sequences(
     """
     path = Path(path)
     where = f"writing {path}"
-    sequences, lengths, num_features, targets, num_classes, target_dim, kind = _check_inputs(
+    sequences, lengths, num_features, targets, num_classes, target_dim, kind = check_inputs(
         where, sequences, targets, task=task, num_classes=num_classes, scan_features=False, target_kind=target_kind
     )
     check_destination(path)
@@ -125,7 +125,7 @@ def write_sequences(
         "total_steps": int(offsets[-1]),
         "min_length": int(lengths.min()),
         "max_length": int(lengths.max()),
-        "created_by": f"dist_gru {_version()}",
+        "created_by": f"dist_gru {package_version()}",
     }
 
     with staged_dataset(path, meta) as staging:
@@ -222,7 +222,7 @@ def _move_into_place(staging: Path, path: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _check_inputs(
+def check_inputs(
     where: str,
     sequences: Any,
     targets: Any,
@@ -542,7 +542,8 @@ def _check_finite_targets(targets: np.ndarray, what: str) -> None:
         raise DataFormatError(f"{what}[{i}, {j}] = {targets[i, j]}; regression targets must be finite (as float32)")
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed dist-gru version (`dev` from a source checkout), for `created_by` in meta.json."""
     from importlib import metadata
 
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dist_gru.data.synthetic import _keys, _splitmix64
+from dist_gru.data.synthetic import sample_keys, splitmix64
 
 _ROUNDS = 6  # each round updates one part; 4 make a pseudo-random permutation (Luby-Rackoff), 2 for margin
 
@@ -33,16 +33,16 @@ class FeistelPermutation:
         self.low_bits = bits // 2
         self.low_mask = np.uint64((1 << self.low_bits) - 1)
         self.high_mask = np.uint64((1 << (bits - self.low_bits)) - 1)
-        self.round_keys = _keys(key, np.arange(_ROUNDS, dtype=np.uint64), stream).tolist()
+        self.round_keys = sample_keys(key, np.arange(_ROUNDS, dtype=np.uint64), stream).tolist()
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
         shift = np.uint64(self.low_bits)
         high, low = x >> shift, x & self.low_mask
         for r, key in enumerate(self.round_keys):
             if r % 2 == 0:
-                high = high ^ (_splitmix64(low ^ np.uint64(key)) & self.high_mask)
+                high = high ^ (splitmix64(low ^ np.uint64(key)) & self.high_mask)
             else:
-                low = low ^ (_splitmix64(high ^ np.uint64(key)) & self.low_mask)
+                low = low ^ (splitmix64(high ^ np.uint64(key)) & self.low_mask)
         return (high << shift) | low
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:

@@ -43,8 +43,8 @@ from dist_gru.config import MAX_SEED
 from dist_gru.data.files import (
     TASKS,
     DataFormatError,
-    _check_inputs,
     check_destination,
+    check_inputs,
     validate,
     write_sequences,
 )
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> dict:
         where = targets_where = str(args.npz)
     num_classes = _num_classes(targets, args, targets_where) if args.task == "classification" else None
     # Everything (finite features included) is checked on the whole input before any split is written.
-    _check_inputs(
+    check_inputs(
         where,
         sequences,
         targets,
@@ -444,7 +444,7 @@ def _csv_splits(args: argparse.Namespace) -> dict:
         windows, target_rows = cut_windows
         splits[name] = (windows, targets[begin:end][target_rows])
         where = f"{file} ({name} windows)" if name else f"{file} (windows)"
-        _check_inputs(where, *splits[name], task="regression", num_classes=None, scan_features=True)
+        check_inputs(where, *splits[name], task="regression", num_classes=None, scan_features=True)
     return splits
 
 
@@ -525,7 +525,7 @@ def _csv_series_splits(args: argparse.Namespace, task: str) -> tuple[dict, int |
             parts[split][1].append(targets[piece])
     for split, (sequences, step_targets) in parts.items():
         where = f"{file} ({split} series)" if split else f"{file} (series)"
-        _check_inputs(
+        check_inputs(
             where, sequences, step_targets, task=task, num_classes=num_classes, scan_features=True, target_kind="step"
         )
     return parts, num_classes

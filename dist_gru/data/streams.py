@@ -51,8 +51,8 @@ from dist_gru.data.files import (
     OFFSETS_FILE,
     DataFormatError,
     SequenceFileDataset,
-    _version,
     check_destination,
+    package_version,
     staged_dataset,
 )
 
@@ -88,7 +88,7 @@ def write_token_stream(path: str | os.PathLike, tokens: np.ndarray, vocab_size: 
         "total_steps": len(tokens),
         "min_length": len(tokens),
         "max_length": len(tokens),
-        "created_by": f"dist_gru {_version()}",
+        "created_by": f"dist_gru {package_version()}",
     }
     with staged_dataset(path, meta) as staging:
         np.save(staging / FEATURES_FILE, tokens.astype(dtype).reshape(-1, 1))

@@ -37,7 +37,7 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """The SplitMix64 finaliser, vectorised: a bijective 64-bit mix."""
     with np.errstate(over="ignore"):
         x = (x + _GOLDEN) & _MASK64
@@ -46,11 +46,11 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def _keys(seed: int, index: np.ndarray, stream: int) -> np.ndarray:
+def sample_keys(seed: int, index: np.ndarray, stream: int) -> np.ndarray:
     """One 64-bit key per sample for (seed, global sample index, stream)."""
     with np.errstate(over="ignore"):
-        base = _splitmix64(np.uint64(seed) * _GOLDEN + np.uint64(stream))
-        return _splitmix64(base ^ _splitmix64(np.asarray(index, dtype=np.uint64)))
+        base = splitmix64(np.uint64(seed) * _GOLDEN + np.uint64(stream))
+        return splitmix64(base ^ splitmix64(np.asarray(index, dtype=np.uint64)))
 
 
 def uniform(seed: int, index: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -63,11 +63,11 @@ def uniform_at(seed: int, index: np.ndarray, stream: int, positions: np.ndarray)
     """U[0, 1) float64: value `positions[b, ...]` of sample `index[b]`'s stream (the same values as
     `uniform`'s element j at position j), so any slice of a long series costs only its own size.
     `positions` (integers >= 0) has shape [len(index), ...] or broadcasts to it."""
-    keys = _keys(seed, index, stream)
+    keys = sample_keys(seed, index, stream)
     positions = np.asarray(positions, dtype=np.int64)
     keys = keys.reshape(len(keys), *([1] * (positions.ndim - 1)))
     with np.errstate(over="ignore"):
-        bits = _splitmix64(keys + positions.astype(np.uint64) * _GOLDEN)
+        bits = splitmix64(keys + positions.astype(np.uint64) * _GOLDEN)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
@@ -85,7 +85,7 @@ def normal(seed: int, index: np.ndarray, stream: int, lengths: np.ndarray, shape
     Drawn at the sample's own length, so the values never depend on the rest of the batch."""
     out = torch.zeros(len(index), int(lengths.max()), *shape, dtype=torch.float32)
     generator = torch.Generator()
-    for row, (key, length) in enumerate(zip(_keys(seed, index, stream).tolist(), lengths.tolist(), strict=True)):
+    for row, (key, length) in enumerate(zip(sample_keys(seed, index, stream).tolist(), lengths.tolist(), strict=True)):
         generator.manual_seed(key)
         out[row, :length] = torch.randn((length, *shape), generator=generator)
     return out.numpy()
