@@ -12,7 +12,7 @@ from dist_gru.infer.load import data_facts
 def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
     """``GRUModel`` arguments of a job: the architecture from ``cfg.model``, sizes and task from the
     training ``dataset`` (its ``num_features``, ``output_size``, ``task``, ``target_kind``), scaling
-    and horizon from ``cfg.data``, and what inference needs to know of the data (``data_facts``). A model section that cannot fit the data is a ConfigError."""
+    and horizon from ``cfg.data``. A model section that cannot fit the data is a ConfigError."""
     model, data = cfg.model, cfg.data
     task = dataset.task
     target_kind = getattr(dataset, "target_kind", "sequence")
@@ -55,5 +55,5 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "horizon": data.horizon,
         "scaling": data.scaling,
         "vocab_size": model.vocab_size if tokens else None,
-        "data": data_facts(cfg),
+        "data": data_facts(cfg),  # what inference needs to know of the data: window, season ...
     }
