@@ -197,6 +197,17 @@ def test_check_compatible_names_every_mismatched_field(tmp_path):
     ckpt_lib.check_compatible(ckpt, {"task": "regression", **MODEL_CONFIG, "bidirectional": False})
 
 
+def test_check_compatible_leaves_the_models_data_facts_out(tmp_path):
+    # What inference needs to know of the data (window, season) is no part of the model's shape: a
+    # checkpoint with other facts, or none (saved before models carried them), fits the job.
+    job = {"task": "regression", **MODEL_CONFIG, "data": {"season": 12, "window": 24, "window_stride": 1}}
+    ckpt_lib.check_compatible(ckpt_lib.verify(_save(tmp_path / "old", 1)), job)
+    model, optimizer = _trained()
+    state = _state(model_config={**MODEL_CONFIG, "data": {"season": 7}})
+    ckpt = ckpt_lib.verify(ckpt_lib.save_checkpoint(tmp_path / "new", 1, model, optimizer, state, 10))
+    ckpt_lib.check_compatible(ckpt, job)
+
+
 class _Bomb:
     """Unpickling this would run a shell command (the classic malicious checkpoint)."""
 

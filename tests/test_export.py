@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_gru import export
 from dist_gru.cli import main as cli_main
+from dist_gru.infer import export
 from dist_gru.model import GRUModel
 
 onnx = pytest.importorskip("onnx")

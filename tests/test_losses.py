@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_gru.evaluate import loss_fn
+from dist_gru.infer.evaluate import loss_fn
 from dist_gru.tasks import task_for
 from dist_gru.tasks.functional import median_index
 

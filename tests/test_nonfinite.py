@@ -18,8 +18,8 @@ import torch
 from conftest import TINY, assert_ok, cli, load_weights, read_metrics, run, save_run, torchrun_cmd
 
 from dist_gru import cli as dist_gru_cli
-from dist_gru import export
 from dist_gru.data import write_sequences
+from dist_gru.infer import export
 from dist_gru.model import GRUModel
 from dist_gru.train import checkpoint as ckpt_lib
 from dist_gru.train.nonfinite import EXIT_NONFINITE

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from dist_gru import export
-from dist_gru.evaluate import load_model
+from dist_gru.infer import export
+from dist_gru.infer.load import load_model
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 

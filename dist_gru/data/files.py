@@ -543,6 +543,7 @@ def _check_finite_targets(targets: np.ndarray, what: str) -> None:
 
 
 def package_version() -> str:
+    """The installed dist-gru version (`dev` from a source checkout), for `created_by` in meta.json."""
     from importlib import metadata
 
     try:

@@ -91,7 +91,7 @@ class SampleSource:
         pass  # no state outlives a step
 
     def evaluate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, float]:
-        from dist_gru.evaluate import evaluate
+        from dist_gru.infer.evaluate import evaluate
 
         data, batch = self.cfg.data, self.cfg.train.eval_batch_size
         workers = loader_workers(data, accelerator.device)

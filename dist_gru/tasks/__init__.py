@@ -63,6 +63,25 @@ def task_for(model_config: Mapping[str, Any]) -> Task:
     return ClassificationTask(head, size)
 
 
+SYNTHETIC_KEYS = ("name", "seq_len", "num_features", "variable_length", "train_size", "val_size", "seed")
+
+
+def data_facts(cfg: Config) -> dict[str, Any]:
+    """What inference needs to know of a job's data, saved with the model (``GRUModel(data=...)``,
+    config.json) so that a model folder copied away from its run folder evaluates and forecasts as
+    the run's own does: the season, the context window and its stride, stream mode's chunk length,
+    lanes and targets, and a synthetic dataset's generator parameters (its validation split)."""
+    data, train = cfg.data, cfg.train
+    facts: dict[str, Any] = {"season": data.season}
+    if data.window is not None:
+        facts.update(window=data.window, window_stride=data.window_stride)
+    if train.tbptt is not None:
+        facts["stream"] = {"tbptt": train.tbptt, "lanes": train.global_batch_size, "targets": data.targets}
+    if data.name != "files":
+        facts["synthetic"] = {key: getattr(data, key) for key in SYNTHETIC_KEYS}
+    return facts
+
+
 def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
     """``GRUModel`` arguments of a job: the architecture from ``cfg.model``, sizes and task from the
     training ``dataset`` (its ``num_features``, ``output_size``, ``task``, ``target_kind``), scaling
@@ -84,6 +103,7 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "horizon": data.horizon,
         "scaling": data.scaling,
         "vocab_size": model.vocab_size if tokens else None,
+        "data": data_facts(cfg),  # what inference needs to know of the data: window, season ...
     }
     info = DataInfo(
         source=data.train_path if data.name == "files" else f"data.name={data.name}",

@@ -405,12 +405,14 @@ def check_compatible(ckpt: Checkpoint, expected: dict[str, Any]) -> None:
 
     A field the checkpoint does not record is newer than the checkpoint: it was trained with that
     field's default, which the trajectory check (run_folder) compares, so it is not a mismatch here.
+    The model's `data` (what inference needs to know of the data) is no part of its shape: the
+    trajectory check compares the config it comes from.
     """
     saved = {"task": ckpt.state.get("task"), **ckpt.state.get("model_config", {})}
     wrong = [
         f"{k}: checkpoint has {saved.get(k)!r}, this job has {v!r}"
         for k, v in expected.items()
-        if k in saved and saved[k] != v
+        if k in saved and k != "data" and saved[k] != v
     ]
     if wrong:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit this job:\n  " + "\n  ".join(wrong))

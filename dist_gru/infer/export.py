@@ -20,7 +20,8 @@ seed cell's time loop compiled by ``torch.jit.script`` so the length stays dynam
 Before the file appears at ``--out``, the command runs it (onnxruntime / ``torch.jit.load``) on
 random batches of several sizes and lengths, padded ones included, and compares it with the
 PyTorch model; it prints one JSON line: path, format, max difference. The file holds its metadata
-(input and output names and shapes, the model config): ONNX ``metadata_props["dist_gru"]``,
+(input and output names and shapes, the model config, and `data`: what inference needs to know of
+the data, such as the context window and the season): ONNX ``metadata_props["dist_gru"]``,
 TorchScript the extra file ``meta.json``.
 """
 
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from dist_gru.config import ConfigError
 from dist_gru.data.files import follow_umask
-from dist_gru.evaluate import load_model, output_inside_input
+from dist_gru.infer.load import load_model, output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
 from dist_gru.train.checkpoint import NonFiniteError, require_finite
 
@@ -94,6 +95,8 @@ def metadata(model: GRUModel, fmt: str, opset: int | None, stateful: bool) -> di
         "outputs": spec["outputs"],
         "lengths": "int64, valid steps of each sequence, in [1, time]; padding follows each sequence's end",
         "model_config": model.config,
+        # What inference needs to know of the data (window, season ...): None for a model saved without it.
+        "data": model.data,
     }
 
 

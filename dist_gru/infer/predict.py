@@ -25,6 +25,7 @@ throughput (`samples_per_s`, all ranks together, over the forward passes and the
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ import torch
 
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
-from dist_gru.evaluate import _batch_to, _load_for_inference, _parser, json_line, load_model, output_inside_input
+from dist_gru.infer.load import batch_to, command_parser, json_line, load_for_inference, load_model, output_inside_input
 from dist_gru.tasks import task_for
 
 
@@ -50,13 +51,9 @@ def _rows(model: torch.nn.Module, out: torch.Tensor, lengths: torch.Tensor, prob
     return task_for(model.config).rows(out, lengths, probabilities)
 
 
-def predict_main(argv: list[str] | None = None) -> int:
-    """`dist-gru predict` (see the module docstring). Works under torchrun: all ranks participate."""
-    from accelerate.utils import broadcast_object_list
-
-    from dist_gru.runtime import exit_process, make_accelerator
-
-    parser = _parser("dist-gru predict")
+def _inputs(argv: list[str] | None) -> tuple[argparse.Namespace, Path, Any, torch.nn.Module, Any]:
+    """(args, --out, config, model, dataset) of a `dist-gru predict` command line, every input checked."""
+    parser = command_parser("dist-gru predict")
     parser.add_argument("--out", required=True, help="output .npy path")
     parser.add_argument(
         "--probabilities", action="store_true", help="classification: class probabilities instead of labels"
@@ -78,12 +75,65 @@ def predict_main(argv: list[str] | None = None) -> int:
         )
     # Whole sequences, not training windows: per-step outputs line up with the stored steps.
     extra = ["data.window=null"] if model.head_kind == "step" else []
-    cfg, model, dataset = _load_for_inference(args, extra)
+    cfg, model, dataset = load_for_inference(args, extra)
     if cfg.train.tbptt:
         raise ConfigError(
             f"--model {args.model}: a stream-mode model (train.tbptt); dist-gru predict reads whole sequences: use "
             "dist-gru evaluate (streaming metrics) or dist-gru sample (token streams)"
         )
+    return args, out, cfg, model, dataset
+
+
+def _write_rows(
+    path: str, model: torch.nn.Module, dataset: Any, offsets: np.ndarray | None, args: argparse.Namespace,
+    rank: int, world_size: int, device: torch.device,
+) -> int:
+    """Write this rank's batches into the memory-mapped file at `path`; returns how many of its rows
+    hold NaN or infinity (a model with non-finite weights)."""
+    step_model = offsets is not None
+    rows = np.load(path, mmap_mode="r+")
+    dtype = rows.dtype
+    batches = predict_batches(len(dataset), args.batch_size, rank, world_size)
+    nonfinite = 0
+    with torch.no_grad():
+        for batch in make_loader(dataset, batches, 0):
+            x, lengths, _ = batch_to(batch, device)
+            first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
+            if step_model:
+                first, last = int(offsets[first]), int(offsets[last])
+            written_rows = _rows(model, model(x, lengths), lengths, args.probabilities)
+            rows[first:last] = written_rows
+            if dtype.kind == "f":
+                nonfinite += int((~np.isfinite(written_rows.reshape(len(written_rows), -1))).any(axis=1).sum())
+    rows.flush()
+    del rows
+    return nonfinite
+
+
+def _publish(out: Path, partial: str, offsets: np.ndarray | None, written: dict[str, Any]) -> None:
+    """Global rank 0, once every row is written: the offsets file (head step), then the output,
+    each renamed into place; the JSON line, and a warning for rows that are not finite."""
+    if offsets is not None:
+        offsets_path = out.with_name(out.name.removesuffix(".npy") + ".offsets.npy")
+        tmp = offsets_path.with_name(f".{offsets_path.name}.partial-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, offsets)
+        os.replace(tmp, offsets_path)
+        written["offsets"] = str(offsets_path)
+    os.replace(partial, out)
+    nonfinite, num_rows = written["nonfinite_rows"], written["shape"][0]
+    if nonfinite:
+        print(f"dist-gru: warning: {nonfinite} of {num_rows} rows of {out} hold NaN or infinity", file=sys.stderr)
+    print(json_line(written), flush=True)
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """`dist-gru predict` (see the module docstring). Works under torchrun: all ranks participate."""
+    from accelerate.utils import broadcast_object_list
+
+    from dist_gru.runtime import exit_process, make_accelerator
+
+    args, out, cfg, model, dataset = _inputs(argv)
     accelerator = make_accelerator(cfg)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     model = model.to(device).eval()
@@ -102,35 +152,13 @@ def predict_main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         broadcast_object_list(partial)  # all ranks participate: the file exists from here on
     start = time.perf_counter()
-    rows = np.load(partial[0], mmap_mode="r+")
-    batches = predict_batches(len(dataset), args.batch_size, rank, world_size)
-    nonfinite = 0  # rows of this rank holding NaN or infinity (a model with non-finite weights)
-    with torch.no_grad():
-        for batch in make_loader(dataset, batches, 0):
-            x, lengths, _ = _batch_to(batch, device)
-            first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
-            if step_model:
-                first, last = int(offsets[first]), int(offsets[last])
-            written_rows = _rows(model, model(x, lengths), lengths, args.probabilities)
-            rows[first:last] = written_rows
-            if dtype.kind == "f":
-                nonfinite += int((~np.isfinite(written_rows.reshape(len(written_rows), -1))).any(axis=1).sum())
-    rows.flush()
-    del rows
+    nonfinite = _write_rows(partial[0], model, dataset, offsets, args, rank, world_size, device)
     # All ranks participate: every row is written, and the counts are summed.
     nonfinite = int(accelerator.reduce(torch.tensor([nonfinite], device=device), reduction="sum").item())
     elapsed = time.perf_counter() - start
 
     if accelerator.is_main_process:
         written: dict[str, Any] = {"out": str(out), "shape": list(shape), "dtype": dtype.name, **about}
-        if step_model:
-            offsets_path = out.with_name(out.name.removesuffix(".npy") + ".offsets.npy")
-            tmp = offsets_path.with_name(f".{offsets_path.name}.partial-{os.getpid()}")
-            with open(tmp, "wb") as f:
-                np.save(f, offsets)
-            os.replace(tmp, offsets_path)
-            written["offsets"] = str(offsets_path)
-        os.replace(partial[0], out)
         written.update(
             world_size=world_size,
             num_samples=len(dataset),
@@ -138,9 +166,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             seconds=round(elapsed, 4),
             samples_per_s=round(len(dataset) / max(elapsed, 1e-9), 1),
         )
-        if nonfinite:
-            print(f"dist-gru: warning: {nonfinite} of {num_rows} rows of {out} hold NaN or infinity", file=sys.stderr)
-        print(json_line(written), flush=True)
+        _publish(out, partial[0], offsets, written)
     accelerator.wait_for_everyone()  # all ranks participate: the file is in place when any rank exits
     exit_process(0)
     return 0

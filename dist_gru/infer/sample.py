@@ -52,7 +52,7 @@ def generate(model: torch.nn.Module, prompt: bytes, count: int, temperature: flo
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dist_gru.evaluate import load_model
+    from dist_gru.infer.load import load_model
 
     with contextlib.redirect_stdout(sys.stderr):  # the hub mixin announces the load on stdout; the text goes there
         model = load_model(Path(args.model)).eval()
