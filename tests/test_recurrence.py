@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_gru.model import GRUModel
-from dist_gru.recurrence import _Recurrence, gru_direction, gru_layers
+from dist_gru.model.recurrence import _Recurrence, gru_direction, gru_layers
 
 
 def _grads(fn, inputs, params, seed=1):

@@ -18,7 +18,7 @@ Two GRU forms live here, and they compute different functions:
       h_t  = (1 - z_t) * h_{t-1} + z_t * h~_t
 
 ``GRUModel`` = input scaling, the encoder (either form, one or both directions), and a head from
-``dist_gru.heads`` (``last``, ``step``, ``forecast``) with a point, gaussian or quantile output.
+``dist_gru.model.heads`` (``last``, ``step``, ``forecast``) with a point, gaussian or quantile output.
 Variable-length batches are exact in every mode: a padded batch gives each sequence the outputs it
 gets alone. ``initial_state`` and ``step`` run a unidirectional model over a stream, chunk
 by chunk, with the state carried between calls. The module holds no training logic (losses: ``dist_gru.losses``).
@@ -45,9 +45,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from dist_gru.config import ConfigError, quantile_problems
 from dist_gru.data.files import follow_umask
-from dist_gru.heads import HEADS, OUTPUTS, build_head, shape_output, units_per_output
 from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast, step_mask
-from dist_gru.recurrence import gru_direction, gru_layers
+from dist_gru.model.heads import HEADS, OUTPUTS, build_head, shape_output, units_per_output
+from dist_gru.model.recurrence import gru_direction, gru_layers
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _check_lengths(lengths: Tensor, batch: int, steps: int) -> Tensor:
 
 
 class GRUModel(nn.Module, PyTorchModelHubMixin):
-    """Input scaling, a GRU encoder and a head (``dist_gru.heads``).
+    """Input scaling, a GRU encoder and a head (``dist_gru.model.heads``).
 
     ``forward(x [B, T, F], lengths [B] | None) ->`` regression values or class logits (then
     ``output_size`` is the number of classes) in the layout of ``head`` and ``output``:
@@ -451,7 +451,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         # train.precision=bf16 on CPU, where autocast leaves nn.GRU in fp32 although this
         # CPU's bf16 matmuls (AMX) are faster. Not part of the saved config.
         self.rnn_dtype: torch.dtype | None = None
-        # How nn.GRU's weights are trained on the CPU: "fused" runs dist_gru.recurrence (the same
+        # How nn.GRU's weights are trained on the CPU: "fused" runs dist_gru.model.recurrence (the same
         # function, one autograd node per layer, several times fewer ops per step), "native" runs
         # nn.GRU itself. Inference, GPUs and packed batches always run nn.GRU. Not saved either.
         self.recurrence = "fused"
@@ -669,7 +669,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         return weight if self.rnn_dtype is None else weight.to(self.rnn_dtype)
 
     def _fused(self, inputs: Tensor | PackedSequence) -> bool:
-        """Whether this call trains nn.GRU's weights through dist_gru.recurrence (see ``recurrence``)."""
+        """Whether this call trains nn.GRU's weights through dist_gru.model.recurrence (see ``recurrence``)."""
         if self.recurrence != "fused" or not isinstance(self.rnn, nn.GRU) or not isinstance(inputs, Tensor):
             return False
         if inputs.device.type != "cpu" or not torch.is_grad_enabled():

@@ -1,6 +1,6 @@
 """``nn.GRU``'s recurrence for training on the CPU, with a hand-written backward pass.
 
-    python -c "import torch; from dist_gru.recurrence import gru_layers; \
+    python -c "import torch; from dist_gru.model.recurrence import gru_layers; \
 rnn = torch.nn.GRU(3, 8, 2, batch_first=True); print(gru_layers(rnn, torch.randn(4, 5, 3))[0].shape)"
 
 On the CPU, at the shapes people train (batch 64, hidden 128), ``nn.GRU`` runs about a dozen

@@ -1,6 +1,6 @@
 """Heads over the GRU encoder, chosen by ``model.head``, and the shape of their outputs.
 
-    python -c "import torch; from dist_gru.heads import build_head; \
+    python -c "import torch; from dist_gru.model.heads import build_head; \
 print(build_head('forecast', 16, 3, horizon=4)(None, torch.randn(2, 16)).shape)"
 
 Every head is one linear map; the encoder hands each head the same two things, the top layer's
