@@ -75,7 +75,7 @@ def evaluate(
     for batch in make_loader(dataset, batches, num_workers):
         x, lengths, y = _batch_to(batch, accelerator.device)
         with accelerator.autocast():
-            out = model(x, lengths)
+            out, _ = model(x, lengths)
         sums.update(out, y, lengths, x)
     reduced = accelerator.reduce(sums.sums, reduction="sum")  # all ranks participate
     model.train(was_training)
@@ -216,7 +216,7 @@ def forecast_series(model: torch.nn.Module, dataset, window: int, batch_size: in
         features, targets = dataset.read_steps(seq, lengths[seq] - window, window, window)
         history = targets.reshape(len(seq), window, -1)
         x = torch.from_numpy(np.concatenate([history, features], axis=-1)).to(device)
-        outputs.append(model(x).float().cpu())
+        outputs.append(model(x)[0].float().cpu())
     return torch.cat(outputs).numpy()
 
 

@@ -45,7 +45,7 @@ def row_layout(model: torch.nn.Module, probabilities: bool) -> tuple[tuple[int, 
     The shape comes from one forward pass over a single zero step, so it follows whatever the head
     and output kind produce without restating their layouts here."""
     with torch.no_grad():
-        probe = model(torch.zeros(1, 1, model.input_size), torch.ones(1, dtype=torch.int64))
+        probe, _ = model(torch.zeros(1, 1, model.input_size), torch.ones(1, dtype=torch.int64))
     trailing = tuple(probe.shape[2:] if model.head_kind == "step" else probe.shape[1:])
     if model.task == "classification":
         if probabilities:
@@ -131,7 +131,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
             if step_model:
                 first, last = int(offsets[first]), int(offsets[last])
-            written_rows = _rows(model, model(x, lengths), lengths, args.probabilities)
+            written_rows = _rows(model, model(x, lengths)[0], lengths, args.probabilities)
             rows[first:last] = written_rows
             if dtype.kind == "f":
                 nonfinite += int((~np.isfinite(written_rows.reshape(len(written_rows), -1))).any(axis=1).sum())

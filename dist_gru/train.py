@@ -220,15 +220,15 @@ def _prepare(job: Job, resume: ckpt_lib.Checkpoint | None) -> None:
     cfg, accelerator = job.cfg, job.accelerator
     on_cpu = accelerator.device.type == "cpu"
     compute = compute_precision(cfg, use_gpu=not on_cpu)
-    if on_cpu and compute == "bf16" and cfg.train.cpu_bf16 != "autocast":
-        job.model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
+    # autocast would leave nn.GRU in fp32 on CPU
+    gru_dtype = torch.bfloat16 if on_cpu and compute == "bf16" and cfg.train.cpu_bf16 != "autocast" else None
     if compute != cfg.train.precision and accelerator.is_main_process:
         print(
             f"dist-gru: train.precision={cfg.train.precision}, but this CPU has no bf16 instructions "
             "(AVX512-BF16, AMX): computing in fp32, which is faster here (train.cpu_bf16=gru forces bf16)",
             flush=True,
         )
-    job.model.recurrence = cfg.train.recurrence
+    job.model.encoder.configure(dtype=gru_dtype, recurrence=cfg.train.recurrence)
     job.model, job.optimizer = accelerator.prepare(job.model, job.optimizer)
     if resume is not None and accelerator.scaler is not None and resume.state.get("scaler"):
         accelerator.scaler.load_state_dict(resume.state["scaler"])  # fp16: the loss scale carries on
@@ -366,7 +366,7 @@ def train_loop(job: Job) -> tuple[int, dict[str, float]]:
             y = batch["y"].to(device, non_blocking=True)
             with acc.accumulate(model):
                 if job.lanes is None:
-                    output = model(x, batch["lengths"])
+                    output, _ = model(x, batch["lengths"])
                 else:  # stream mode: start from the lanes' carried state, keep the new one (detached)
                     output, h_n = model(x, batch["lengths"], state=job.lanes.carried(batch["reset"]))
                     job.lanes.keep(h_n)

@@ -6,11 +6,13 @@ Run: PYTHONPATH=. .venv/bin/pytest tests/test_model.py -q
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import huggingface_hub.hub_mixin
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from dist_gru.model import GRUModel, SeedGRU, SeedGRUCell
@@ -144,12 +146,12 @@ def test_torch_cell_matches_pytorch_documented_equations_through_the_head() -> N
     model = GRUModel(4, hidden_size=6, num_layers=2, cell="torch", output_size=3)
     model.eval()
     x = torch.randn(5, 8, 4)
-    out, h_n = model.rnn(x)
-    ref_out, ref_h = torch_gru_reference(model.rnn, x)
+    out, h_n = model.encoder.rnn(x)
+    ref_out, ref_h = torch_gru_reference(model.encoder.rnn, x)
     assert max_diff(out, ref_out) < 1e-6
     assert max_diff(h_n, ref_h) < 1e-6
     expected = ref_h[-1] @ model.head.weight.T + model.head.bias
-    assert max_diff(model(x), expected) < 1e-6
+    assert max_diff(model(x)[0], expected) < 1e-6
 
 
 # --- the two variants: same parametrisation, different candidate -----------------
@@ -210,12 +212,12 @@ def test_padded_batch_equals_each_sequence_run_alone(cell: str) -> None:
     x = torch.randn(4, steps, 3)
     for i, length in enumerate(lengths.tolist()):
         x[i, length:] = 1e3  # loud padding: any leak shows
-    batched = model(x, lengths)
-    alone = torch.cat([model(x[i : i + 1, :length]) for i, length in enumerate(lengths.tolist())])
+    batched, _ = model(x, lengths)
+    alone = torch.cat([model(x[i : i + 1, :length])[0] for i, length in enumerate(lengths.tolist())])
     assert max_diff(batched, alone) < 1e-6
     # All lengths equal T: the unpacked path, same result as no lengths.
     full = torch.full((4,), steps)
-    assert max_diff(model(x, full), model(x)) == 0
+    assert max_diff(model(x, full)[0], model(x)[0]) == 0
 
 
 def test_seed_gru_padded_outputs_are_zero_and_valid_outputs_match() -> None:
@@ -249,8 +251,8 @@ def test_bad_lengths_are_rejected() -> None:
 @pytest.mark.parametrize("cell", ["torch", "seed"])
 def test_classification_outputs_one_logit_per_class(cell: str) -> None:
     model = GRUModel(3, hidden_size=8, task="classification", output_size=5, cell=cell)
-    assert model(torch.randn(4, 6, 3)).shape == (4, 5)
-    assert GRUModel(3, hidden_size=8, output_size=2, cell=cell)(torch.randn(4, 6, 3)).shape == (4, 2)
+    assert model(torch.randn(4, 6, 3))[0].shape == (4, 5)
+    assert GRUModel(3, hidden_size=8, output_size=2, cell=cell)(torch.randn(4, 6, 3))[0].shape == (4, 2)
 
 
 @pytest.mark.parametrize(
@@ -292,8 +294,8 @@ def test_bf16_model_runs_on_bf16_input(cell: str) -> None:
     # h_0 follows the input (the seed example's CPU fp32 h_0 would fail here).
     model = GRUModel(3, hidden_size=8, num_layers=2, cell=cell).to(torch.bfloat16)
     x = torch.randn(4, 6, 3, dtype=torch.bfloat16)
-    assert model(x).dtype == torch.bfloat16
-    assert model(x, torch.tensor([6, 2, 1, 4])).dtype == torch.bfloat16
+    assert model(x)[0].dtype == torch.bfloat16
+    assert model(x, torch.tensor([6, 2, 1, 4]))[0].dtype == torch.bfloat16
 
 
 def test_normalization_is_applied_inside_the_model() -> None:
@@ -301,12 +303,12 @@ def test_normalization_is_applied_inside_the_model() -> None:
     x = torch.randn(3, 5, 2)
     mean, std = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
     model.set_normalization(mean, std)
-    assert model.input_std.tolist() == pytest.approx([3.0, 1e-6])
+    assert model.scaler.input_std.tolist() == pytest.approx([3.0, 1e-6])
     reference = GRUModel(2, hidden_size=4, cell="seed")
     reference.load_state_dict(model.state_dict())
     reference.set_normalization(torch.zeros(2), torch.ones(2))
-    expected = reference((x - mean) / model.input_std)
-    assert max_diff(model(x), expected) < 1e-6
+    expected, _ = reference((x - mean) / model.scaler.input_std)
+    assert max_diff(model(x)[0], expected) < 1e-6
     with pytest.raises(ValueError, match="input_size=2"):
         model.set_normalization(torch.zeros(3), torch.ones(3))
 
@@ -336,10 +338,10 @@ def test_save_and_load_round_trip_offline(cell: str, tmp_path, monkeypatch) -> N
 
     loaded = GRUModel.from_pretrained(tmp_path / "model")
     assert not loaded.training
-    assert loaded.input_mean.tolist() == [0.5, 1.0, -1.0]
-    assert loaded.input_std.tolist() == [2.0, 3.0, 0.25]
+    assert loaded.scaler.input_mean.tolist() == [0.5, 1.0, -1.0]
+    assert loaded.scaler.input_std.tolist() == [2.0, 3.0, 0.25]
     x, lengths = torch.randn(3, 6, 3), torch.tensor([6, 1, 4])
-    assert torch.equal(loaded(x, lengths), model(x, lengths))
+    assert torch.equal(loaded(x, lengths)[0], model(x, lengths)[0])
 
 
 def test_load_rejects_weights_of_a_different_model(tmp_path) -> None:
@@ -358,3 +360,27 @@ def test_flatten_parameters_and_parameter_count() -> None:
         gru_params = 3 * (8 * 3 + 8 * 8) + 3 * (8 * 8 + 8 * 8)
         biases = {"torch": 2 * 2 * 3 * 8, "seed": 2 * 3 * 8}[cell]
         assert model.num_parameters == gru_params + biases + 8 * 2 + 2
+
+
+# --- model folders saved by earlier releases ------------------------------------------------
+
+SAVED_V1 = Path(__file__).parent / "data" / "models_v1"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SAVED_V1.iterdir()))
+def test_a_model_folder_saved_by_the_flat_module_release_loads_and_gives_its_outputs(name: str, tmp_path) -> None:
+    """Folders written before the model became a package (config.json, model.safetensors with the keys
+    rnn.*, head.*, input_mean, input_std, embedding.*) load strictly and compute what they did then;
+    saving one again writes the same keys and config."""
+    folder = SAVED_V1 / name
+    model = GRUModel.from_pretrained(folder)
+    io = load_file(folder / "io.safetensors")
+    with torch.no_grad():
+        out, _ = model(io["x"], io["lengths"])
+    assert (out - io["output"]).abs().max().item() < 1e-6
+    model.save_pretrained(tmp_path / "again")
+    saved, again = load_file(folder / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert sorted(again) == sorted(saved)
+    assert all(torch.equal(again[key], saved[key]) for key in saved)
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
+    assert sorted(model.state_dict()) == sorted(saved)
