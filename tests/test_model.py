@@ -384,3 +384,109 @@ def test_a_model_folder_saved_by_the_flat_module_release_loads_and_gives_its_out
     assert all(torch.equal(again[key], saved[key]) for key in saved)
     assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
     assert sorted(model.state_dict()) == sorted(saved)
+
+
+# --- the forward contract and the encoder's execution paths -------------------------------------
+
+
+def autograd_nodes(out: Tensor) -> set[str]:
+    """Names of every node in ``out``'s backward graph."""
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("cell", ["torch", "seed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize(
+    ("head", "output", "trailing"),
+    [("last", "point", (2,)), ("step", "gaussian", (7, 2, 2)), ("forecast", "quantile", (3, 2, 3))],
+)
+def test_forward_returns_outputs_and_each_sequences_final_state(cell, bidirectional, head, output, trailing) -> None:
+    """(out, state) for every head: state [layers * directions, B, H] holds each sequence's state after
+    its last valid step (backward: after step 0), what the sequence gives alone, on every path."""
+    extra = {"horizon": 3} if head == "forecast" else {}
+    model = GRUModel(3, 5, num_layers=2, cell=cell, bidirectional=bidirectional, head=head, output=output,
+                     output_size=2, quantiles=[0.1, 0.5, 0.9], **extra)
+    x, lengths = torch.randn(4, 7, 3), torch.tensor([7, 3, 1, 5])
+    for training in (False, True):  # inference paths, then the training ones
+        model.train(training)
+        out, state = model(x, lengths)
+        assert out.shape == (4, *trailing)
+        assert state.shape == (2 * (2 if bidirectional else 1), 4, 5)
+        for i, length in enumerate(lengths.tolist()):
+            _, alone = model(x[i : i + 1, :length])
+            assert max_diff(state[:, i], alone[:, 0]) < 1e-6
+
+
+@pytest.mark.parametrize("cell", ["torch", "seed"])
+def test_a_state_given_to_forward_continues_each_sequence(cell: str) -> None:
+    model = GRUModel(3, 5, num_layers=2, cell=cell, head="step").eval()
+    x, lengths = torch.randn(3, 9, 3), torch.tensor([9, 6, 5])
+    whole, state_whole = model(x, lengths)
+    first, state = model(x[:, :4])
+    second, state = model(x[:, 4:], lengths - 4, state)
+    assert max_diff(torch.cat([first, second], dim=1)[0], whole[0]) < 1e-6
+    assert max_diff(state, state_whole) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("cell", "device_settings", "training", "padded", "expected"),
+    [
+        ("seed", {}, True, True, "seed"),
+        ("seed", {"packed": True}, False, True, "seed"),
+        ("torch", {}, True, False, "fused"),
+        ("torch", {}, True, True, "fused"),
+        ("torch", {}, False, False, "native"),
+        ("torch", {}, False, True, "padded"),
+        ("torch", {"recurrence": "native"}, True, False, "native"),
+        ("torch", {"recurrence": "native"}, True, True, "padded"),
+        ("torch", {"packed": True}, True, True, "packed"),
+        ("torch", {"packed": True}, False, False, "native"),
+    ],
+)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_the_encoder_picks_its_path_from_the_cell_the_settings_grad_mode_and_padding(
+    cell, device_settings, training, padded, expected, bidirectional
+) -> None:
+    encoder = GRUModel(3, 4, cell=cell, bidirectional=bidirectional).encoder
+    encoder.configure(**device_settings)
+    x, lengths = torch.randn(2, 5, 3), (torch.tensor([5, 2]) if padded else None)
+    with torch.set_grad_enabled(training):
+        assert encoder.path(x, lengths) == expected
+
+
+def test_a_traced_graph_holds_the_native_gru_even_in_training() -> None:
+    model = GRUModel(3, 4, bidirectional=True, head="step")
+    seen = []
+
+    def probe(x: Tensor) -> Tensor:
+        seen.append(model.encoder.path(x, None))
+        return x
+
+    torch.jit.trace(probe, torch.randn(2, 5, 3), check_trace=False)
+    assert seen == ["native"]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_cpu_training_runs_the_fused_recurrence_for_each_direction_padded_or_not(bidirectional: bool) -> None:
+    """Both directions of an unpadded bidirectional batch train through the fused recurrence, not
+    nn.GRU's slow CPU backward; recurrence="native" keeps nn.GRU's op."""
+    model = GRUModel(3, 4, num_layers=2, bidirectional=bidirectional, head="step")
+    x = torch.randn(2, 5, 3)
+    for lengths in (None, torch.tensor([5, 3])):
+        assert "_RecurrenceBackward" in autograd_nodes(model(x, lengths)[0])
+        model.encoder.configure(recurrence="native")
+        assert "_RecurrenceBackward" not in autograd_nodes(model(x, lengths)[0])
+        model.encoder.configure()
+
+
+def test_encoder_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="recurrence='cuda': expected one of fused, native"):
+        GRUModel(3, 4).encoder.configure(recurrence="cuda")

@@ -82,14 +82,16 @@ def test_refuses_a_bidirectional_gru():
         gru_layers(nn.GRU(2, 3, bidirectional=True, batch_first=True), torch.randn(1, 2, 2))
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "full"])
 @pytest.mark.parametrize("head", ["last", "step"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_gru_model_training_path_equals_the_native_one(head, bidirectional):
-    """GRUModel trains through the fused recurrence on the CPU; padded batches stay exact."""
+def test_gru_model_training_path_equals_the_native_one(head, bidirectional, padded):
+    """GRUModel trains through the fused recurrence on the CPU (each direction of a bidirectional
+    one, padded or not); padded batches stay exact."""
     torch.manual_seed(0)
     model = GRUModel(3, 6, num_layers=2, head=head, bidirectional=bidirectional).double()
     x = torch.randn(5, 11, 3, dtype=torch.float64)
-    lengths = torch.tensor([11, 4, 7, 1, 11])
+    lengths = torch.tensor([11, 4, 7, 1, 11] if padded else [11] * 5)
     results = {}
     for kernel in ("native", "fused"):
         model.encoder.configure(recurrence=kernel)

@@ -80,7 +80,7 @@ class Encoder(nn.Module):
         self.num_layers = num_layers
         self.directions = 2 if bidirectional else 1
         self.output_size = self.directions * hidden_size
-        self.dtype: torch.dtype | None = None
+        self.compute_dtype: torch.dtype | None = None
         self.recurrence = "fused"
         self.packed: bool | None = None
 
@@ -94,7 +94,7 @@ class Encoder(nn.Module):
         ``packed``: run padded batches packed (None: on a GPU only); both ways are exact."""
         if recurrence not in RECURRENCES:
             raise ValueError(f"recurrence={recurrence!r}: expected one of {', '.join(RECURRENCES)}")
-        self.dtype, self.recurrence, self.packed = dtype, recurrence, packed
+        self.compute_dtype, self.recurrence, self.packed = dtype, recurrence, packed
 
     def path(self, x: Tensor, lengths: Tensor | None) -> str:
         """Which of ``PATHS`` a call on ``x`` with ``lengths`` (None: unpadded) takes (see the module doc)."""
@@ -112,10 +112,10 @@ class Encoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(out [B, T, D*H], h_n [L*D, B, H])``; ``lengths`` on the CPU, None when nothing is padded."""
         path = self.path(x, lengths)
-        x = x if self.dtype is None else x.to(self.dtype)
+        x = x if self.compute_dtype is None else x.to(self.compute_dtype)
         h0 = None if state is None else state.to(x.dtype)
         if path == "seed":
-            return self._call_rnn(x, h0, **({} if lengths is None else {"lengths": lengths}))
+            return self._call_rnn(x, h0, lengths=lengths)
         if path == "native":
             return self._call_rnn(x, h0)
         if path == "packed":
@@ -145,18 +145,18 @@ class Encoder(nn.Module):
         self.rnn.flatten_parameters()
 
     def _call_rnn(self, inputs: Any, *args: Any, **kwargs: Any) -> tuple[Any, Tensor]:
-        if self.dtype is None:
+        if self.compute_dtype is None:
             return self.rnn(inputs, *args, **kwargs)
         # Low-precision compute on full-precision master weights: the cast is part of the graph,
         # so gradients (and the optimizer state) keep the weights' dtype.
-        params = {name: p.to(self.dtype) for name, p in self.rnn.named_parameters()}
+        params = {name: p.to(self.compute_dtype) for name, p in self.rnn.named_parameters()}
         return functional_call(self.rnn, params, (inputs, *args), kwargs)
 
     def _weights(self, layer: int, reverse: bool) -> list[Tensor]:
         suffix = f"_l{layer}" + ("_reverse" if reverse else "")
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         weights = [getattr(self.rnn, name + suffix) for name in names]
-        return weights if self.dtype is None else [w.to(self.dtype) for w in weights]
+        return weights if self.compute_dtype is None else [w.to(self.compute_dtype) for w in weights]
 
     def _by_direction(self, x: Tensor, lengths: Tensor | None, h0: Tensor | None, kernel: Kernel) -> tuple[Tensor, Tensor]:
         """Every layer and direction through ``kernel``, unpacked. The backward direction runs forward
