@@ -384,6 +384,11 @@ def test_a_model_folder_saved_by_the_flat_module_release_loads_and_gives_its_out
     assert all(torch.equal(again[key], saved[key]) for key in saved)
     assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
     assert sorted(model.state_dict()) == sorted(saved)
+    # An optimizer's saved state is indexed by parameter position: the order is still embedding, rnn, head.
+    named = model.state_dict(keep_vars=True)
+    in_parameter_order = [next(key for key, t in named.items() if t is p) for p in model.parameters()]
+    assert in_parameter_order == [key for key in named if key not in ("input_mean", "input_std")]
+    assert in_parameter_order[-2:] == ["head.weight", "head.bias"] and in_parameter_order[0] != "head.weight"
 
 
 # --- the forward contract and the encoder's execution paths -------------------------------------
