@@ -39,7 +39,7 @@ def _trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = GRUModel(**MODEL_CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, lengths = torch.randn(4, 5, 2), torch.tensor([5, 4, 3, 5])
-    model(x, lengths).pow(2).mean().backward()
+    model(x, lengths)[0].pow(2).mean().backward()
     optimizer.step()
     return model, optimizer
 

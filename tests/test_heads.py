@@ -63,8 +63,9 @@ def test_padded_batch_equals_each_sequence_alone_on_both_paths(cell: str, bidire
     paths = (False, True) if cell == "torch" else (False,)
     outputs = {}
     for packed in paths:
-        batched = model(x, lengths, packed=packed)
-        alone = [model(x[i : i + 1, :length], packed=packed)[0] for i, length in enumerate(LENGTHS)]
+        model.encoder.configure(packed=packed)
+        batched, _ = model(x, lengths)
+        alone = [model(x[i : i + 1, :length])[0][0] for i, length in enumerate(LENGTHS)]
         diff = max((valid_part(batched, i, head) - a).abs().max().item() for i, a in enumerate(alone))
         path = "packed" if packed else "cpu"
         print(f"{cell} {'bi' if bidirectional else 'uni'} {head} {path}: padded vs alone max diff {diff:.2e}")
@@ -117,26 +118,27 @@ def test_bidirectional_seed_gru_matches_the_equations_read_both_ways() -> None:
 def test_bidirectional_last_reads_forward_last_state_and_backward_state_at_step_zero(cell: str) -> None:
     model = GRUModel(3, 6, num_layers=2, cell=cell, bidirectional=True, output_size=2).eval()
     x = torch.randn(4, 5, 3)
-    out, _ = model.rnn(x)
+    out, _ = model.encoder.rnn(x)
     summary = torch.cat([out[:, -1, :6], out[:, 0, 6:]], dim=-1)
     expected = summary @ model.head.weight.T + model.head.bias
-    assert (model(x) - expected).abs().max() < 1e-6
+    assert (model(x)[0] - expected).abs().max() < 1e-6
 
 
 def test_cpu_bidirectional_path_trains_both_directions_of_every_layer() -> None:
     model = GRUModel(3, 4, num_layers=2, bidirectional=True, head="step", output_size=1)
     x, lengths = loud_padded_batch(3)
-    model(x, lengths, packed=False).square().sum().backward()
-    for name, param in model.rnn.named_parameters():
+    model.encoder.configure(packed=False)
+    model(x, lengths)[0].square().sum().backward()
+    for name, param in model.encoder.rnn.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
 def test_bf16_recurrence_on_the_cpu_bidirectional_path_stays_close_to_fp32() -> None:
     model = GRUModel(3, 8, num_layers=2, bidirectional=True, head="step", output_size=2).eval()
     x, lengths = loud_padded_batch(3)
-    full = model(x, lengths)
-    model.rnn_dtype = torch.bfloat16
-    low = model(x, lengths)
+    full, _ = model(x, lengths)
+    model.encoder.configure(dtype=torch.bfloat16)
+    low, _ = model(x, lengths)
     assert low.dtype == torch.float32
     mask = torch.arange(STEPS)[None, :] < lengths[:, None]
     assert (low - full)[mask].abs().max() < 5e-2
@@ -161,7 +163,7 @@ def test_bf16_recurrence_on_the_cpu_bidirectional_path_stays_close_to_fp32() -> 
 )
 def test_output_layout_of_every_head_and_output(head: str, output: str, shape: tuple[int, ...]) -> None:
     model = model_for("torch", False, head, output=output, quantiles=[0.05, 0.25, 0.75, 0.95])
-    out = model(*loud_padded_batch(3))
+    out, _ = model(*loud_padded_batch(3))
     assert out.shape == shape
     if output == "gaussian":
         assert bool((out[..., 1] > 0).all())
@@ -170,7 +172,7 @@ def test_output_layout_of_every_head_and_output(head: str, output: str, shape: t
 
 def test_step_classification_outputs_logits_per_step() -> None:
     model = GRUModel(3, 8, task="classification", output_size=5, head="step", bidirectional=True)
-    assert model(*loud_padded_batch(3)).shape == (4, 7, 5)
+    assert model(*loud_padded_batch(3))[0].shape == (4, 7, 5)
 
 
 # --- scaling inside the model ----------------------------------------------------------------
@@ -182,7 +184,7 @@ def test_window_scaling_makes_outputs_invariant_to_each_samples_own_affine_trans
     x, lengths = loud_padded_batch(3)
     scale = torch.tensor([[[3.0, 0.5, 10.0]], [[1.0, 2.0, 4.0]], [[7.0, 7.0, 7.0]], [[0.1, 1.0, 1.0]]])
     shift = torch.tensor([[[100.0, -5.0, 0.0]], [[1.0, 1.0, 1.0]], [[-3.0, 2.0, 9.0]], [[0.0, 0.0, 50.0]]])
-    a, b = model(x, lengths), model(x * scale + shift, lengths)
+    a, b = model(x, lengths)[0], model(x * scale + shift, lengths)[0]
     diff = max((valid_part(a, i, head) - valid_part(b, i, head)).abs().max().item() for i in range(4))
     assert diff < 1e-4
 
@@ -193,7 +195,7 @@ def test_window_scaled_forecasts_follow_the_target_history_back_to_raw_units(out
     model = GRUModel(3, 8, head="forecast", horizon=3, output_size=2, output=output, scaling="window").eval()
     x, lengths = loud_padded_batch(3)
     scale, shift = torch.tensor([5.0, 0.2, 3.0]), torch.tensor([1000.0, -4.0, 7.0])
-    base, moved = model(x, lengths), model(x * scale + shift, lengths)
+    base, moved = model(x, lengths)[0], model(x * scale + shift, lengths)[0]
     target_scale, target_shift = scale[:2], shift[:2]
     if output == "point":
         expected = base * target_scale + target_shift
@@ -207,10 +209,10 @@ def test_window_scaled_forecasts_follow_the_target_history_back_to_raw_units(out
 def test_forecast_outputs_are_mapped_back_through_global_statistics() -> None:
     model = GRUModel(3, 8, head="forecast", horizon=2, output_size=1).eval()
     x, lengths = loud_padded_batch(3)
-    plain = model(x, lengths)
+    plain, _ = model(x, lengths)
     mean, std = torch.tensor([10.0, -1.0, 0.5]), torch.tensor([4.0, 2.0, 0.5])
     model.set_normalization(mean, std)
-    assert (model(x * std + mean, lengths) - (plain * std[0] + mean[0])).abs().max() < 1e-4
+    assert (model(x * std + mean, lengths)[0] - (plain * std[0] + mean[0])).abs().max() < 1e-4
 
 
 # --- arguments, saving ------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def test_save_and_load_round_trip_with_the_new_fields(cell: str, tmp_path) -> No
         4,
     )
     x, lengths = loud_padded_batch(3)
-    assert torch.equal(loaded(x, lengths), model(x, lengths))
+    assert torch.equal(loaded(x, lengths)[0], model(x, lengths)[0])
 
 
 def test_a_model_with_default_heads_writes_the_config_older_releases_read(tmp_path) -> None:
@@ -340,7 +342,7 @@ def test_the_model_section_must_fit_the_data(tmp_path) -> None:
     )
     kwargs = model_kwargs(cfg, steps)
     assert (kwargs["input_size"], kwargs["head"], kwargs["scaling"], kwargs["horizon"]) == (2, "step", "window", 0)
-    assert GRUModel(**kwargs)(torch.randn(2, 5, 2)).shape == (2, 5, 1)
+    assert GRUModel(**kwargs)(torch.randn(2, 5, 2))[0].shape == (2, 5, 1)
 
 
 def test_a_bad_combination_exits_2_through_the_command_before_anything_is_written(tmp_path, capsys) -> None:

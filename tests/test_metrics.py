@@ -110,7 +110,7 @@ def test_sums_of_shards_give_the_metrics_of_the_whole(spec: dict, outputs: int) 
     else:
         y = torch.randint(0, outputs, (7, 5))
     with torch.no_grad():
-        out = model(x, lengths)
+        out, _ = model(x, lengths)
     task = task_for(model.config)
     whole = task.metric_sums(season=2)
     whole.update(out, y, lengths, x)
@@ -160,7 +160,7 @@ def test_forecast_command_forecasts_after_the_end_of_every_series(tmp_path, caps
     with torch.no_grad():
         for i, (f, t) in enumerate(zip(features, targets, strict=True)):
             context = torch.from_numpy(np.concatenate([t[-6:], f[-6:]], axis=1))[None]
-            expected = model(context)[0].numpy()
+            expected = model(context)[0][0].numpy()
             assert np.abs(forecast[i] - expected).max() < 1e-5
 
 
@@ -200,7 +200,7 @@ def test_predict_and_evaluate_a_step_model_on_whole_sequences(tmp_path, capsys) 
     offsets = np.load(tmp_path / "pred.offsets.npy")
     assert offsets.tolist() == [0, 5, 7, 14]
     with torch.no_grad():
-        expected = [model(torch.from_numpy(f)[None])[0].argmax(-1).numpy() for f in features]
+        expected = [model(torch.from_numpy(f)[None])[0][0].argmax(-1).numpy() for f in features]
     assert np.load(out).tolist() == np.concatenate(expected).tolist()
 
     metrics = assert_ok(cli("evaluate", "--model", model_dir, "--data", str(tmp_path / "val"))).json_last_line()

@@ -6,11 +6,13 @@ Run: PYTHONPATH=. .venv/bin/pytest tests/test_model.py -q
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import huggingface_hub.hub_mixin
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from dist_gru.model import GRUModel, SeedGRU, SeedGRUCell
@@ -144,12 +146,12 @@ def test_torch_cell_matches_pytorch_documented_equations_through_the_head() -> N
     model = GRUModel(4, hidden_size=6, num_layers=2, cell="torch", output_size=3)
     model.eval()
     x = torch.randn(5, 8, 4)
-    out, h_n = model.rnn(x)
-    ref_out, ref_h = torch_gru_reference(model.rnn, x)
+    out, h_n = model.encoder.rnn(x)
+    ref_out, ref_h = torch_gru_reference(model.encoder.rnn, x)
     assert max_diff(out, ref_out) < 1e-6
     assert max_diff(h_n, ref_h) < 1e-6
     expected = ref_h[-1] @ model.head.weight.T + model.head.bias
-    assert max_diff(model(x), expected) < 1e-6
+    assert max_diff(model(x)[0], expected) < 1e-6
 
 
 # --- the two variants: same parametrisation, different candidate -----------------
@@ -210,12 +212,12 @@ def test_padded_batch_equals_each_sequence_run_alone(cell: str) -> None:
     x = torch.randn(4, steps, 3)
     for i, length in enumerate(lengths.tolist()):
         x[i, length:] = 1e3  # loud padding: any leak shows
-    batched = model(x, lengths)
-    alone = torch.cat([model(x[i : i + 1, :length]) for i, length in enumerate(lengths.tolist())])
+    batched, _ = model(x, lengths)
+    alone = torch.cat([model(x[i : i + 1, :length])[0] for i, length in enumerate(lengths.tolist())])
     assert max_diff(batched, alone) < 1e-6
     # All lengths equal T: the unpacked path, same result as no lengths.
     full = torch.full((4,), steps)
-    assert max_diff(model(x, full), model(x)) == 0
+    assert max_diff(model(x, full)[0], model(x)[0]) == 0
 
 
 def test_seed_gru_padded_outputs_are_zero_and_valid_outputs_match() -> None:
@@ -249,8 +251,8 @@ def test_bad_lengths_are_rejected() -> None:
 @pytest.mark.parametrize("cell", ["torch", "seed"])
 def test_classification_outputs_one_logit_per_class(cell: str) -> None:
     model = GRUModel(3, hidden_size=8, task="classification", output_size=5, cell=cell)
-    assert model(torch.randn(4, 6, 3)).shape == (4, 5)
-    assert GRUModel(3, hidden_size=8, output_size=2, cell=cell)(torch.randn(4, 6, 3)).shape == (4, 2)
+    assert model(torch.randn(4, 6, 3))[0].shape == (4, 5)
+    assert GRUModel(3, hidden_size=8, output_size=2, cell=cell)(torch.randn(4, 6, 3))[0].shape == (4, 2)
 
 
 @pytest.mark.parametrize(
@@ -292,8 +294,8 @@ def test_bf16_model_runs_on_bf16_input(cell: str) -> None:
     # h_0 follows the input (the seed example's CPU fp32 h_0 would fail here).
     model = GRUModel(3, hidden_size=8, num_layers=2, cell=cell).to(torch.bfloat16)
     x = torch.randn(4, 6, 3, dtype=torch.bfloat16)
-    assert model(x).dtype == torch.bfloat16
-    assert model(x, torch.tensor([6, 2, 1, 4])).dtype == torch.bfloat16
+    assert model(x)[0].dtype == torch.bfloat16
+    assert model(x, torch.tensor([6, 2, 1, 4]))[0].dtype == torch.bfloat16
 
 
 def test_normalization_is_applied_inside_the_model() -> None:
@@ -301,12 +303,12 @@ def test_normalization_is_applied_inside_the_model() -> None:
     x = torch.randn(3, 5, 2)
     mean, std = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.0])
     model.set_normalization(mean, std)
-    assert model.input_std.tolist() == pytest.approx([3.0, 1e-6])
+    assert model.scaler.input_std.tolist() == pytest.approx([3.0, 1e-6])
     reference = GRUModel(2, hidden_size=4, cell="seed")
     reference.load_state_dict(model.state_dict())
     reference.set_normalization(torch.zeros(2), torch.ones(2))
-    expected = reference((x - mean) / model.input_std)
-    assert max_diff(model(x), expected) < 1e-6
+    expected, _ = reference((x - mean) / model.scaler.input_std)
+    assert max_diff(model(x)[0], expected) < 1e-6
     with pytest.raises(ValueError, match="input_size=2"):
         model.set_normalization(torch.zeros(3), torch.ones(3))
 
@@ -336,10 +338,10 @@ def test_save_and_load_round_trip_offline(cell: str, tmp_path, monkeypatch) -> N
 
     loaded = GRUModel.from_pretrained(tmp_path / "model")
     assert not loaded.training
-    assert loaded.input_mean.tolist() == [0.5, 1.0, -1.0]
-    assert loaded.input_std.tolist() == [2.0, 3.0, 0.25]
+    assert loaded.scaler.input_mean.tolist() == [0.5, 1.0, -1.0]
+    assert loaded.scaler.input_std.tolist() == [2.0, 3.0, 0.25]
     x, lengths = torch.randn(3, 6, 3), torch.tensor([6, 1, 4])
-    assert torch.equal(loaded(x, lengths), model(x, lengths))
+    assert torch.equal(loaded(x, lengths)[0], model(x, lengths)[0])
 
 
 def test_load_rejects_weights_of_a_different_model(tmp_path) -> None:
@@ -358,3 +360,138 @@ def test_flatten_parameters_and_parameter_count() -> None:
         gru_params = 3 * (8 * 3 + 8 * 8) + 3 * (8 * 8 + 8 * 8)
         biases = {"torch": 2 * 2 * 3 * 8, "seed": 2 * 3 * 8}[cell]
         assert model.num_parameters == gru_params + biases + 8 * 2 + 2
+
+
+# --- model folders saved by earlier releases ------------------------------------------------
+
+SAVED_V1 = Path(__file__).parent / "data" / "models_v1"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SAVED_V1.iterdir()))
+def test_a_model_folder_saved_by_the_flat_module_release_loads_and_gives_its_outputs(name: str, tmp_path) -> None:
+    """Folders written before the model became a package (config.json, model.safetensors with the keys
+    rnn.*, head.*, input_mean, input_std, embedding.*) load strictly and compute what they did then;
+    saving one again writes the same keys and config."""
+    folder = SAVED_V1 / name
+    model = GRUModel.from_pretrained(folder)
+    io = load_file(folder / "io.safetensors")
+    with torch.no_grad():
+        out, _ = model(io["x"], io["lengths"])
+    assert (out - io["output"]).abs().max().item() < 1e-6
+    model.save_pretrained(tmp_path / "again")
+    saved, again = load_file(folder / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert sorted(again) == sorted(saved)
+    assert all(torch.equal(again[key], saved[key]) for key in saved)
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
+    assert sorted(model.state_dict()) == sorted(saved)
+    # An optimizer's saved state is indexed by parameter position: the order is still embedding, rnn, head.
+    named = model.state_dict(keep_vars=True)
+    in_parameter_order = [next(key for key, t in named.items() if t is p) for p in model.parameters()]
+    assert in_parameter_order == [key for key in named if key not in ("input_mean", "input_std")]
+    assert in_parameter_order[-2:] == ["head.weight", "head.bias"] and in_parameter_order[0] != "head.weight"
+
+
+# --- the forward contract and the encoder's execution paths -------------------------------------
+
+
+def autograd_nodes(out: Tensor) -> set[str]:
+    """Names of every node in ``out``'s backward graph."""
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("cell", ["torch", "seed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize(
+    ("head", "output", "trailing"),
+    [("last", "point", (2,)), ("step", "gaussian", (7, 2, 2)), ("forecast", "quantile", (3, 2, 3))],
+)
+def test_forward_returns_outputs_and_each_sequences_final_state(cell, bidirectional, head, output, trailing) -> None:
+    """(out, state) for every head: state [layers * directions, B, H] holds each sequence's state after
+    its last valid step (backward: after step 0), what the sequence gives alone, on every path."""
+    extra = {"horizon": 3} if head == "forecast" else {}
+    model = GRUModel(3, 5, num_layers=2, cell=cell, bidirectional=bidirectional, head=head, output=output,
+                     output_size=2, quantiles=[0.1, 0.5, 0.9], **extra)
+    x, lengths = torch.randn(4, 7, 3), torch.tensor([7, 3, 1, 5])
+    for training in (False, True):  # inference paths, then the training ones
+        model.train(training)
+        out, state = model(x, lengths)
+        assert out.shape == (4, *trailing)
+        assert state.shape == (2 * (2 if bidirectional else 1), 4, 5)
+        for i, length in enumerate(lengths.tolist()):
+            _, alone = model(x[i : i + 1, :length])
+            assert max_diff(state[:, i], alone[:, 0]) < 1e-6
+
+
+@pytest.mark.parametrize("cell", ["torch", "seed"])
+def test_a_state_given_to_forward_continues_each_sequence(cell: str) -> None:
+    model = GRUModel(3, 5, num_layers=2, cell=cell, head="step").eval()
+    x, lengths = torch.randn(3, 9, 3), torch.tensor([9, 6, 5])
+    whole, state_whole = model(x, lengths)
+    first, state = model(x[:, :4])
+    second, state = model(x[:, 4:], lengths - 4, state)
+    assert max_diff(torch.cat([first, second], dim=1)[0], whole[0]) < 1e-6
+    assert max_diff(state, state_whole) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("cell", "device_settings", "training", "padded", "expected"),
+    [
+        ("seed", {}, True, True, "seed"),
+        ("seed", {"packed": True}, False, True, "seed"),
+        ("torch", {}, True, False, "fused"),
+        ("torch", {}, True, True, "fused"),
+        ("torch", {}, False, False, "native"),
+        ("torch", {}, False, True, "padded"),
+        ("torch", {"recurrence": "native"}, True, False, "native"),
+        ("torch", {"recurrence": "native"}, True, True, "padded"),
+        ("torch", {"packed": True}, True, True, "packed"),
+        ("torch", {"packed": True}, False, False, "native"),
+    ],
+)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_the_encoder_picks_its_path_from_the_cell_the_settings_grad_mode_and_padding(
+    cell, device_settings, training, padded, expected, bidirectional
+) -> None:
+    encoder = GRUModel(3, 4, cell=cell, bidirectional=bidirectional).encoder
+    encoder.configure(**device_settings)
+    x, lengths = torch.randn(2, 5, 3), (torch.tensor([5, 2]) if padded else None)
+    with torch.set_grad_enabled(training):
+        assert encoder.path(x, lengths) == expected
+
+
+def test_a_traced_graph_holds_the_native_gru_even_in_training() -> None:
+    model = GRUModel(3, 4, bidirectional=True, head="step")
+    seen = []
+
+    def probe(x: Tensor) -> Tensor:
+        seen.append(model.encoder.path(x, None))
+        return x
+
+    torch.jit.trace(probe, torch.randn(2, 5, 3), check_trace=False)
+    assert seen == ["native"]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_cpu_training_runs_the_fused_recurrence_for_each_direction_padded_or_not(bidirectional: bool) -> None:
+    """Both directions of an unpadded bidirectional batch train through the fused recurrence, not
+    nn.GRU's slow CPU backward; recurrence="native" keeps nn.GRU's op."""
+    model = GRUModel(3, 4, num_layers=2, bidirectional=bidirectional, head="step")
+    x = torch.randn(2, 5, 3)
+    for lengths in (None, torch.tensor([5, 3])):
+        assert "_RecurrenceBackward" in autograd_nodes(model(x, lengths)[0])
+        model.encoder.configure(recurrence="native")
+        assert "_RecurrenceBackward" not in autograd_nodes(model(x, lengths)[0])
+        model.encoder.configure()
+
+
+def test_encoder_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="recurrence='cuda': expected one of fused, native"):
+        GRUModel(3, 4).encoder.configure(recurrence="cuda")

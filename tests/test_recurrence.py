@@ -1,4 +1,4 @@
-"""The CPU training recurrence (dist_gru.recurrence) against nn.GRU and autograd's own gradients."""
+"""The CPU training recurrence (dist_gru.model.recurrence) against nn.GRU and autograd's own gradients."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_gru.model import GRUModel
-from dist_gru.recurrence import _Recurrence, gru_direction, gru_layers
+from dist_gru.model.recurrence import _Recurrence, gru_direction, gru_layers
 
 
 def _grads(fn, inputs, params, seed=1):
@@ -82,19 +82,21 @@ def test_refuses_a_bidirectional_gru():
         gru_layers(nn.GRU(2, 3, bidirectional=True, batch_first=True), torch.randn(1, 2, 2))
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "full"])
 @pytest.mark.parametrize("head", ["last", "step"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_gru_model_training_path_equals_the_native_one(head, bidirectional):
-    """GRUModel trains through the fused recurrence on the CPU; padded batches stay exact."""
+def test_gru_model_training_path_equals_the_native_one(head, bidirectional, padded):
+    """GRUModel trains through the fused recurrence on the CPU (each direction of a bidirectional
+    one, padded or not); padded batches stay exact."""
     torch.manual_seed(0)
     model = GRUModel(3, 6, num_layers=2, head=head, bidirectional=bidirectional).double()
     x = torch.randn(5, 11, 3, dtype=torch.float64)
-    lengths = torch.tensor([11, 4, 7, 1, 11])
+    lengths = torch.tensor([11, 4, 7, 1, 11] if padded else [11] * 5)
     results = {}
     for kernel in ("native", "fused"):
-        model.recurrence = kernel
+        model.encoder.configure(recurrence=kernel)
         model.zero_grad()
-        out = model(x, lengths)
+        out, _ = model(x, lengths)
         out.square().sum().backward()
         results[kernel] = (out.detach(), [p.grad.clone() for p in model.parameters()])
     (out_a, grads_a), (out_b, grads_b) = results["native"], results["fused"]

@@ -42,7 +42,7 @@ def test_chunked_stateful_forward_equals_the_unchunked_forward(cell):
     model = GRUModel(3, 16, 2, task="classification", output_size=3, head="step", cell=cell).eval()
     x = torch.randn(1, 203, 3)  # 25 chunks of 8 and a partial one of 3
     with torch.no_grad():
-        whole = model(x)
+        whole, _ = model(x)
         state = torch.zeros(2, 1, 16)
         pieces = []
         for start in range(0, 203, 8):
@@ -109,13 +109,13 @@ def test_a_lane_crossing_a_stream_boundary_resets_its_state(tmp_path):
     assert resets == [True] + [False] * (first_chunks - 1) + [True] + [False] * (4 - first_chunks)
     with torch.no_grad():
         for i in (0, 1):  # each stream alone from a zero state: what the lane computed
-            alone = model(torch.from_numpy(xs[i])[None])[0]
+            alone = model(torch.from_numpy(xs[i])[None])[0][0]
             assert float((torch.cat(outputs[i]) - alone).abs().max()) < 1e-6
     # Without the reset, the second stream would start from the first one's final state.
     with torch.no_grad():
         second = order[1]
-        carried = model(torch.from_numpy(xs[second])[None], state=h_n)[0]
-        assert float((carried - model(torch.from_numpy(xs[second])[None])[0]).abs().max()) > 1e-3
+        carried = model(torch.from_numpy(xs[second])[None], state=h_n)[0][0]
+        assert float((carried - model(torch.from_numpy(xs[second])[None])[0][0]).abs().max()) > 1e-3
 
 
 def test_next_step_targets_of_a_token_stream(tmp_path):

@@ -237,7 +237,7 @@ def test_predict_row_layout_and_rows(name: str) -> None:
     # the model's own output has that layout
     model = GRUModel(2, 4, **config).eval()
     with torch.no_grad():
-        probe = model(torch.zeros(1, 1, 2), torch.ones(1, dtype=torch.int64))
+        probe, _ = model(torch.zeros(1, 1, 2), torch.ones(1, dtype=torch.int64))
     assert tuple(probe.shape[2:] if config.get("head") == "step" else probe.shape[1:]) == task.output_shape()
 
 

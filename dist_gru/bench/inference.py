@@ -55,7 +55,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, Any]:
 
         def eager(x: torch.Tensor, lengths: torch.Tensor) -> Any:
             with torch.no_grad():
-                return model(x, lengths)
+                return model(x, lengths)[0]
 
         calls["eager"] = eager
         differences = {}

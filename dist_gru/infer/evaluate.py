@@ -114,7 +114,7 @@ def forecast_series(model: torch.nn.Module, dataset, window: int, batch_size: in
         features, targets = dataset.read_steps(seq, lengths[seq] - window, window, window)
         history = targets.reshape(len(seq), window, -1)
         x = torch.from_numpy(np.concatenate([history, features], axis=-1)).to(device)
-        outputs.append(model(x).float().cpu())
+        outputs.append(model(x)[0].float().cpu())
     return torch.cat(outputs).numpy()
 
 

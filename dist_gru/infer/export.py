@@ -130,8 +130,9 @@ def _onnx_gru_weights(model: GRUModel, layer: int) -> tuple[Tensor, Tensor, Tens
     hidden = model.hidden_size
     per_direction = []
     for reverse in ([False, True] if model.bidirectional else [False]):
-        if isinstance(model.rnn, SeedGRU):
-            cell = (model.rnn.reverse_cells if reverse else model.rnn.cells)[layer]
+        rnn = model.encoder.rnn
+        if isinstance(rnn, SeedGRU):
+            cell = (rnn.reverse_cells if reverse else rnn.cells)[layer]
             # Seed h' = (1 - z) h + z h~; ONNX h' = (1 - z') h~ + z' h, so z' = 1 - z = sigmoid(-a_z).
             w = torch.cat([-cell.W_z, cell.W_r, cell.W_h])
             r = torch.cat([-cell.U_z, cell.U_r, cell.U_h])
@@ -142,29 +143,29 @@ def _onnx_gru_weights(model: GRUModel, layer: int) -> tuple[Tensor, Tensor, Tens
             def zrh(t: Tensor) -> Tensor:  # PyTorch stacks (r, z, n)
                 return torch.cat([t[hidden : 2 * hidden], t[:hidden], t[2 * hidden :]])
 
-            w = zrh(getattr(model.rnn, "weight_ih" + suffix))
-            r = zrh(getattr(model.rnn, "weight_hh" + suffix))
-            b = torch.cat([zrh(getattr(model.rnn, "bias_ih" + suffix)), zrh(getattr(model.rnn, "bias_hh" + suffix))])
+            w = zrh(getattr(rnn, "weight_ih" + suffix))
+            r = zrh(getattr(rnn, "weight_hh" + suffix))
+            b = torch.cat([zrh(getattr(rnn, "bias_ih" + suffix)), zrh(getattr(rnn, "bias_hh" + suffix))])
         per_direction.append((w, r, b))
     return tuple(torch.stack(parts).detach().clone() for parts in zip(*per_direction, strict=True))
 
 
 class OnnxGraph(nn.Module):
-    """``GRUModel`` with its recurrence as ONNX ``GRU`` nodes; scaling and head are the model's own code."""
+    """``GRUModel`` with its encoder as ONNX ``GRU`` nodes; the model's own scaler and head around them."""
 
     def __init__(self, model: GRUModel, stateful: bool) -> None:
         super().__init__()
         self.model = model
         self.stateful = stateful
-        self.linear_before_reset = 0 if isinstance(model.rnn, SeedGRU) else 1
+        self.linear_before_reset = 0 if isinstance(model.encoder.rnn, SeedGRU) else 1
         for layer in range(model.num_layers):
             for name, value in zip("WRB", _onnx_gru_weights(model, layer), strict=True):
                 self.register_buffer(f"{name}{layer}", value)
 
     def forward(self, x: Tensor, lengths: Tensor, state: Tensor | None = None) -> Any:
         model = self.model
-        directions = 2 if model.bidirectional else 1
-        x, lengths, moments = model._scale_inputs(x, lengths)
+        directions = model.encoder.directions
+        x, lengths, affine = model.scaler(x, lengths)
         layer_input = x.transpose(0, 1)  # ONNX GRU is time-major
         states = []
         for layer in range(model.num_layers):
@@ -176,32 +177,31 @@ class OnnxGraph(nn.Module):
             states.append(h_n)
             layer_input = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], directions * model.hidden_size)
         # h_n holds the forward direction's last valid state and the backward one's at step 0.
-        summary = h_n[0] if directions == 1 else torch.cat([h_n[0], h_n[1]], dim=-1)
-        out = model._head_outputs(layer_input.transpose(0, 1), summary, moments)
-        return (out, torch.cat(states)) if self.stateful else out
+        h_n = torch.cat(states)
+        out = model.head(layer_input.transpose(0, 1), model.encoder.summary(h_n), affine)
+        return (out, h_n) if self.stateful else out
 
 
 class TorchGraph(nn.Module):
-    """What ``torch.jit.trace`` records: ``model(x, lengths)``, or ``model.step`` when stateful."""
+    """What ``torch.jit.trace`` records: the model's outputs, and its state when stateful."""
 
     def __init__(self, model: GRUModel, stateful: bool) -> None:
         super().__init__()
         self.model = model
         self.stateful = stateful
-        if isinstance(model.rnn, SeedGRU):
-            model.rnn.scan = torch.jit.script(seed_scan)
+        if isinstance(model.encoder.rnn, SeedGRU):
+            model.encoder.rnn.scan = torch.jit.script(seed_scan)
 
     def forward(self, x: Tensor, lengths: Tensor, state: Tensor | None = None) -> Any:
-        if self.stateful:
-            return self.model.step(x, state, lengths)
-        return self.model(x, lengths)
+        out, state = self.model(x, lengths, state)
+        return (out, state) if self.stateful else out
 
 
 def random_batch(model: GRUModel, batch: int, steps: int, generator: torch.Generator, padded: bool = True
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Inputs on the scale of the training data, lengths in [1, steps] (the first at full length),
     and a random state: one verification (or benchmark) batch."""
-    x = model.input_mean + model.input_std * torch.randn(batch, steps, model.input_size, generator=generator)
+    x = model.scaler.input_mean + model.scaler.input_std * torch.randn(batch, steps, model.input_size, generator=generator)
     lengths = torch.randint(1, steps + 1, (batch,), generator=generator) if padded else torch.full((batch,), steps)
     lengths[0] = steps
     state = torch.randn(model.num_layers, batch, model.hidden_size, generator=generator) * 0.5
@@ -320,7 +320,7 @@ def verify(path: str | Path, fmt: str, model: GRUModel, stateful: bool, seed: in
                     got, got_state = runner(x.numpy(), lengths.numpy(), state.numpy())
                     worst = max(worst, max_difference(got_state, want_state.numpy()))
                 else:
-                    want = model(x, lengths)
+                    want, _ = model(x, lengths)
                     (got,) = runner(x.numpy(), lengths.numpy())
                 if not bool(torch.isfinite(want).all()):
                     raise NonFiniteError(

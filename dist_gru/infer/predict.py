@@ -101,7 +101,7 @@ def _write_rows(
             first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
             if step_model:
                 first, last = int(offsets[first]), int(offsets[last])
-            written_rows = _rows(model, model(x, lengths), lengths, args.probabilities)
+            written_rows = _rows(model, model(x, lengths)[0], lengths, args.probabilities)
             rows[first:last] = written_rows
             if dtype.kind == "f":
                 nonfinite += int((~np.isfinite(written_rows.reshape(len(written_rows), -1))).any(axis=1).sum())

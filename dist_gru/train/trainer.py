@@ -181,15 +181,15 @@ def _prepare(job: Job) -> None:
     cfg, accelerator = job.cfg, job.accelerator
     on_cpu = accelerator.device.type == "cpu"
     compute = compute_precision(cfg, use_gpu=not on_cpu)
-    if on_cpu and compute == "bf16" and cfg.train.cpu_bf16 != "autocast":
-        job.model.rnn_dtype = torch.bfloat16  # autocast would leave nn.GRU in fp32 on CPU
+    # autocast would leave nn.GRU in fp32 on CPU
+    gru_dtype = torch.bfloat16 if on_cpu and compute == "bf16" and cfg.train.cpu_bf16 != "autocast" else None
     if compute != cfg.train.precision and accelerator.is_main_process:
         print(
             f"dist-gru: train.precision={cfg.train.precision}, but this CPU has no bf16 instructions "
             "(AVX512-BF16, AMX): computing in fp32, which is faster here (train.cpu_bf16=gru forces bf16)",
             flush=True,
         )
-    job.model.recurrence = cfg.train.recurrence
+    job.model.encoder.configure(dtype=gru_dtype, recurrence=cfg.train.recurrence)
     job.model, job.optimizer = accelerator.prepare(job.model, job.optimizer)
     job.checkpointer.register("scaler", ScalerState(accelerator.scaler))  # fp16: the loss scale carries on
     accelerator.unwrap_model(job.model).flatten_parameters()  # cuDNN wants contiguous weights after moves/loads
@@ -314,7 +314,7 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
         x = batch["x"].to(acc.device, non_blocking=True)
         y = batch["y"].to(acc.device, non_blocking=True)
         with acc.accumulate(model):
-            output, state = _forward(model, x, batch["lengths"], job.source.carried(batch))
+            output, state = model(x, batch["lengths"], state=job.source.carried(batch))
             job.source.keep(state)  # stream mode: carried into the lane's next chunk, detached
             total, _ = job.task.loss_sum(output, y, batch["lengths"])
             loss = total.float() * scale
@@ -322,12 +322,6 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
         step_loss += loss.detach() / accum
         meter.add_batch(step, epoch, batch)
     return epoch, step_loss, seen
-
-
-def _forward(model: torch.nn.Module, x: Tensor, lengths: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    if state is None:
-        return model(x, lengths), None
-    return model(x, lengths, state=state)
 
 
 def _evaluation_due(job: Job, done: int) -> bool:

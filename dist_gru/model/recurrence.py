@@ -1,6 +1,6 @@
 """``nn.GRU``'s recurrence for training on the CPU, with a hand-written backward pass.
 
-    python -c "import torch; from dist_gru.recurrence import gru_layers; \
+    python -c "import torch; from dist_gru.model.recurrence import gru_layers; \
 rnn = torch.nn.GRU(3, 8, 2, batch_first=True); print(gru_layers(rnn, torch.randn(4, 5, 3))[0].shape)"
 
 On the CPU, at the shapes people train (batch 64, hidden 128), ``nn.GRU`` runs about a dozen
@@ -22,9 +22,9 @@ a layer is one autograd node:
 The math is ``nn.GRU``'s (reset gate after the recurrent product, ``h' = (1 - z) n + z h``) on
 ``nn.GRU``'s own parameters, so a model trains, saves, exports and evaluates the same; results
 agree with ``nn.GRU`` to rounding (the summation order of the weight gradients differs). Only
-unidirectional, unpacked inputs: ``GRUModel`` runs the backward direction of a padded batch as a
-forward pass over each sequence reversed (``gru_direction``) and never packs a batch on the CPU
-for training.
+unidirectional, unpacked inputs: the encoder (``dist_gru.model.encoder``) runs each direction of
+each layer through ``gru_time_major``, the backward one as a forward pass over each sequence
+reversed within its length, and never packs a batch on the CPU for training.
 """
 
 from __future__ import annotations
@@ -116,10 +116,14 @@ class _Recurrence(torch.autograd.Function):
         return d_gi, dh if ctx.needs_input_grad[1] else None, d_w_hh, d_b_hh
 
 
+def gru_time_major(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """One layer, one direction: ``x`` [T, B, F], ``h0`` [B, H] -> outputs [T, B, H] (time major)."""
+    return _Recurrence.apply(F.linear(x, w_ih, b_ih), h0, w_hh, b_hh)
+
+
 def gru_direction(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
     """One layer, one direction: ``x`` [B, T, F], ``h0`` [B, H] -> outputs [B, T, H] (batch first)."""
-    gi = F.linear(x.transpose(0, 1), w_ih, b_ih)
-    return _Recurrence.apply(gi, h0, w_hh, b_hh).transpose(0, 1)
+    return gru_time_major(x.transpose(0, 1), h0, w_ih, w_hh, b_ih, b_hh).transpose(0, 1)
 
 
 def gru_layers(
@@ -127,7 +131,7 @@ def gru_layers(
 ) -> tuple[Tensor, Tensor]:
     """What ``rnn(x, h0)`` returns for a unidirectional, batch-first ``nn.GRU``: ``(out [B, T, H],
     h_n [L, B, H])``, with the same inter-layer dropout. ``weight(name)`` fetches a parameter
-    (default ``getattr(rnn, name)``; ``GRUModel`` casts it to its compute dtype)."""
+    (default ``getattr(rnn, name)``, or a copy cast to a compute dtype)."""
     if rnn.bidirectional or not rnn.batch_first:
         raise ValueError("gru_layers needs a unidirectional nn.GRU with batch_first=True")
     weight = weight or (lambda name: getattr(rnn, name))
@@ -139,6 +143,6 @@ def gru_layers(
             layer_input = F.dropout(layer_input, rnn.dropout, rnn.training)
         w_ih, w_hh, b_ih, b_hh = (weight(f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
         start = x.new_zeros(batch, hidden) if h0 is None else h0[layer].to(x.dtype)
-        layer_input = _Recurrence.apply(F.linear(layer_input, w_ih, b_ih), start, w_hh, b_hh)
+        layer_input = gru_time_major(layer_input, start, w_ih, w_hh, b_ih, b_hh)
         finals.append(layer_input[-1])
     return layer_input.transpose(0, 1), torch.stack(finals)

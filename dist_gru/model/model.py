@@ -1,0 +1,340 @@
+"""``GRUModel``: a scaler, a GRU encoder and a head, saved and loaded as one model folder.
+
+    python -c "import torch; from dist_gru.model import GRUModel; \
+print(GRUModel(3, 16, cell='seed')(torch.randn(2, 5, 3))[0].shape)"
+
+The parts (each its own module of this package): ``scaler`` (``Scaler``: checked inputs, global
+and per-window scaling, token embeddings), ``encoder`` (``Encoder``: ``nn.GRU`` or the seed
+equations' ``SeedGRU``, one or both directions, exact on padded batches) and ``head``
+(``dist_gru.model.heads``: ``last``, ``step``, ``forecast``, with a point, gaussian or quantile
+output layout). Construction picks them from the arguments; ``forward`` composes them. The module
+holds no training logic (losses: ``dist_gru.losses``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from dist_gru.config import ConfigError, quantile_problems
+from dist_gru.data.files import follow_umask
+from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast
+from dist_gru.model.encoder import CELLS, Encoder
+from dist_gru.model.heads import HEADS, OUTPUTS, build_head, build_layout
+from dist_gru.model.scaler import Scaler, TokenScaler
+
+log = logging.getLogger(__name__)
+
+TASKS = ("regression", "classification")
+SCALINGS = ("none", "global", "window")
+# Where the parts' state lived before the model was split into scaler, encoder and head. Saved
+# files keep these names, so model folders and checkpoints load across releases both ways.
+SAVED_NAMES = {
+    "scaler.input_mean": "input_mean",
+    "scaler.input_std": "input_std",
+    "scaler.embedding.": "embedding.",
+    "encoder.rnn.": "rnn.",
+}
+
+
+def checked_arguments(args: dict[str, Any]) -> dict[str, Any]:
+    """``GRUModel``'s init arguments checked, integers made plain ``int`` (numpy integers, say, which
+    config.json cannot hold); ValueError naming every problem at once."""
+    args, problems = dict(args), []
+
+    def integer(name: str, minimum: int = 1) -> None:
+        value = args[name]
+        if not (isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum):
+            problems.append(f"{name}={value!r}: expected an integer >= {minimum}")
+        else:
+            args[name] = int(value)
+
+    def choice(name: str, allowed: tuple[str, ...]) -> None:
+        if args[name] not in allowed:
+            problems.append(f"{name}={args[name]!r}: expected one of {', '.join(allowed)}")
+
+    task, head, output, dropout = args["task"], args["head"], args["output"], args["dropout"]
+    for name in ("input_size", "hidden_size", "num_layers"):
+        integer(name)
+    choice("task", TASKS)
+    integer("output_size", 2 if task == "classification" else 1)
+    choice("cell", CELLS)
+    if not (isinstance(dropout, Real) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        problems.append(f"dropout={dropout!r}: expected a number in [0, 1)")
+    choice("head", HEADS)
+    choice("output", OUTPUTS)
+    choice("scaling", SCALINGS)
+    if not isinstance(args["bidirectional"], bool):
+        problems.append(f"bidirectional={args['bidirectional']!r}: expected true or false")
+    problems += quantile_problems("quantiles", args["quantiles"])
+    if task == "classification" and output != "point":
+        problems.append(
+            f"output={output!r} with task='classification': gaussian and quantile outputs are for "
+            "regression; classification outputs class logits (output='point', cross-entropy)"
+        )
+    if head == "forecast":
+        problems += _forecast_problems(args, integer)
+    elif args["horizon"] != 0:
+        problems.append(f"horizon={args['horizon']!r} with head={head!r}: only head='forecast' has a horizon (use 0)")
+    if args["vocab_size"] is not None:
+        integer("vocab_size", 2)
+    if args["data"] is not None and not isinstance(args["data"], dict):
+        problems.append(f"data={args['data']!r}: expected a dict (what inference needs to know of the data) or None")
+    if problems:
+        raise ValueError("invalid GRUModel arguments: " + "; ".join(problems))
+    return args
+
+
+def _forecast_problems(args: dict[str, Any], integer: Any) -> list[str]:
+    integer("horizon")
+    problems = []
+    if args["task"] == "classification":
+        problems.append("head='forecast' with task='classification': forecasts are regression values")
+    input_size, output_size = args["input_size"], args["output_size"]
+    if isinstance(input_size, int) and isinstance(output_size, int) and input_size < output_size:
+        problems.append(
+            f"head='forecast' with input_size={input_size} < output_size={output_size}: the first "
+            "output_size input channels must be the target history"
+        )
+    return problems
+
+
+def saved_config(args: dict[str, Any]) -> dict[str, Any]:
+    """What ``save_pretrained`` writes to config.json: the original arguments always, the newer ones
+    only where they differ from their defaults, so a model that uses none of them keeps the
+    config.json it always had, which older releases can still load."""
+    first = ("input_size", "hidden_size", "num_layers", "dropout", "task", "output_size", "cell")
+    config = {name: args[name] for name in first}
+    signature = inspect.signature(GRUModel.__init__).parameters
+    for name in ("head", "bidirectional", "output", "quantiles", "horizon", "scaling", "vocab_size", "data"):
+        default = signature[name].default
+        if args[name] != (list(default) if name == "quantiles" else default):
+            config[name] = args[name]
+    return config
+
+
+def _renamed(state_dict: dict[str, Any], prefix: str, names: dict[str, str]) -> None:
+    """Rename, in place and in order, the keys under ``prefix`` that start with a key of ``names``."""
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        local = key[len(prefix) :] if key.startswith(prefix) else None
+        old = next((old for old in names if local is not None and local.startswith(old)), None)
+        state_dict[key if old is None else prefix + names[old] + local[len(old) :]] = value
+
+
+def _to_saved_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    _renamed(state_dict, prefix, SAVED_NAMES)
+
+
+def _from_saved_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    _renamed(state_dict, prefix, {saved: name for name, saved in SAVED_NAMES.items()})
+
+
+class GRUModel(nn.Module, PyTorchModelHubMixin):
+    """``scaler`` + ``encoder`` + ``head``: ``forward(x, lengths, state) -> (out, state)``.
+
+    ``out`` holds regression values or class logits (then ``output_size`` is the number of classes)
+    in the layout of ``head`` and ``output``: ``[B, O]`` (last), ``[B, T, O]`` (step: every step;
+    padded steps hold values nobody should read), ``[B, horizon, O]`` (forecast); gaussian outputs
+    add a last axis (mean, scale), quantile outputs one of ``len(quantiles)``. Bidirectionally,
+    ``last`` and ``forecast`` read the forward direction's last valid state next to the backward
+    direction's state at step 0. A forecast head predicts in the scaled units of the first
+    ``output_size`` input channels (the target history, by the forecast data contract), and its
+    outputs are mapped back through the scaler's transforms (``scaling``: "global" uses the
+    ``set_normalization`` buffers, which apply always; "window" also scales each sample by the mean
+    and std of its own valid steps).
+
+    ``save_pretrained(dir)`` writes ``config.json`` (the init arguments) and
+    ``model.safetensors``; ``GRUModel.from_pretrained(dir)`` reads them back (a local
+    directory never touches the network), strictly, and returns the model in eval mode.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        task: str = "regression",
+        output_size: int = 1,
+        cell: str = "torch",
+        head: str = "last",
+        bidirectional: bool = False,
+        output: str = "point",
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        horizon: int = 0,
+        scaling: str = "none",
+        vocab_size: int | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        args = checked_arguments({
+            "input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers, "dropout": dropout,
+            "task": task, "output_size": output_size, "cell": cell, "head": head, "bidirectional": bidirectional,
+            "output": output, "quantiles": quantiles, "horizon": horizon, "scaling": scaling,
+            "vocab_size": vocab_size, "data": data,
+        })
+        args.update(dropout=float(dropout), horizon=int(args["horizon"]), quantiles=[float(q) for q in quantiles])
+        # What save_pretrained writes to config.json. The mixin records the raw call
+        # arguments and silently drops any json cannot encode (a numpy int, say).
+        self._hub_mixin_config = saved_config(args)
+        # The arguments, as attributes: what the model is, for its users (the parts hold their own).
+        self.input_size, self.hidden_size, self.num_layers = args["input_size"], args["hidden_size"], args["num_layers"]
+        self.dropout, self.task, self.output_size, self.cell = args["dropout"], task, args["output_size"], cell
+        self.head_kind, self.bidirectional, self.output_kind = head, bidirectional, output
+        self.quantiles, self.horizon, self.scaling = tuple(args["quantiles"]), args["horizon"], scaling
+        self.vocab_size = args["vocab_size"]
+        # What inference needs to know of the data the model was trained on (window, season, names):
+        # carried in config.json so that a copied model folder is all `evaluate` and `forecast` need.
+        self.data = dict(data) if data is not None else None
+
+        # Built in this order so that parameters (and an optimizer's state) keep the order they had.
+        window = scaling == "window"
+        if vocab_size is None:
+            self.scaler: Scaler = Scaler(self.input_size, window)
+        else:
+            self.scaler = TokenScaler(self.input_size, self.vocab_size, window)
+        self.encoder = Encoder(self.input_size, self.hidden_size, self.num_layers, self.dropout, cell, bidirectional)
+        layout = build_layout(output, self.output_size, self.quantiles)
+        self.head = build_head(head, self.encoder.output_size, layout, self.horizon)
+        self.register_state_dict_post_hook(_to_saved_names)
+        self.register_load_state_dict_pre_hook(_from_saved_names)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The arguments this model was built with, as ``save_pretrained`` writes them to config.json
+        (arguments left at their defaults are omitted)."""
+        return dict(self._hub_mixin_config)
+
+    @property
+    def spec(self) -> OutputSpec:
+        """What the outputs mean, for ``dist_gru.losses`` and ``dist_gru.metrics``."""
+        return OutputSpec(self.task, self.head_kind, self.output_kind, self.quantiles)
+
+    @property
+    def rnn(self) -> nn.Module:
+        """The GRU stack (``nn.GRU`` or ``SeedGRU``); ``train.freeze=[rnn]`` names it."""
+        return self.encoder.rnn
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of trainable parameters (the normalisation buffers are not)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def set_normalization(self, mean: Tensor | Any, std: Tensor | Any) -> None:
+        """Per-feature mean and std of the inputs (see ``Scaler.set_normalization``)."""
+        self.scaler.set_normalization(mean, std)
+
+    def flatten_parameters(self) -> None:
+        """Re-pack ``nn.GRU`` weights for cuDNN after a move or load; seed: no-op."""
+        self.encoder.flatten_parameters()
+
+    def point_forecast(self, output: Tensor) -> Tensor:
+        """One value per channel from ``forward``'s output: the mean (gaussian), the median quantile."""
+        return point_forecast(self.spec, output)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x`` [B, T, F] (token ids [B, T] with ``vocab_size``), ``lengths`` [B] (None: all T),
+        ``state`` (None: zeros) -> ``(outputs, state)``; outputs as the class docstring says, state
+        ``[num_layers * D, B, H]`` after each sequence's last valid step.
+
+        Streams: a ``state`` from ``initial_state`` or a previous call continues each sequence where
+        that call left it, so feeding a sequence chunk by chunk gives what one call on the whole
+        sequence gives (``step`` heads: the chunk's steps; ``last`` and ``forecast``: the sequence so
+        far). Unidirectional models only, and not with ``scaling="window"`` (both need the whole
+        sequence). The trainer calls the model through DDP, so through ``forward``.
+        """
+        if state is not None:
+            self.encoder.check_state(state, x.shape[0])
+            self.scaler.check_stream()
+        x, lengths, affine = self.scaler(x, lengths)
+        out, state = self.encoder(x, lengths, state)
+        return self.head(out, self.encoder.summary(state), affine), state
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> Tensor:
+        """The state a stream starts from: zeros ``[num_layers, batch, hidden_size]``."""
+        buffer = self.scaler.input_mean
+        return self.encoder.initial_state(batch, buffer.device if device is None else device, buffer.dtype)
+
+    def step(self, x: Tensor, state: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The next chunk ``x`` of every stream: ``forward(x, lengths, state)``."""
+        return self(x, lengths, state)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # On a GPU, flatten_parameters() makes the GRU weights views into one cuDNN buffer, which
+        # safetensors' save_model refuses ("None is covering the entire storage"): save
+        # independent CPU copies instead (config.json is written by the mixin).
+        state = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in self.state_dict().items()}
+        save_file(state, str(Path(save_directory) / "model.safetensors"))
+        follow_umask(Path(save_directory) / "model.safetensors")  # safetensors writes it 0600
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """The mixin's save (config.json, model.safetensors, README.md), then SHA256SUMS of the two
+        files a load reads, so a corrupt or edited copy is refused (`verify_model_folder`)."""
+        result = super().save_pretrained(save_directory, **kwargs)
+        write_checksums(Path(save_directory))
+        return result
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> GRUModel:
+        # The mixin loads with strict=False, which silently keeps random weights for any
+        # key a checkpoint lacks; a checkpoint must match the model its config names.
+        model = super()._from_pretrained(strict=strict, **kwargs)
+        model.flatten_parameters()
+        return model
+
+
+CHECKSUMS = "SHA256SUMS"
+CHECKSUMMED = ("config.json", "model.safetensors")
+
+
+def write_checksums(folder: Path) -> None:
+    """`<folder>/SHA256SUMS` in `sha256sum` format (`sha256sum -c SHA256SUMS` checks it by hand)."""
+    from dist_gru.train.checkpoint import sha256_file
+
+    lines = "".join(f"{sha256_file(folder / name)}  {name}\n" for name in CHECKSUMMED)
+    tmp = folder / f".{CHECKSUMS}.{os.getpid()}"
+    tmp.write_text(lines)
+    os.replace(tmp, folder / CHECKSUMS)
+
+
+def verify_model_folder(folder: Path, label: str) -> None:
+    """Check a saved model folder against its SHA256SUMS before it is loaded; `label` names it in
+    errors (`--model DIR`, `train.init_from=DIR`). A folder saved before SHA256SUMS existed loads
+    with a warning."""
+    from dist_gru.train.checkpoint import sha256_file
+
+    sums_file = Path(folder) / CHECKSUMS
+    if not sums_file.is_file():
+        log.warning("%s: no %s (saved by an older release): its files cannot be checked for corruption", label, CHECKSUMS)
+        return
+    try:
+        lines = sums_file.read_text().splitlines()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{label}: {CHECKSUMS} is unreadable ({exc}); expected `sha256  name` lines") from None
+    expected = {}
+    for line in lines:
+        digest, _, name = line.partition(" ")
+        expected[name.strip().lstrip("*")] = digest  # `sha256sum -b` marks names with a `*`
+    for name in CHECKSUMMED:
+        file = Path(folder) / name
+        try:
+            actual = sha256_file(file)
+        except OSError as exc:
+            raise ConfigError(f"{label}: {name} is unreadable ({exc.strerror or exc})") from None
+        if actual != expected.get(name):
+            raise ConfigError(
+                f"{label}: {name} does not match its sha256 in {CHECKSUMS} (corrupt or edited); restore the "
+                "folder from a copy, or save the model again (train.init_from can start from a checkpoint)"
+            )
