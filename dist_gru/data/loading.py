@@ -208,6 +208,23 @@ def eval_batches(num_samples: int, batch_size: int, rank: int, world_size: int) 
     )
 
 
+class SampleEvalBatches:
+    """Every sample once (`eval_batches`: rank r takes r, r + W, ...), each from a zero state:
+    what the evaluator (`dist_gru.infer.evaluate.evaluate`) reads of sequences and windows."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0):
+        self.loader = make_loader(dataset, eval_batches(len(dataset), batch_size, rank, world_size), num_workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.loader)
+
+    def carried(self, batch: dict) -> None:
+        return None
+
+    def keep(self, state: torch.Tensor | None) -> None:
+        pass
+
+
 def predict_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
     """Contiguous batches of the dataset order, batch k on rank k mod W: every sample exactly once.
 

@@ -12,8 +12,8 @@ What the trainer asks of a source, and nothing more (no branch on the kind in th
 `epoch_at(step)`; `valid_steps(step)` the valid time steps of a step's whole global batch, a pure
 function of the step (the denominator of a per-step mean loss, known without a collective);
 `carried(batch)` the state a micro-batch starts from (None: zeros) and `keep(state)` the state after
-it; `restart_nonfinite()` after a skipped non-finite step; `evaluate(model, accelerator)` the
-validation metrics (all ranks participate).
+it; `restart_nonfinite()` after a skipped non-finite step; `eval_batches(model, accelerator)` the
+validation data as the one evaluator (`dist_gru.infer.evaluate`) reads it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,21 @@ from typing import Any, Protocol
 import torch
 
 from dist_gru.config import Config, micro_batch_size
-from dist_gru.data.loading import TrainBatchSampler, build_dataset, loader_workers, make_loader, train_stream
-from dist_gru.data.streams import LaneState, StreamSampler, build_stream_dataset, evaluate_streams, lane_stream
+from dist_gru.data.loading import (
+    SampleEvalBatches,
+    TrainBatchSampler,
+    build_dataset,
+    loader_workers,
+    make_loader,
+    train_stream,
+)
+from dist_gru.data.streams import (
+    LaneState,
+    StreamEvalBatches,
+    StreamSampler,
+    build_stream_dataset,
+    lane_stream,
+)
 
 
 class Source(Protocol):
@@ -39,7 +52,28 @@ class Source(Protocol):
     def carried(self, batch: dict) -> torch.Tensor | None: ...
     def keep(self, state: torch.Tensor | None) -> None: ...
     def restart_nonfinite(self) -> None: ...
-    def evaluate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, float]: ...
+    def eval_batches(self, model: torch.nn.Module, accelerator: Any) -> EvalBatches: ...
+
+
+class EvalBatches(Protocol):
+    """What the evaluator (`dist_gru.infer.evaluate.evaluate`) reads: batches, and the state each
+    starts from (None: zeros) and ends with."""
+
+    def __iter__(self) -> Iterator[dict]: ...
+    def carried(self, batch: dict) -> torch.Tensor | None: ...
+    def keep(self, state: torch.Tensor | None) -> None: ...
+
+
+def evaluation_batches(
+    cfg: Config, dataset: Any, model: Any, accelerator: Any, batch_size: int, num_workers: int = 0
+) -> EvalBatches:
+    """The evaluator's batches of `dataset` on this rank: streams chunk by chunk with their state
+    carried (`train.tbptt`), every sample once otherwise."""
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if cfg.train.tbptt:
+        lanes, chunk = cfg.train.global_batch_size, cfg.train.tbptt
+        return StreamEvalBatches(dataset, lanes, chunk, rank, world_size, model.initial_state)
+    return SampleEvalBatches(dataset, batch_size, rank, world_size, num_workers)
 
 
 def build_source(cfg: Config, rank: int, world_size: int, device: torch.device) -> Source:
@@ -90,12 +124,9 @@ class SampleSource:
     def restart_nonfinite(self) -> None:
         pass  # no state outlives a step
 
-    def evaluate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, float]:
-        from dist_gru.infer.evaluate import evaluate
-
-        data, batch = self.cfg.data, self.cfg.train.eval_batch_size
-        workers = loader_workers(data, accelerator.device)
-        return evaluate(model, self.val_set, accelerator, batch, workers, season=data.season)
+    def eval_batches(self, model: torch.nn.Module, accelerator: Any) -> SampleEvalBatches:
+        workers = loader_workers(self.cfg.data, accelerator.device)
+        return evaluation_batches(self.cfg, self.val_set, model, accelerator, self.cfg.train.eval_batch_size, workers)
 
 
 class StreamSource:
@@ -137,9 +168,8 @@ class StreamSource:
         bad = ~torch.isfinite(h).all(dim=2).all(dim=0)  # [lanes] of this rank
         h[:, bad] = 0.0
 
-    def evaluate(self, model: torch.nn.Module, accelerator: Any) -> dict[str, float]:
-        lanes, chunk = self.cfg.train.global_batch_size, self.cfg.train.tbptt
-        return evaluate_streams(model, self.val_set, accelerator, lanes, chunk)
+    def eval_batches(self, model: torch.nn.Module, accelerator: Any) -> StreamEvalBatches:
+        return evaluation_batches(self.cfg, self.val_set, model, accelerator, self.cfg.train.eval_batch_size)
 
     # --- Stateful: the lanes' positions (state.json) and their carried state (a tensor file) ----
 

@@ -28,7 +28,7 @@ stream of L steps has L - 1 trained steps. Token streams hold integer ids (`feat
 int32, see dist_gru.data.files); `write_token_stream` writes one, `dist-gru prepare --text` from a
 text file as bytes (vocabulary 256).
 
-`evaluate_streams` evaluates validation streams the same way, every step counted once, per-step
+`StreamEvalBatches` gives the evaluator validation streams the same way, every step counted once, per-step
 metrics reduced exactly across ranks; for token streams it adds bits per token and the unigram
 baseline (the entropy of the evaluated tokens' own frequencies).
 """
@@ -36,7 +36,7 @@ baseline (the entropy of the evaluated tokens' own frequencies).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -321,40 +321,45 @@ class LaneState:
 # ----------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def evaluate_streams(model: torch.nn.Module, dataset: StreamDataset, accelerator: Any, lanes: int, chunk: int) -> dict:
-    """Metrics over every step of every validation stream, state carried across chunks.
+class StreamEvalBatches:
+    """Every step of every validation stream once, in chunks, with the state carried across them:
+    what the evaluator (`dist_gru.infer.evaluate.evaluate`) reads in stream mode.
 
     The streams' chunks are laid end to end in stored order and split into `lanes` contiguous
     segments (sizes differ by at most one chunk); segment j is evaluated by rank j mod W, chunk by
-    chunk, its state reset where a stream starts. The result does not depend on the world size;
-    float64 sums are reduced once (all ranks participate)."""
-    from dist_gru.tasks import task_for
+    chunk, its state reset where a stream starts. The result does not depend on the world size."""
 
-    device = accelerator.device
-    was_training = model.training
-    model.eval()
-    counts = -(-dataset.lengths // chunk)
-    stream = np.repeat(np.arange(len(counts)), counts)
-    offset = (np.arange(len(stream)) - np.repeat(np.cumsum(counts) - counts, counts)) * chunk
-    length = np.minimum(chunk, dataset.lengths[stream] - offset)
-    segments = np.array_split(np.arange(len(stream)), min(lanes, len(stream)))
-    mine = segments[accelerator.process_index :: accelerator.num_processes]
-    sums = task_for(model.config).metric_sums(1, device)  # token models: bits per token, unigram baseline
-    state = model.initial_state(len(mine), device)
-    for k in range(max((len(s) for s in mine), default=0)):
-        active = np.array([j for j, s in enumerate(mine) if k < len(s)], dtype=np.int64)
-        if not len(active):
-            break
-        ids = np.array([mine[j][k] for j in active])
-        batch = dataset.read(stream[ids], offset[ids], length[ids], chunk)
-        reset = torch.from_numpy((offset[ids] == 0) | (k == 0)).to(device)
-        h = torch.where(reset[None, :, None], 0.0, state[:, active])
-        x, y = batch["x"].to(device), batch["y"].to(device)
-        with accelerator.autocast():
-            out, h_n = model(x, batch["lengths"], state=h)
-        state[:, torch.from_numpy(active).to(device)] = h_n.float()
-        sums.update(out, y, batch["lengths"])
-    reduced = accelerator.reduce(sums.sums, reduction="sum") if accelerator.num_processes > 1 else sums.sums
-    model.train(was_training)
-    return sums.results(reduced)
+    def __init__(
+        self,
+        dataset: StreamDataset,
+        lanes: int,
+        chunk: int,
+        rank: int,
+        world_size: int,
+        initial_state: Callable[[int], torch.Tensor],
+    ):
+        self.dataset, self.chunk = dataset, chunk
+        counts = -(-dataset.lengths // chunk)
+        self.stream = np.repeat(np.arange(len(counts)), counts)
+        self.offset = (np.arange(len(self.stream)) - np.repeat(np.cumsum(counts) - counts, counts)) * chunk
+        self.length = np.minimum(chunk, dataset.lengths[self.stream] - self.offset)
+        segments = np.array_split(np.arange(len(self.stream)), min(lanes, len(self.stream)))
+        self.mine = segments[rank::world_size]
+        self.state = initial_state(len(self.mine))  # [num_layers, segments, H] (the model's `initial_state`)
+
+    def __iter__(self) -> Iterator[dict]:
+        for k in range(max((len(s) for s in self.mine), default=0)):
+            active = np.array([j for j, s in enumerate(self.mine) if k < len(s)], dtype=np.int64)
+            ids = np.array([self.mine[j][k] for j in active])
+            batch = self.dataset.read(self.stream[ids], self.offset[ids], self.length[ids], self.chunk)
+            batch["reset"] = torch.from_numpy((self.offset[ids] == 0) | (k == 0))
+            self.active = torch.from_numpy(active)
+            yield batch
+
+    def carried(self, batch: dict) -> torch.Tensor:
+        """The state this chunk's segments start from: zero where a stream starts."""
+        reset = batch["reset"].to(self.state.device)
+        return torch.where(reset[None, :, None], 0.0, self.state[:, self.active.to(self.state.device)])
+
+    def keep(self, state: torch.Tensor) -> None:
+        self.state[:, self.active.to(self.state.device)] = state.float()

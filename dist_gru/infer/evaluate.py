@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from dist_gru.config import ConfigError
-from dist_gru.data.loading import eval_batches, make_loader
+from dist_gru.data.sources import evaluation_batches
 from dist_gru.infer.load import (
     batch_to,
     check_features,
@@ -44,28 +45,23 @@ def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    dataset,
-    accelerator,
-    batch_size: int,
-    num_workers: int = 0,
-    season: int = 1,
-) -> dict[str, float]:
-    """Metrics over the whole dataset for the model's head and output (`dist_gru.tasks`).
+def evaluate(model: torch.nn.Module, batches: Any, accelerator: Any, season: int = 1) -> dict[str, float]:
+    """Metrics of the model's task over every unit of `batches`, the one evaluator of every kind of
+    data: samples (`SampleEvalBatches`) or streams (`StreamEvalBatches`), which say what state a
+    batch starts from (`carried`) and take the state after it (`keep`).
 
-    All ranks participate (one reduce at the end). `season` is `data.season`: the seasonal-naive
-    baseline of head `forecast`."""
+    All ranks participate (one reduce of float64 sums at the end). `season` is `data.season`: the
+    seasonal-naive baseline of head `forecast`."""
     was_training = model.training
     model.eval()
     sums = task_for(model.config).metric_sums(season, accelerator.device)
-    batches = eval_batches(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
-    for batch in make_loader(dataset, batches, num_workers):
+    for batch in batches:
         x, lengths, y = batch_to(batch, accelerator.device)
         with accelerator.autocast():
-            out = model(x, lengths)
+            out, state = model(x, lengths, state=batches.carried(batch))
+        batches.keep(state)
         sums.update(out, y, lengths, x)
-    reduced = accelerator.reduce(sums.sums, reduction="sum")  # all ranks participate
+    reduced = accelerator.reduce(sums.sums, reduction="sum") if accelerator.num_processes > 1 else sums.sums
     model.train(was_training)
     return sums.results(reduced)
 
@@ -79,12 +75,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(cfg)
     model = model.to(accelerator.device)
     model.flatten_parameters()
-    if cfg.train.tbptt:
-        from dist_gru.data.streams import evaluate_streams
-
-        metrics = evaluate_streams(model, dataset, accelerator, cfg.train.global_batch_size, cfg.train.tbptt)
-    else:
-        metrics = evaluate(model, dataset, accelerator, args.batch_size, season=cfg.data.season)
+    batches = evaluation_batches(cfg, dataset, model, accelerator, args.batch_size)
+    metrics = evaluate(model, batches, accelerator, season=cfg.data.season)
     if accelerator.is_main_process:
         print(json_line(metrics), flush=True)
     exit_process(0)

@@ -35,6 +35,7 @@ from dist_gru.config import Config, OptimConfig, help_text, load_config, per_ran
 from dist_gru.data.loading import training_data_fingerprint
 from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.sources import Source, build_source
+from dist_gru.infer.evaluate import evaluate
 from dist_gru.model import GRUModel
 from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
 from dist_gru.tasks import Task, model_kwargs, task_for
@@ -376,8 +377,8 @@ def _select(job: Job, metrics: dict[str, float], step: int, can_stop: bool = Tru
 
 
 def _evaluate_and_log(job: Job, step: int) -> dict[str, float]:
-    acc = job.accelerator
-    metrics = job.source.evaluate(acc.unwrap_model(job.model), acc)
+    acc, model = job.accelerator, job.accelerator.unwrap_model(job.model)
+    metrics = evaluate(model, job.source.eval_batches(model, acc), acc, season=job.cfg.data.season)
     job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if acc.is_main_process:
         shown = " ".join(f"{k}={v:.6g}" for k, v in metrics.items())
