@@ -46,6 +46,7 @@ from dist_gru.config import ConfigError
 from dist_gru.data.files import follow_umask
 from dist_gru.infer.load import load_model, output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
+from dist_gru.tasks import task_for
 from dist_gru.train.checkpoint import NonFiniteError, require_finite
 
 FORMATS = ("onnx", "torchscript")
@@ -76,10 +77,9 @@ def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool
 
 def io_spec(model: GRUModel, stateful: bool) -> dict[str, Any]:
     """Names and shapes of the graph's inputs and outputs (symbolic dimensions as names)."""
-    head = {"last": ["batch"], "step": ["batch", "time"], "forecast": ["batch", model.horizon]}[model.head_kind]
-    trailing = {"point": [], "gaussian": [2], "quantile": [len(model.quantiles)]}[model.output_kind]
+    task = task_for(model.config)
     inputs = {"x": ["batch", "time", model.input_size], "lengths": ["batch"]}
-    outputs = {"output": [*head, model.output_size, *trailing]}
+    outputs = {"output": [*task.unit_axes, *task.output_shape()]}
     if stateful:
         inputs["state"] = outputs["state_out"] = [model.num_layers, "batch", model.hidden_size]
     return {"inputs": inputs, "outputs": outputs}
@@ -234,8 +234,8 @@ def write_export(model_dir: str | Path, fmt: str, out: Path, opset: int, statefu
         if fmt == "onnx":
             import onnx
 
-            time_axes = {0: "batch", 1: "time"}
-            dynamic = {"x": time_axes, "lengths": {0: "batch"}, "output": time_axes if model.head_kind == "step" else {0: "batch"}}
+            units = dict(enumerate(task_for(model.config).unit_axes))
+            dynamic = {"x": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "output": units}
             if stateful:
                 dynamic.update(state={1: "batch"}, state_out={1: "batch"})
             buffer = io.BytesIO()
@@ -296,12 +296,9 @@ def max_difference(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _valid_difference(model: GRUModel, got: np.ndarray, want: Tensor, lengths: Tensor) -> float:
-    """`max_difference`, over valid steps only for step heads (padded steps hold unread values)."""
-    want = want.double().numpy()
-    if model.head_kind == "step":
-        mask = (torch.arange(want.shape[1])[None, :] < lengths[:, None]).numpy()
-        got, want = got[mask], want[mask]
-    return max_difference(got, want)
+    """`max_difference` over the units the batch really has (not the padded steps of step heads)."""
+    task = task_for(model.config)
+    return max_difference(task.valid_units(got, lengths), task.valid_units(want.double().numpy(), lengths))
 
 
 def verify(path: str | Path, fmt: str, model: GRUModel, stateful: bool, seed: int = 0) -> float:

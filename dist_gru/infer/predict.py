@@ -85,12 +85,12 @@ def _inputs(argv: list[str] | None) -> tuple[argparse.Namespace, Path, Any, torc
 
 
 def _write_rows(
-    path: str, model: torch.nn.Module, dataset: Any, offsets: np.ndarray | None, args: argparse.Namespace,
+    path: str, model: torch.nn.Module, dataset: Any, offsets: np.ndarray, args: argparse.Namespace,
     rank: int, world_size: int, device: torch.device,
 ) -> int:
     """Write this rank's batches into the memory-mapped file at `path`; returns how many of its rows
-    hold NaN or infinity (a model with non-finite weights)."""
-    step_model = offsets is not None
+    hold NaN or infinity (a model with non-finite weights). Samples [i, j) are rows
+    [offsets[i], offsets[j])."""
     rows = np.load(path, mmap_mode="r+")
     dtype = rows.dtype
     batches = predict_batches(len(dataset), args.batch_size, rank, world_size)
@@ -98,9 +98,7 @@ def _write_rows(
     with torch.no_grad():
         for batch in make_loader(dataset, batches, 0):
             x, lengths, _ = batch_to(batch, device)
-            first, last = int(batch["index"][0]), int(batch["index"][-1]) + 1
-            if step_model:
-                first, last = int(offsets[first]), int(offsets[last])
+            first, last = int(offsets[int(batch["index"][0])]), int(offsets[int(batch["index"][-1]) + 1])
             written_rows = _rows(model, model(x, lengths)[0], lengths, args.probabilities)
             rows[first:last] = written_rows
             if dtype.kind == "f":
@@ -140,10 +138,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     model.flatten_parameters()
 
     trailing, dtype, about = row_layout(model, args.probabilities)
-    step_model = model.head_kind == "step"
-    offsets = np.concatenate([[0], np.cumsum(np.asarray(dataset.lengths, dtype=np.int64))]) if step_model else None
-    num_rows = int(offsets[-1]) if step_model else len(dataset)
-    shape = (num_rows, *trailing)
+    offsets = task_for(model.config).row_offsets(dataset.lengths)  # a row per sample, or per valid step
+    shape = (int(offsets[-1]), *trailing)
 
     partial = [None]
     if accelerator.is_main_process:
@@ -166,7 +162,8 @@ def predict_main(argv: list[str] | None = None) -> int:
             seconds=round(elapsed, 4),
             samples_per_s=round(len(dataset) / max(elapsed, 1e-9), 1),
         )
-        _publish(out, partial[0], offsets, written)
+        # Rows per valid step need the offsets file to find each sequence's rows.
+        _publish(out, partial[0], offsets if task_for(model.config).per_step else None, written)
     accelerator.wait_for_everyone()  # all ranks participate: the file is in place when any rank exits
     exit_process(0)
     return 0

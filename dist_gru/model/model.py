@@ -8,7 +8,7 @@ and per-window scaling, token embeddings), ``encoder`` (``Encoder``: ``nn.GRU`` 
 equations' ``SeedGRU``, one or both directions, exact on padded batches) and ``head``
 (``dist_gru.model.heads``: ``last``, ``step``, ``forecast``, with a point, gaussian or quantile
 output layout). Construction picks them from the arguments; ``forward`` composes them. The module
-holds no training logic (losses: ``dist_gru.losses``).
+holds no training logic (losses and metrics: ``dist_gru.tasks``).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from dist_gru.config import ConfigError, quantile_problems
 from dist_gru.data.files import follow_umask
-from dist_gru.losses import DEFAULT_QUANTILES, OutputSpec, point_forecast
 from dist_gru.model.encoder import CELLS, Encoder
 from dist_gru.model.heads import HEADS, OUTPUTS, build_head, build_layout
 from dist_gru.model.scaler import Scaler, TokenScaler
+from dist_gru.tasks.functional import DEFAULT_QUANTILES
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,6 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         return dict(self._hub_mixin_config)
 
     @property
-    def spec(self) -> OutputSpec:
-        """What the outputs mean, for ``dist_gru.losses`` and ``dist_gru.metrics``."""
-        return OutputSpec(self.task, self.head_kind, self.output_kind, self.quantiles)
-
-    @property
     def rnn(self) -> nn.Module:
         """The GRU stack (``nn.GRU`` or ``SeedGRU``); ``train.freeze=[rnn]`` names it."""
         return self.encoder.rnn
@@ -239,10 +234,6 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
     def flatten_parameters(self) -> None:
         """Re-pack ``nn.GRU`` weights for cuDNN after a move or load; seed: no-op."""
         self.encoder.flatten_parameters()
-
-    def point_forecast(self, output: Tensor) -> Tensor:
-        """One value per channel from ``forward``'s output: the mean (gaussian), the median quantile."""
-        return point_forecast(self.spec, output)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x`` [B, T, F] (token ids [B, T] with ``vocab_size``), ``lengths`` [B] (None: all T),

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dist_gru.losses import step_mask
+from dist_gru.tasks.functional import step_mask
 
 # Smallest std set_normalization keeps: a constant feature must not divide by zero.
 MIN_STD = 1e-6

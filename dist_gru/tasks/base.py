@@ -54,6 +54,8 @@ class Task:
     def __init__(self, head: str, output_size: int):
         self.head, self.output_size = head, output_size
         self.per_step = head == "step"  # one unit per valid step, not per sequence
+        # The output's leading axes, before `output_shape()`: a unit per sequence or per step.
+        self.unit_axes = ("batch", "time") if self.per_step else ("batch",)
 
     # --- the loss -----------------------------------------------------------------------------
 
@@ -156,6 +158,19 @@ class Task:
     def row_values(self, out: Tensor, probabilities: bool) -> Tensor:
         """A batch's outputs as the values `dist-gru predict` writes."""
         return out
+
+    def row_offsets(self, lengths: np.ndarray) -> np.ndarray:
+        """Where each sample's rows start in predict's file, with the total last: one row per
+        sample, or one per valid step (head ``step``)."""
+        counts = np.asarray(lengths, dtype=np.int64) if self.per_step else np.ones(len(lengths), dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(counts)])
+
+    def valid_units(self, values: np.ndarray, lengths: Tensor) -> np.ndarray:
+        """The values of the units a batch really has: every step up to each sequence's length (head
+        ``step``, whose padded steps hold values nobody should read), else all of them."""
+        if not self.per_step:
+            return values
+        return values[(torch.arange(values.shape[1])[None, :] < lengths[:, None]).numpy()]
 
     def rows(self, out: Tensor, lengths: Tensor, probabilities: bool) -> np.ndarray:
         """A batch's outputs as rows of the file: valid steps only, concatenated (head step)."""
