@@ -1,4 +1,4 @@
-"""dist_gru.metrics against hand-computed values, and the evaluate / predict / forecast commands.
+"""dist_gru.tasks.metrics against hand-computed values, and the evaluate / predict / forecast commands.
 
 Run: .venv/bin/pytest tests/test_metrics.py -q
 """

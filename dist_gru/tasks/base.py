@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from dist_gru.config import ConfigError
-from dist_gru.metrics import MetricSums, SumsView, ratio
 from dist_gru.tasks.functional import at_least_fp32, step_mask
+from dist_gru.tasks.metrics import MetricSums, SumsView, ratio
 
 
 @dataclass(frozen=True)

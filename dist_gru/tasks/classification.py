@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dist_gru.metrics import MetricSums, SumsView, ratio
 from dist_gru.tasks.base import Task
+from dist_gru.tasks.metrics import MetricSums, SumsView, ratio
 
 
 class ClassificationTask(Task):

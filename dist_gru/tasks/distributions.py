@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
-from dist_gru.metrics import MetricSums, SumsView, ratio
 from dist_gru.tasks.functional import gaussian_nll, median_index, pinball
+from dist_gru.tasks.metrics import MetricSums, SumsView, ratio
 
 
 class PointOutput:

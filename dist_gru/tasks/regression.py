@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dist_gru.metrics import MetricSums, SumsView, ratio
 from dist_gru.tasks.base import DataInfo, Task
 from dist_gru.tasks.distributions import PointOutput
 from dist_gru.tasks.functional import seasonal_naive
+from dist_gru.tasks.metrics import MetricSums, SumsView, ratio
 
 
 class RegressionTask(Task):
