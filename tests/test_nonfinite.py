@@ -169,7 +169,7 @@ def test_savers_refuse_non_finite_weights_and_write_nothing(tmp_path: Path) -> N
     # The optimizer state is checked too: finite weights with NaN moments are refused as well.
     finite = GRUModel(2, 8)
     optimizer = torch.optim.AdamW(finite.parameters())
-    finite(torch.zeros(1, 3, 2)).sum().backward()
+    finite(torch.zeros(1, 3, 2))[0].sum().backward()
     optimizer.step()
     next(iter(optimizer.state.values()))["exp_avg"].fill_(float("inf"))
     with pytest.raises(ckpt_lib.NonFiniteError, match=r"optimizer 0/exp_avg"):
