@@ -191,3 +191,32 @@ def test_a_copied_stream_model_evaluates_like_its_run_folder(tmp_path):
     assert_ok(copied)
     assert copied.json_last_line() == original
     assert json.loads((copy / "config.json").read_text())["data"]["stream"] == {"tbptt": 12, "lanes": 6, "targets": "next"}
+
+
+def test_a_model_that_does_not_fit_the_data_is_one_error_line(tmp_path):
+    """A folder saved without its data facts (head last, one output per sequence), given per-step
+    data: evaluate and predict refuse it as training would, in one line, and write nothing."""
+    import numpy as np
+    import torch
+
+    from dist_gru.data import write_sequences
+    from dist_gru.model import GRUModel
+
+    rng = np.random.default_rng(0)
+    write_sequences(
+        tmp_path / "steps",
+        [rng.standard_normal((n, 2)).astype(np.float32) for n in (5, 7)],
+        [rng.integers(0, 3, n) for n in (5, 7)],
+        task="classification",
+        num_classes=3,
+    )
+    torch.manual_seed(0)
+    GRUModel(2, 8, task="classification", output_size=3).save_pretrained(tmp_path / "model")
+    expected = (
+        f"model.head=last needs one target per sequence, but {tmp_path / 'steps'} has a target at every step"
+    )
+    for command in (["evaluate"], ["predict", "--out", str(tmp_path / "out.npy")]):
+        result = cli(*command, "--model", str(tmp_path / "model"), "--data", str(tmp_path / "steps"))
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and expected in result.stderr, result.stderr
+    assert not (tmp_path / "out.npy").exists()

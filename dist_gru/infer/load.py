@@ -22,7 +22,7 @@ import torch
 
 from dist_gru.config import Config, ConfigError, load_config
 from dist_gru.data.loading import build_dataset
-from dist_gru.tasks import SYNTHETIC_KEYS
+from dist_gru.tasks import SYNTHETIC_KEYS, data_info, task_for
 
 if TYPE_CHECKING:
     from dist_gru.model import GRUModel
@@ -133,6 +133,7 @@ def load_for_inference(args: argparse.Namespace, extra: list[str] = ()) -> tuple
         return cfg, model, dataset
     dataset = build_dataset(cfg.data, "val", head=model.head_kind)
     check_features(args, model, dataset.num_features)
+    task_for(model.config).check_fits(data_info(cfg, dataset, "val"))  # as training checks its data
     return cfg, model, dataset
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "RegressionTask",
     "Task",
     "TokenTask",
+    "data_info",
     "model_kwargs",
     "task_for",
 ]
@@ -82,6 +83,20 @@ def data_facts(cfg: Config) -> dict[str, Any]:
     return facts
 
 
+def data_info(cfg: Config, dataset: Any, split: str) -> DataInfo:
+    """What ``Task.check_fits`` needs to know of the `train` or `val` split ``dataset`` of a job
+    (training) or of the data given to a saved model (inference)."""
+    data = cfg.data
+    path = data.train_path if split == "train" else data.val_path
+    return DataInfo(
+        source=path if data.name == "files" else f"data.name={data.name}",
+        task=dataset.task,
+        target_kind=getattr(dataset, "target_kind", "sequence"),
+        output_size=dataset.output_size,
+        horizon=data.horizon,
+    )
+
+
 def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
     """``GRUModel`` arguments of a job: the architecture from ``cfg.model``, sizes and task from the
     training ``dataset`` (its ``num_features``, ``output_size``, ``task``, ``target_kind``), scaling
@@ -105,12 +120,5 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "vocab_size": model.vocab_size if tokens else None,
         "data": data_facts(cfg),  # what inference needs to know of the data: window, season ...
     }
-    info = DataInfo(
-        source=data.train_path if data.name == "files" else f"data.name={data.name}",
-        task=dataset.task,
-        target_kind=getattr(dataset, "target_kind", "sequence"),
-        output_size=dataset.output_size,
-        horizon=data.horizon,
-    )
-    task_for(kwargs).check_fits(info)
+    task_for(kwargs).check_fits(data_info(cfg, dataset, "train"))
     return kwargs
