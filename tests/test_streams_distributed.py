@@ -164,3 +164,15 @@ def test_stream_mode_bad_input_is_one_error_and_changes_nothing(data, tmp_path, 
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert message in result.stderr, result.stderr[-3000:]
     assert _snapshot(tmp_path) | _snapshot(data) == before
+
+
+def test_validation_tokens_outside_the_vocabulary_refuse_the_job_before_it_trains(data, tmp_path):
+    """The validation streams are checked against the model as the training streams are, so an id
+    the embedding cannot take stops the job at start, not at its first evaluation."""
+    write_token_stream(tmp_path / "val", np.frombuffer(b"abc\xfa", dtype=np.uint8), 256)
+    run_dir = tmp_path / "run"
+    result = cli(*_args(data, run_dir, 4), f"data.val_path={tmp_path / 'val'}", "model.vocab_size=128")
+    assert result.returncode == 2, result.output[-3000:]
+    # The training ids are plain text (< 128); the validation stream holds 250.
+    assert f"{tmp_path / 'val'}: token id 250 is outside the model's vocabulary, model.vocab_size=128" in result.stderr
+    assert not run_dir.exists()

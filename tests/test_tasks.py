@@ -318,3 +318,36 @@ def test_check_fits_messages() -> None:
     task_for({"head": "step"}).check_fits(STEPS)
     task_for({"task": "classification", "output_size": 3}).check_fits(LABELS)
     task_for({}).check_fits(DataInfo("data/windows", "regression", "step", 1, horizon=2))
+
+
+def test_stream_mode_token_rules_are_check_fits_rules() -> None:
+    """Whether the model's vocabulary covers the data's token ids (stream mode), with the messages
+    the stream reader gave when it held these rules."""
+    from dist_gru.tasks import DataInfo
+
+    def refusal(config: dict, **data) -> str:
+        info = DataInfo("d", "classification", "step", 4, streams=True, **data)
+        with pytest.raises(ConfigError) as err:
+            task_for(config).check_fits(info)
+        return str(err.value).removeprefix("the model does not fit the data:\n  ")
+
+    tokens = {"task": "classification", "output_size": 4, "head": "step", "vocab_size": 4}
+    floats = {"task": "classification", "output_size": 4, "head": "step"}
+    assert refusal(floats, model_vocab=8, feature_dtype="float32") == (
+        "model.vocab_size=8 reads token ids, but d holds float features (feature_dtype float32): unset model.vocab_size"
+    )
+    assert refusal(floats, vocab_size=4) == (
+        "d is a token stream (vocabulary 4): set model.vocab_size (>= the largest token id + 1) so the model "
+        "embeds its ids"
+    )
+    assert refusal(tokens, vocab_size=4, model_vocab=3, max_token=3, targets="next") == (
+        "d: token id 3 is outside the model's vocabulary, model.vocab_size=3; expected ids in [0, 3) "
+        "(set model.vocab_size >= 4)"
+    )
+    assert refusal(tokens, vocab_size=4, model_vocab=4, max_token=3, targets="stored") == (
+        "d is a token stream without stored targets: use data.targets=next"
+    )
+    fits = DataInfo("d", "classification", "step", 4, streams=True, vocab_size=4, model_vocab=4, max_token=3, targets="next")
+    task_for(tokens).check_fits(fits)  # no error
+    # Outside stream mode these rules do not apply (the reader refuses token data there).
+    task_for(floats).check_fits(DataInfo("d", "classification", "step", 4, vocab_size=4))

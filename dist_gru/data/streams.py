@@ -188,34 +188,13 @@ class StreamDataset:
 
 
 def build_stream_dataset(cfg: Config, split: str) -> StreamDataset | None:
-    """The `train` or `val` streams of a stream-mode job (None: no val_path). Checks the data
-    against the model section: token streams need `model.vocab_size` covering every id."""
+    """The `train` or `val` streams of a stream-mode job (None: no val_path). Whether the model's
+    vocabulary covers their token ids is a rule of `Task.check_fits` (`dist_gru.tasks`)."""
     data = cfg.data
     path = data.train_path if split == "train" else data.val_path
     if not path:
         return None
-    dataset = StreamDataset(SequenceFileDataset(path), data.targets)
-    vocab = cfg.model.vocab_size
-    if dataset.vocab_size is None and vocab is not None:
-        raise ConfigError(
-            f"model.vocab_size={vocab} reads token ids, but {path} holds float features "
-            f"(feature_dtype {dataset.source.meta['feature_dtype']}): unset model.vocab_size"
-        )
-    if dataset.vocab_size is not None:
-        if vocab is None:
-            raise ConfigError(
-                f"{path} is a token stream (vocabulary {dataset.vocab_size}): set model.vocab_size (>= the "
-                "largest token id + 1) so the model embeds its ids"
-            )
-        top = max_token(dataset.source)
-        if top >= vocab:
-            raise ConfigError(
-                f"{path}: token id {top} is outside the model's vocabulary, model.vocab_size={vocab}; "
-                f"expected ids in [0, {vocab}) (set model.vocab_size >= {top + 1})"
-            )
-        if data.targets != "next":
-            raise ConfigError(f"{path} is a token stream without stored targets: use data.targets=next")
-    return dataset
+    return StreamDataset(SequenceFileDataset(path), data.targets)
 
 
 def max_token(source: SequenceFileDataset) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dist_gru.config import Config
+from dist_gru.data.streams import max_token
 from dist_gru.tasks.base import DataInfo, Task
 from dist_gru.tasks.classification import ClassificationTask, TokenTask
 from dist_gru.tasks.distributions import distribution
@@ -88,12 +89,25 @@ def data_info(cfg: Config, dataset: Any, split: str) -> DataInfo:
     (training) or of the data given to a saved model (inference)."""
     data = cfg.data
     path = data.train_path if split == "train" else data.val_path
+    streams = {}
+    if cfg.train.tbptt:  # stream mode: its token ids against the model's embedding
+        vocab = getattr(dataset, "vocab_size", None)
+        top = max_token(dataset.source) if vocab is not None and cfg.model.vocab_size is not None else None
+        streams = {
+            "streams": True,
+            "model_vocab": cfg.model.vocab_size,
+            "vocab_size": vocab,
+            "max_token": top,
+            "feature_dtype": dataset.source.meta["feature_dtype"],
+            "targets": data.targets,
+        }
     return DataInfo(
         source=path if data.name == "files" else f"data.name={data.name}",
         task=dataset.task,
         target_kind=getattr(dataset, "target_kind", "sequence"),
         output_size=dataset.output_size,
         horizon=data.horizon,
+        **streams,
     )
 
 

@@ -33,6 +33,14 @@ class DataInfo:
     target_kind: str  # sequence (one target per sequence) | step (a target at every step)
     output_size: int  # target channels or classes
     horizon: int = 0  # data.horizon
+    # Stream mode only (else None): the model's `model.vocab_size`, and the data's token vocabulary
+    # (None: float features), largest token id, feature dtype and `data.targets`.
+    model_vocab: int | None = None
+    streams: bool = False
+    vocab_size: int | None = None
+    max_token: int | None = None
+    feature_dtype: str = "float32"
+    targets: str = "stored"
 
 
 class StepCounter(Protocol):
@@ -187,7 +195,7 @@ class Task:
 
     def check_fits(self, data: DataInfo) -> None:
         """A ConfigError listing every way the training data cannot train this task."""
-        problems = self.target_problems(data)
+        problems = token_problems(data) + self.target_problems(data)
         if self.per_step and data.target_kind != "step":
             problems.append(
                 f"model.head=step needs a target at every step, but {data.source} has one target per sequence: "
@@ -200,3 +208,30 @@ class Task:
             )
         if problems:
             raise ConfigError("the model does not fit the data:\n  " + "\n  ".join(problems))
+
+
+def token_problems(data: DataInfo) -> list[str]:
+    """Stream mode: token ids need an embedding covering every id, float features none."""
+    vocab, top = data.model_vocab, data.max_token
+    if not data.streams:
+        return []
+    if data.vocab_size is None:
+        if vocab is None:
+            return []
+        return [
+            f"model.vocab_size={vocab} reads token ids, but {data.source} holds float features "
+            f"(feature_dtype {data.feature_dtype}): unset model.vocab_size"
+        ]
+    if vocab is None:
+        return [
+            f"{data.source} is a token stream (vocabulary {data.vocab_size}): set model.vocab_size (>= the "
+            "largest token id + 1) so the model embeds its ids"
+        ]
+    if top is not None and top >= vocab:
+        return [
+            f"{data.source}: token id {top} is outside the model's vocabulary, model.vocab_size={vocab}; "
+            f"expected ids in [0, {vocab}) (set model.vocab_size >= {top + 1})"
+        ]
+    if data.targets != "next":
+        return [f"{data.source} is a token stream without stored targets: use data.targets=next"]
+    return []

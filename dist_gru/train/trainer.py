@@ -38,7 +38,7 @@ from dist_gru.data.sources import Source, build_source
 from dist_gru.infer.evaluate import evaluate
 from dist_gru.model import GRUModel
 from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
-from dist_gru.tasks import Task, model_kwargs, task_for
+from dist_gru.tasks import Task, data_info, model_kwargs, task_for
 from dist_gru.train import checkpoint as ckpt_lib
 from dist_gru.train import finetune, run_folder
 from dist_gru.train.meter import Meter
@@ -145,6 +145,8 @@ def _assemble(
         weight_decay=cfg.optim.weight_decay,
     )
     task = task_for(model_config)
+    if source.val_set is not None:  # the validation data must fit the model as the training data does
+        task.check_fits(data_info(cfg, source.val_set, "val"))
     selection = Selection(cfg)
     selection.check(task.metric_names(), source.val_set is not None)
     job = Job(
