@@ -326,7 +326,7 @@ def test_stream_mode_token_rules_are_check_fits_rules() -> None:
     from dist_gru.tasks import DataInfo
 
     def refusal(config: dict, **data) -> str:
-        info = DataInfo("d", "classification", "step", 4, streams=True, **data)
+        info = DataInfo("d", "classification", "step", 4, **data)
         with pytest.raises(ConfigError) as err:
             task_for(config).check_fits(info)
         return str(err.value).removeprefix("the model does not fit the data:\n  ")
@@ -347,7 +347,15 @@ def test_stream_mode_token_rules_are_check_fits_rules() -> None:
     assert refusal(tokens, vocab_size=4, model_vocab=4, max_token=3, targets="stored") == (
         "d is a token stream without stored targets: use data.targets=next"
     )
-    fits = DataInfo("d", "classification", "step", 4, streams=True, vocab_size=4, model_vocab=4, max_token=3, targets="next")
+    fits = DataInfo("d", "classification", "step", 4, vocab_size=4, model_vocab=4, max_token=3, targets="next")
     task_for(tokens).check_fits(fits)  # no error
-    # Outside stream mode these rules do not apply (the reader refuses token data there).
-    task_for(floats).check_fits(DataInfo("d", "classification", "step", 4, vocab_size=4))
+    # Outside stream mode these rules do not apply (the reader refuses token data there): data_info
+    # leaves the token fields empty.
+    from dist_gru.config import load_config
+    from dist_gru.data.loading import build_dataset
+    from dist_gru.tasks import data_info
+
+    cfg = load_config(None, ["data.name=running_count", "data.seq_len=6", "data.train_size=8", "model.head=step"])
+    info = data_info(cfg, build_dataset(cfg.data, "train", head="step"), "train")
+    assert (info.vocab_size, info.model_vocab, info.max_token) == (None, None, None)
+    task_for(floats).check_fits(info)

@@ -128,13 +128,11 @@ def load_for_inference(args: argparse.Namespace, extra: list[str] = ()) -> tuple
         from dist_gru.data.streams import build_stream_dataset
 
         dataset = build_stream_dataset(cfg, "val")
-        task_for(model.config).check_fits(data_info(cfg, dataset, "val"))  # token ids inside the vocabulary
-        if dataset.vocab_size is None:
-            check_features(args, model, dataset.num_features)
-        return cfg, model, dataset
-    dataset = build_dataset(cfg.data, "val", head=model.head_kind)
-    check_features(args, model, dataset.num_features)
+    else:
+        dataset = build_dataset(cfg.data, "val", head=model.head_kind)
     task_for(model.config).check_fits(data_info(cfg, dataset, "val"))  # as training checks its data
+    if getattr(dataset, "vocab_size", None) is None:  # token ids have no feature count to compare
+        check_features(args, model, dataset.num_features)
     return cfg, model, dataset
 
 

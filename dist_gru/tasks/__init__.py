@@ -94,7 +94,6 @@ def data_info(cfg: Config, dataset: Any, split: str) -> DataInfo:
         vocab = getattr(dataset, "vocab_size", None)
         top = max_token(dataset.source) if vocab is not None and cfg.model.vocab_size is not None else None
         streams = {
-            "streams": True,
             "model_vocab": cfg.model.vocab_size,
             "vocab_size": vocab,
             "max_token": top,

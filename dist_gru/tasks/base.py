@@ -33,10 +33,9 @@ class DataInfo:
     target_kind: str  # sequence (one target per sequence) | step (a target at every step)
     output_size: int  # target channels or classes
     horizon: int = 0  # data.horizon
-    # Stream mode only (else None): the model's `model.vocab_size`, and the data's token vocabulary
-    # (None: float features), largest token id, feature dtype and `data.targets`.
+    # Stream mode only (`data_info` leaves them None elsewhere): the model's `model.vocab_size`, and
+    # the data's token vocabulary (None: float features), largest token id, dtype and `data.targets`.
     model_vocab: int | None = None
-    streams: bool = False
     vocab_size: int | None = None
     max_token: int | None = None
     feature_dtype: str = "float32"
@@ -213,8 +212,6 @@ class Task:
 def token_problems(data: DataInfo) -> list[str]:
     """Stream mode: token ids need an embedding covering every id, float features none."""
     vocab, top = data.model_vocab, data.max_token
-    if not data.streams:
-        return []
     if data.vocab_size is None:
         if vocab is None:
             return []
