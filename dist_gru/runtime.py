@@ -41,7 +41,7 @@ from accelerate.utils import (
     broadcast_object_list,
 )
 
-from dist_gru.config import Config, ConfigError
+from dist_gru.config import Config
 
 # How long a rank waits for its peers (rendezvous, collectives) before failing instead of hanging.
 PEER_TIMEOUT = timedelta(seconds=int(os.environ.get("DIST_GRU_PEER_TIMEOUT_S", "300")))
@@ -174,9 +174,11 @@ def make_accelerator(cfg: Config, log_with: list[str] | None = None) -> Accelera
     rank, local_rank, world_size, local_world_size = launch_world()
     use_gpu = torch.cuda.is_available()
     if cfg.train.precision == "fp16" and not use_gpu:
-        raise ConfigError(
+        error = LaunchError(
             "train.precision=fp16: fp16 mixed precision needs a GPU (on CPU it is silently ignored); use bf16 or fp32"
         )
+        error.same_on_every_rank = True  # every rank of a job without GPUs finds the same: rank 0 says it
+        raise error
     if use_gpu:
         # Before any model is built, so cuDNN state and the GRU's weights land on this rank's GPU.
         torch.cuda.set_device(cuda_device_index(local_rank, torch.cuda.device_count(), os.environ))

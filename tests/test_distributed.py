@@ -342,9 +342,18 @@ def test_bucket_by_length_reduces_padding_and_keeps_the_contract():
 @pytest.mark.timeout(30)
 def test_too_little_data_for_one_global_batch_is_a_clear_error():
     from dist_gru.config import ConfigError
+    from dist_gru.tasks import DataInfo, task_for
 
-    with pytest.raises(ConfigError, match="has 30 samples, fewer than one global batch of 32"):
-        _sampler(np.ones(30), micro=16, accum=2)
+    assert _sampler(np.ones(30), micro=16, accum=2).steps_per_epoch == 0
+    assert _sampler(np.ones(32), micro=16, accum=2).steps_per_epoch == 1
+    info = DataInfo("d", "regression", "sequence", 1, epoch_samples=30, global_batch=32)
+    with pytest.raises(ConfigError) as err:
+        task_for({}).check_fits(info)
+    assert str(err.value) == (
+        "the training split has 30 samples, fewer than one global batch of 32: lower train.global_batch_size "
+        "or use more data"
+    )
+    task_for({}).check_fits(DataInfo("d", "regression", "sequence", 1, epoch_samples=32, global_batch=32))
 
 
 @pytest.mark.timeout(30)

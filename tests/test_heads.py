@@ -338,7 +338,14 @@ def test_the_model_section_must_fit_the_data(tmp_path) -> None:
     assert "model.head=step needs a target at every step" in problem(labels, "model.head=step")
     assert "model.head=last needs one target per sequence" in problem(steps)
     cfg = load_config(
-        None, ["data.name=files", f"data.train_path={steps.path}", "model.head=step", "data.scaling=window"]
+        None,
+        [
+            "data.name=files",
+            f"data.train_path={steps.path}",
+            "model.head=step",
+            "data.scaling=window",
+            "train.global_batch_size=2",
+        ],
     )
     kwargs = model_kwargs(cfg, steps)
     assert (kwargs["input_size"], kwargs["head"], kwargs["scaling"], kwargs["horizon"]) == (2, "step", "window", 0)

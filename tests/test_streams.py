@@ -21,6 +21,7 @@ from dist_gru.data.streams import (
     LaneState,
     StreamDataset,
     StreamSampler,
+    build_stream_dataset,
     lane_stream,
     write_token_stream,
 )
@@ -81,9 +82,27 @@ def test_lanes_cover_each_epoch_once_and_ranks_partition_the_lanes():
     assert sampler.valid_steps(0) == int(sampler.chunks(0)["length"].sum())
 
 
-def test_more_lanes_than_an_epoch_has_chunks_is_refused():
-    with pytest.raises(ConfigError, match=r"global_batch_size=9 lanes, but an epoch .* only 8 chunks of train.tbptt=4"):
-        StreamSampler(np.array([16, 16]), 9, 4, 0, 1, seed=0)
+def test_more_lanes_than_an_epoch_has_chunks_is_refused(tmp_path):
+    from dist_gru.config import load_config
+    from dist_gru.tasks import data_info, task_for
+
+    assert StreamSampler(np.array([16, 16]), 9, 4, 0, 1, seed=0).steps_per_epoch == 0
+    _stream_folder(tmp_path / "two", [16, 13])  # 4 + 4 chunks of 4 steps (the last one short)
+    overrides = ["data.name=files", f"data.train_path={tmp_path / 'two'}", "train.tbptt=4", "model.head=step"]
+    tokens = {"task": "classification", "output_size": 3, "head": "step"}
+    for lanes, refused in ((9, True), (8, False)):
+        cfg = load_config(None, [*overrides, f"train.global_batch_size={lanes}"])
+        info = data_info(cfg, build_stream_dataset(cfg, "train"), "train")
+        assert (info.epoch_samples, info.global_batch, info.tbptt) == (8, lanes, 4)
+        if not refused:
+            task_for(tokens).check_fits(info)
+            continue
+        with pytest.raises(ConfigError) as err:
+            task_for(tokens).check_fits(info)
+        assert str(err.value) == (
+            "train.global_batch_size=9 lanes, but an epoch of the training streams has only 8 chunks of "
+            "train.tbptt=4 steps: use at most 8 lanes, a shorter train.tbptt, or more data"
+        )
 
 
 def test_a_lane_crossing_a_stream_boundary_resets_its_state(tmp_path):

@@ -355,7 +355,7 @@ def test_stream_mode_token_rules_are_check_fits_rules() -> None:
     from dist_gru.data.loading import build_dataset
     from dist_gru.tasks import data_info
 
-    cfg = load_config(None, ["data.name=running_count", "data.seq_len=6", "data.train_size=8", "model.head=step"])
+    cfg = load_config(None, ["data.name=running_count", "data.seq_len=6", "data.train_size=8", "model.head=step", "train.global_batch_size=8"])
     info = data_info(cfg, build_dataset(cfg.data, "train", head="step"), "train")
     assert (info.vocab_size, info.model_vocab, info.max_token) == (None, None, None)
     task_for(floats).check_fits(info)

@@ -105,9 +105,9 @@ def test_bad_windows_are_clear_errors(series, tmp_path):
     assert "data.window=12 + data.horizon=3 = 15 steps is longer than every sequence (the longest has 14 steps)" in str(
         err.value
     )
-    with pytest.raises(ConfigError, match=r"data.window_stride=0; expected an integer >= 1"):
+    with pytest.raises(ValueError, match=r"data.window_stride=0; expected an integer >= 1"):
         WindowDataset(source, 3, stride=0)
-    with pytest.raises(ConfigError, match="data.horizon=2 with step windows"):
+    with pytest.raises(ValueError, match="data.horizon=2 with step windows"):
         WindowDataset(source, 3, 2, mode="step")
     write_sequences(tmp_path / "seq", [np.zeros((5, 1))], np.zeros(1), task="regression")
     with pytest.raises(DataFormatError, match="has one target per sequence; data.window draws windows"):
@@ -125,7 +125,7 @@ def test_config_builds_windows_and_rejects_bad_keys(tmp_path):
     train, val = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     assert isinstance(train, WindowDataset) and train.mode == "forecast"
     assert (len(train), len(val)) == (3 * 16, 2 * 16)  # (60 - 30) // 2 + 1 windows per series
-    with pytest.raises(ConfigError, match="data.horizon=6 with last windows: a horizon means forecasting"):
+    with pytest.raises(ValueError, match="data.horizon=6 with last windows: a horizon means forecasting"):
         build_dataset(cfg.data, "train", head="last")
     cfg = load_config(None, [*overrides, "data.window=24"])
     assert build_dataset(cfg.data, "train").mode == "step" and build_dataset(cfg.data, "train", head="last").mode == "last"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dist_gru.config import ConfigError, DataConfig
+from dist_gru.config import DataConfig
 from dist_gru.data.batching import collate_identity
 from dist_gru.data.permutation import FeistelPermutation
 from dist_gru.data.synthetic import SYNTHETIC
@@ -101,12 +101,8 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bucket_by_length = bucket_by_length
         self.per_rank = micro_batch_size // world_size
+        # 0 when the split holds less than one global batch: Task.check_fits refuses such a job.
         self.steps_per_epoch = len(self.lengths) // (micro_batch_size * grad_accum_steps)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"the training split has {len(self.lengths)} samples, fewer than one global batch of "
-                f"{micro_batch_size * grad_accum_steps}: lower train.global_batch_size or use more data"
-            )
         self.batches_per_epoch = self.steps_per_epoch * self.accum
         self.in_memory = len(self.lengths) <= IN_MEMORY_ORDER_MAX
         self.epoch, self.start = 0, 0

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_gru.config import Config, ConfigError
+from dist_gru.config import Config
 from dist_gru.data.files import (
     FEATURES_FILE,
     FORMAT,
@@ -214,13 +214,7 @@ class StreamSampler:
         self.lanes, self.chunk, self.seed = lanes, chunk, seed
         self.counts = -(-self.lengths // chunk)  # chunks per stream
         self.total_chunks = int(self.counts.sum())
-        self.steps_per_epoch = self.total_chunks // lanes
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"train.global_batch_size={lanes} lanes, but an epoch of the training streams has only "
-                f"{self.total_chunks} chunks of train.tbptt={chunk} steps ({int(self.lengths.sum())} steps): "
-                f"use at most {self.total_chunks} lanes, a shorter train.tbptt, or more data"
-            )
+        self.steps_per_epoch = self.total_chunks // lanes  # 0: Task.check_fits refuses the job
         self.per_rank = lanes // world_size
         self.rank_lanes = np.arange(rank * self.per_rank, (rank + 1) * self.per_rank)
         self._layout: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -290,7 +284,7 @@ class LaneState:
         """This rank's lanes out of a checkpoint's [B, num_layers, H] (any world size saved it)."""
         layers, hidden = self.h.shape[0], self.h.shape[2]
         if every_lane.dim() != 3 or tuple(every_lane.shape[1:]) != (layers, hidden) or int(lanes.max()) >= len(every_lane):
-            raise ConfigError(
+            raise ValueError(
                 f"the checkpoint's lane state has shape {tuple(every_lane.shape)}; this job has lanes "
                 f"[{int(lanes.min())}, {int(lanes.max()) + 1}) of layers x hidden {self.h.shape[0]} x {self.h.shape[2]}"
             )

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_gru.config import ConfigError
 from dist_gru.data.files import DataFormatError
 
 MODES = ("step", "forecast", "last")
@@ -54,13 +53,15 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: Any, window: int, horizon: int = 0, stride: int = 1, mode: str | None = None):
+        # The argument checks guard the Python API (ValueError); a job's config has been validated
+        # with the same rules before any dataset is built.
         mode = mode if mode is not None else ("forecast" if horizon > 0 else "step")
         where = describe(source)
         if mode not in MODES:
-            raise ConfigError(f"window mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
+            raise ValueError(f"window mode {mode!r}; expected one of {', '.join(map(repr, MODES))}")
         for key, value, low in (("data.window", window, 1), ("data.horizon", horizon, 0), ("data.window_stride", stride, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{key}={value!r}; expected an integer >= {low}")
+                raise ValueError(f"{key}={value!r}; expected an integer >= {low}")
         if getattr(source, "target_kind", "sequence") != "step":
             raise DataFormatError(
                 f"{where}: has one target per sequence; data.window draws windows from sequences with per-step "
@@ -68,11 +69,11 @@ class WindowDataset(torch.utils.data.Dataset):
             )
         if mode == "forecast":
             if horizon < 1:
-                raise ConfigError("data.horizon=0: forecast windows need data.horizon >= 1 steps to forecast")
+                raise ValueError("data.horizon=0: forecast windows need data.horizon >= 1 steps to forecast")
             if source.task != "regression":
                 raise DataFormatError(f"{where}: has {source.task} targets; forecasting needs regression targets")
         elif horizon:
-            raise ConfigError(
+            raise ValueError(
                 f"data.horizon={horizon} with {mode} windows: a horizon means forecasting (model.head=forecast)"
             )
         if mode != "forecast" and source.num_features == 0:

@@ -26,7 +26,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from dist_gru.config import ConfigError, quantile_problems
+from dist_gru.config import quantile_problems
 from dist_gru.data.files import follow_umask
 from dist_gru.model.encoder import CELLS, Encoder
 from dist_gru.model.heads import HEADS, OUTPUTS, build_head, build_layout
@@ -304,7 +304,7 @@ def verify_model_folder(folder: Path, label: str) -> None:
     """Check a saved model folder against its SHA256SUMS before it is loaded; `label` names it in
     errors (`--model DIR`, `train.init_from=DIR`). A folder saved before SHA256SUMS existed loads
     with a warning."""
-    from dist_gru.train.checkpoint import sha256_file
+    from dist_gru.train.checkpoint import ModelFolderError, sha256_file
 
     sums_file = Path(folder) / CHECKSUMS
     if not sums_file.is_file():
@@ -313,7 +313,7 @@ def verify_model_folder(folder: Path, label: str) -> None:
     try:
         lines = sums_file.read_text().splitlines()
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{label}: {CHECKSUMS} is unreadable ({exc}); expected `sha256  name` lines") from None
+        raise ModelFolderError(f"{label}: {CHECKSUMS} is unreadable ({exc}); expected `sha256  name` lines") from None
     expected = {}
     for line in lines:
         digest, _, name = line.partition(" ")
@@ -323,9 +323,9 @@ def verify_model_folder(folder: Path, label: str) -> None:
         try:
             actual = sha256_file(file)
         except OSError as exc:
-            raise ConfigError(f"{label}: {name} is unreadable ({exc.strerror or exc})") from None
+            raise ModelFolderError(f"{label}: {name} is unreadable ({exc.strerror or exc})") from None
         if actual != expected.get(name):
-            raise ConfigError(
+            raise ModelFolderError(
                 f"{label}: {name} does not match its sha256 in {CHECKSUMS} (corrupt or edited); restore the "
                 "folder from a copy, or save the model again (train.init_from can start from a checkpoint)"
             )

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from dist_gru.config import Config
 from dist_gru.data.streams import max_token
 from dist_gru.tasks.base import DataInfo, Task
@@ -100,14 +102,25 @@ def data_info(cfg: Config, dataset: Any, split: str) -> DataInfo:
             "feature_dtype": dataset.source.meta["feature_dtype"],
             "targets": data.targets,
         }
+    if split == "train":  # what an epoch holds against one global batch
+        streams.update(epoch_samples=epoch_samples(cfg, dataset), global_batch=cfg.train.global_batch_size)
     return DataInfo(
         source=path if data.name == "files" else f"data.name={data.name}",
         task=dataset.task,
         target_kind=getattr(dataset, "target_kind", "sequence"),
         output_size=dataset.output_size,
         horizon=data.horizon,
+        tbptt=cfg.train.tbptt,
         **streams,
     )
+
+
+def epoch_samples(cfg: Config, dataset: Any) -> int:
+    """Samples of one training epoch: sequences or windows, or in stream mode chunks of
+    ``train.tbptt`` steps (a stream's last chunk may be shorter)."""
+    if cfg.train.tbptt:
+        return int((-(-np.asarray(dataset.lengths, dtype=np.int64) // cfg.train.tbptt)).sum())
+    return len(dataset)
 
 
 def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:

@@ -40,6 +40,11 @@ class DataInfo:
     max_token: int | None = None
     feature_dtype: str = "float32"
     targets: str = "stored"
+    # The training split of a job only (None elsewhere): its samples per epoch (sequences or
+    # windows; in stream mode, chunks of `tbptt` steps) against one global batch.
+    epoch_samples: int | None = None
+    global_batch: int = 0
+    tbptt: int | None = None
 
 
 class StepCounter(Protocol):
@@ -205,8 +210,27 @@ class Task:
                 f"model.head=last needs one target per sequence, but {data.source} has a target at every step: "
                 "use model.head=step (or model.head=forecast with data.window and data.horizon)"
             )
+        batch = batch_problems(data)  # a rule of the training config, whatever the model: its own line
         if problems:
-            raise ConfigError("the model does not fit the data:\n  " + "\n  ".join(problems))
+            raise ConfigError("the model does not fit the data:\n  " + "\n  ".join(problems + batch))
+        if batch:
+            raise ConfigError(batch[0])
+
+
+def batch_problems(data: DataInfo) -> list[str]:
+    """An epoch of the training split must hold at least one global batch."""
+    samples, batch = data.epoch_samples, data.global_batch
+    if samples is None or samples >= batch:
+        return []
+    if data.tbptt is not None:
+        return [
+            f"train.global_batch_size={batch} lanes, but an epoch of the training streams has only {samples} "
+            f"chunks of train.tbptt={data.tbptt} steps: use at most {samples} lanes, a shorter train.tbptt, or more data"
+        ]
+    return [
+        f"the training split has {samples} samples, fewer than one global batch of {batch}: lower "
+        "train.global_batch_size or use more data"
+    ]
 
 
 def token_problems(data: DataInfo) -> list[str]:

@@ -85,6 +85,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not be loaded; the message names the folder and the reason."""
 
 
+class ModelFolderError(CheckpointError):
+    """A saved model folder whose files are damaged: every rank that loads it finds the same, so
+    rank 0 alone reports it."""
+
+    same_on_every_rank = True
+
+
 class NonFiniteError(CheckpointError):
     """Weights that must not be saved, exported or trained on: they hold NaN or infinity."""
 

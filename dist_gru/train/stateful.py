@@ -16,7 +16,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from dist_gru.config import ConfigError
 from dist_gru.train.checkpoint import Checkpoint, CheckpointError, load_lanes
 
 
@@ -45,8 +44,6 @@ class Checkpointer:
                 part.load_state_dict(state, self.resume.step, load_lanes(self.resume))
             else:
                 part.load_state_dict(state)
-        except ConfigError:
-            raise
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {self.resume.path}: {exc}") from None
 
