@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_gru.model import GRUModel
-from dist_gru.model.recurrence import _Recurrence, gru_direction, gru_layers
+from dist_gru.model.recurrence import _Recurrence, gru_direction, gru_layers, gru_time_major
 
 
 def _grads(fn, inputs, params, seed=1):
@@ -100,6 +100,26 @@ def test_gru_model_training_path_equals_the_native_one(head, bidirectional, padd
         out.square().sum().backward()
         results[kernel] = (out.detach(), [p.grad.clone() for p in model.parameters()])
     (out_a, grads_a), (out_b, grads_b) = results["native"], results["fused"]
+    assert (out_a - out_b).abs().max().item() < 1e-12
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert (a - b).abs().max().item() < 1e-12
+
+
+def test_the_reverse_recurrence_is_the_forward_one_over_the_flipped_sequence():
+    """``reverse=True`` runs from the last step to the first in place: outputs and every gradient
+    (inputs, initial state, weights) equal a forward pass over the time-flipped input, flipped back."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    weights = [w.double().requires_grad_() for w in nn.GRU(4, 5).parameters()]
+    target = torch.randn(7, 3, 5, dtype=torch.float64)
+    results = []
+    for reverse in (False, True):
+        inputs = [x, h0, *weights]
+        out = gru_time_major(x, h0, *weights, reverse=True) if reverse else gru_time_major(x.flip(0), h0, *weights).flip(0)
+        grads = torch.autograd.grad((out * target).sum(), inputs)
+        results.append((out.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = results
     assert (out_a - out_b).abs().max().item() < 1e-12
     for a, b in zip(grads_a, grads_b, strict=True):
         assert (a - b).abs().max().item() < 1e-12

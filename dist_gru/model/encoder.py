@@ -15,7 +15,8 @@ after step 0), ordered like ``nn.GRU``'s. A padded batch gives each sequence wha
   wherever ``configure(packed=True)`` asks for it;
 * ``fused``: training on the CPU (``recurrence="fused"``): each layer and direction runs
   ``dist_gru.model.recurrence`` (one autograd node, several times fewer ops per step than
-  ``nn.GRU``'s CPU backward), the backward direction over each sequence reversed within its length;
+  ``nn.GRU``'s CPU backward), the backward direction from the last step to the first in place, or
+  over each sequence reversed within its length when the batch is padded;
 * ``native``: ``nn.GRU`` itself on an unpadded batch (inference, GPUs, ``recurrence="native"``, and
   traced or exported graphs, which must hold ``nn.GRU``'s own op);
 * ``padded``: a padded batch on the CPU outside training: ``nn.GRU``'s op per layer and direction,
@@ -159,9 +160,7 @@ class Encoder(nn.Module):
         return weights if self.compute_dtype is None else [w.to(self.compute_dtype) for w in weights]
 
     def _by_direction(self, x: Tensor, lengths: Tensor | None, h0: Tensor | None, kernel: Kernel) -> tuple[Tensor, Tensor]:
-        """Every layer and direction through ``kernel``, unpacked. The backward direction runs forward
-        over each sequence reversed within its own length (one gather), so it starts at the
-        sequence's last valid step, not in the padding; reversed back, it is what packing gives."""
+        """Every layer and direction through ``kernel``, unpacked (``run_direction``)."""
         # Time major inside: every step's slice is contiguous for the recurrence.
         layer_input, finals = x.transpose(0, 1), []
         zeros = x.new_zeros(x.shape[0], self.hidden_size)
@@ -172,9 +171,28 @@ class Encoder(nn.Module):
             for direction in range(self.directions):
                 start = zeros if h0 is None else h0[layer * self.directions + direction]
                 reverse = direction == 1
-                frame = partial(reverse_within_lengths, lengths=lengths, time_dim=0) if reverse else (lambda t: t)
-                out = kernel(frame(layer_input), start, *self._weights(layer, reverse))
-                finals.append(last_valid(out, lengths))  # in the reversed frame: the state after step 0
-                outputs.append(frame(out))
+                out, final = run_direction(kernel, layer_input, start, self._weights(layer, reverse), lengths, reverse)
+                outputs.append(out)
+                finals.append(final)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return layer_input.transpose(0, 1), torch.stack(finals)
+
+
+def run_direction(
+    kernel: Kernel, x: Tensor, h0: Tensor, weights: list[Tensor], lengths: Tensor | None, reverse: bool
+) -> tuple[Tensor, Tensor]:
+    """One layer and direction over time-major ``x``: ``(out [T, B, H], final state [B, H])``.
+
+    A backward direction over unpadded sequences runs the fused recurrence from the last step to
+    the first in place; otherwise it runs forward over each sequence reversed within its own
+    length (one gather each way), so it starts at the sequence's last valid step, not in the
+    padding; reversed back, that is what packing gives."""
+    if not reverse:
+        out = kernel(x, h0, *weights)
+        return out, last_valid(out, lengths)
+    if lengths is None and kernel is gru_time_major:
+        out = gru_time_major(x, h0, *weights, reverse=True)
+        return out, out[0]
+    frame = partial(reverse_within_lengths, lengths=lengths, time_dim=0)
+    out = kernel(frame(x), h0, *weights)
+    return frame(out), last_valid(out, lengths)  # in the reversed frame: the state after step 0

@@ -40,10 +40,13 @@ class _Recurrence(torch.autograd.Function):
     """``out [T, B, H]`` of one GRU layer and direction from its input projection.
 
     Inputs: ``gi`` [T, B, 3H] = ``x W_ih^T + b_ih`` (gates r, z, n), ``h0`` [B, H], ``w_hh``
-    [3H, H], ``b_hh`` [3H]. Time-major, so every step's slice is contiguous."""
+    [3H, H], ``b_hh`` [3H]; ``reverse``: run from step T - 1 down to 0 (a backward direction,
+    without copying its input and output reversed). Time-major, so every step's slice is contiguous.
+    ``states`` holds h0 and every step's output: step t writes slot t + 1 (forward) or t (reverse)
+    and reads the other neighbour, so ``out`` is one slice of it either way."""
 
     @staticmethod
-    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reverse: bool = False) -> Tensor:
         steps, batch, gates = gi.shape
         hidden = gates // 3
         # The candidate is n = tanh(a) = 2 sigmoid(2a) - 1: on the CPU sigmoid costs a quarter of
@@ -58,27 +61,29 @@ class _Recurrence(torch.autograd.Function):
         pre[..., 2 * hidden :] = 2 * b_hh[2 * hidden :]
         gi_n = 2 * gi[..., 2 * hidden :]
         n = torch.empty_like(gi_n)
-        states = gi.new_empty(steps + 1, batch, hidden)  # h_0 .. h_T: out and every step's h_prev
-        states[0] = h0
+        states = gi.new_empty(steps + 1, batch, hidden)  # h0 and every step's output
+        states[steps if reverse else 0] = h0
+        new, old = (0, 1) if reverse else (1, 0)  # step t writes states[t + new], reads states[t + old]
         minus_one = gi.new_full((), -1.0)
         rz, gh_n = pre[..., : 2 * hidden].unbind(0), pre[..., 2 * hidden :].unbind(0)
         r, z = pre[..., :hidden].unbind(0), pre[..., hidden : 2 * hidden].unbind(0)
         steps_pre, steps_gi_n, steps_n, h = pre.unbind(0), gi_n.unbind(0), n.unbind(0), states.unbind(0)
-        for t in range(steps):
-            steps_pre[t].addmm_(h[t], w_t)
+        for t in range(steps - 1, -1, -1) if reverse else range(steps):
+            steps_pre[t].addmm_(h[t + old], w_t)
             rz[t].sigmoid_()
             torch.addcmul(steps_gi_n[t], r[t], gh_n[t], out=steps_n[t]).sigmoid_()
             torch.add(minus_one, steps_n[t], alpha=2, out=steps_n[t])
-            torch.lerp(steps_n[t], h[t], z[t], out=h[t + 1])  # n + z (h - n)
+            torch.lerp(steps_n[t], h[t + old], z[t], out=h[t + new])  # n + z (h - n)
         ctx.save_for_backward(w_hh, states, pre, n)
-        return states[1:]
+        ctx.reverse = reverse
+        return states[:-1] if reverse else states[1:]
 
     @staticmethod
-    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, None]:
         w_hh, states, pre, n = ctx.saved_tensors
         steps, batch, hidden = n.shape
         r, z, gh_n2 = pre[..., :hidden], pre[..., hidden : 2 * hidden], pre[..., 2 * hidden :]
-        h_prev = states[:-1]
+        h_prev = states[1:] if ctx.reverse else states[:-1]
         # With a = pre-activation and dh the gradient reaching h_t:
         #   da_n = dh (1 - z)(1 - n^2)    da_z = dh (h_prev - n) z (1 - z)
         #   da_r = da_n gh_n r (1 - r)    d gh_n = da_n r    dh_prev = dh z + [da_r da_z d gh_n] W_hh
@@ -97,15 +102,20 @@ class _Recurrence(torch.autograd.Function):
         carried = grads[:, :, :3].flatten(2)
         steps_carried, steps_d_out = carried.unbind(0), d_out.unbind(0)
         steps_to_n, steps_to_z, steps_to_r, steps_r, steps_z = (v.unbind(0) for v in (to_n, to_z, to_r, r, z))
-        dh = steps_d_out[-1]
-        for t in range(steps - 1, -1, -1):
+        # Back through the steps in the reverse of the forward pass's order; `before` is the step
+        # the forward pass took before t (None at its first step, whose h_prev is h0).
+        order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)
+        dh = steps_d_out[order[0]]
+        for t in order:
             torch.mul(dh, steps_to_n[t], out=d_n[t])
             torch.mul(dh, steps_to_z[t], out=d_z[t])
             torch.mul(d_n[t], steps_to_r[t], out=d_r[t])
             torch.mul(d_n[t], steps_r[t], out=d_gh[t])
-            if t == 0 and not ctx.needs_input_grad[1]:
+            before = t + 1 if ctx.reverse else t - 1
+            first = not 0 <= before < steps
+            if first and not ctx.needs_input_grad[1]:
                 break  # a zero initial state needs no gradient
-            below = torch.addcmul(steps_d_out[t - 1], dh, steps_z[t]) if t else dh * steps_z[t]
+            below = dh * steps_z[t] if first else torch.addcmul(steps_d_out[before], dh, steps_z[t])
             dh = torch.addmm(below, steps_carried[t], w_nrz)
         flat = carried.reshape(steps * batch, 3 * hidden)
         d_w = flat.t() @ h_prev.reshape(steps * batch, hidden)
@@ -113,12 +123,15 @@ class _Recurrence(torch.autograd.Function):
         d_w_hh = torch.cat([d_w[hidden:], d_w[:hidden]])  # rows back to r, z, n
         d_b_hh = torch.cat([d_b[hidden:], d_b[:hidden]])
         d_gi = grads[:, :, 1:].flatten(2)
-        return d_gi, dh if ctx.needs_input_grad[1] else None, d_w_hh, d_b_hh
+        return d_gi, dh if ctx.needs_input_grad[1] else None, d_w_hh, d_b_hh, None
 
 
-def gru_time_major(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    """One layer, one direction: ``x`` [T, B, F], ``h0`` [B, H] -> outputs [T, B, H] (time major)."""
-    return _Recurrence.apply(F.linear(x, w_ih, b_ih), h0, w_hh, b_hh)
+def gru_time_major(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, reverse: bool = False
+) -> Tensor:
+    """One layer, one direction: ``x`` [T, B, F], ``h0`` [B, H] -> outputs [T, B, H] (time major);
+    ``reverse``: the recurrence runs from the last step to the first (a backward direction)."""
+    return _Recurrence.apply(F.linear(x, w_ih, b_ih), h0, w_hh, b_hh, reverse)
 
 
 def gru_direction(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
