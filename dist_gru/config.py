@@ -100,10 +100,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["adding", "sine", "seed_example", "running_count", "seasonal", "files"] = Field(
+    name: Literal["adding", "sine", "seed_example", "running_count", "seasonal", "promo", "files"] = Field(
         "adding",
         description="dataset: adding | sine | seed_example | running_count (per-step labels) | seasonal (series "
-        "to forecast) (synthetic) | files (dist_gru.seq/v1 folders)",
+        "to forecast) | promo (series with a future-known covariate) (synthetic) | files (dist_gru.seq/v1 folders)",
     )
     seq_len: int = Field(
         50, ge=1, le=1_000_000, description="sequence length of synthetic data (max length if variable)"
@@ -138,6 +138,11 @@ class DataConfig(_Section):
     )
     horizon: int = Field(0, ge=0, description="forecast steps after each window (> 0 only with model.head=forecast)")
     window_stride: int = Field(1, ge=1, description="steps between the starts of consecutive windows of a sequence")
+    future_covariates: bool = Field(
+        True,
+        description="forecast: feed the horizon's values of future-known covariates (feature role future) to the "
+        "forecast; false treats them as past covariates only",
+    )
     season: int = Field(
         1, ge=1, description="season length of the series (seasonal task; seasonal-naive baseline; 1 = naive)"
     )

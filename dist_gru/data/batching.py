@@ -3,12 +3,14 @@
 A batch is a dict: `x` float32 [B, T_max, F] zero-padded, `lengths` int64 [B] (kept on the CPU:
 packing wants them there), `y` float32 [B, O] or int64 [B] per sequence, or per step float32
 [B, T_max, O] or int64 [B, T_max] zero-padded (consumers mask with `lengths`), `index` int64 [B]
-(global sample ids, which tests use to prove that no sample is trained twice or skipped).
+(global sample ids, which tests use to prove that no sample is trained twice or skipped), and for
+forecast windows with future-known covariates `future` float32 [B, horizon, Ff].
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,16 @@ def pad_batch(
         "y": torch.from_numpy(y),
         "index": torch.as_tensor(np.asarray(indices, dtype=np.int64)),
     }
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict[str, Any]:
+    """A batch's keyword arguments of the model: `x` (and `future`, where the batch has it) on
+    `device`, `lengths` on the CPU (packing reads them there)."""
+    non_blocking = device.type == "cuda"
+    inputs = {"x": batch["x"].to(device, non_blocking=non_blocking), "lengths": batch["lengths"]}
+    if "future" in batch:
+        inputs["future"] = batch["future"].to(device, non_blocking=non_blocking)
+    return inputs
 
 
 def collate_identity(batch: dict) -> dict:

@@ -52,7 +52,7 @@ def build_dataset(cfg: DataConfig, split: str, head: str | None = None) -> Datas
     else:
         size, offset = (cfg.train_size, 0) if split == "train" else (cfg.val_size, cfg.train_size)
         extra = {"num_features": cfg.num_features} if cfg.name == "seed_example" else {}
-        if cfg.name == "seasonal":
+        if cfg.name == "seasonal":  # the other tasks have no options
             extra = {"season": cfg.season}
         source = SYNTHETIC[cfg.name](
             size, cfg.seq_len, cfg.seed, offset=offset, variable_length=cfg.variable_length, **extra
@@ -62,7 +62,9 @@ def build_dataset(cfg: DataConfig, split: str, head: str | None = None) -> Datas
     from dist_gru.data.windows import WindowDataset
 
     mode = None if head is None else {"forecast": "forecast", "step": "step", "last": "last"}[head]
-    return WindowDataset(source, cfg.window, cfg.horizon, cfg.window_stride, mode=mode)
+    return WindowDataset(
+        source, cfg.window, cfg.horizon, cfg.window_stride, mode=mode, future_covariates=cfg.future_covariates
+    )
 
 
 def training_data_fingerprint(cfg: DataConfig) -> dict[str, Any]:

@@ -26,6 +26,11 @@ machinery draws windows from them as from files, see `read_steps`):
 - `seasonal` (forecasting): series i is level + trend * p + a seasonal pattern of period `season`
   (two harmonics) + N(0, 0.05^2) noise, the parameters drawn from (seed, i); the covariates are the
   position in the season (sin, cos). The naive and seasonal-naive forecasts are the baselines.
+- `promo` (forecasting with a future-known covariate): series i is a level + N(0, 0.1^2) noise +
+  a lift of 1 to 2 on the steps of a planned promotion (each step one with probability 0.2, drawn
+  from (seed, i, p)); the one covariate is the promotion flag, known for the future
+  (`feature_roles = ("future",)`), so a forecast that reads the horizon's flags beats one that
+  cannot by about the lift's share of the error.
 """
 
 from __future__ import annotations
@@ -244,10 +249,24 @@ class SeasonalDataset(SyntheticSteps):
         return x.astype(np.float32), value[:, :, None]
 
 
+class PromoDataset(SyntheticSteps):
+    num_features = 1  # the promotion flag
+    feature_roles = ("future",)  # planned: known for the forecast horizon too
+    noise = 0.1
+
+    def _steps(self, index, positions):
+        level = -1.0 + 2.0 * uniform(self.seed, index, 0, (1,))
+        lift = 1.0 + uniform(self.seed, index, 1, (1,))
+        promo = (uniform_at(self.seed, index, 2, positions) < 0.2).astype(np.float64)
+        value = level + lift * promo + self.noise * normal_at(self.seed, index, 3, positions)
+        return promo[:, :, None].astype(np.float32), value[:, :, None]
+
+
 SYNTHETIC = {
     "adding": AddingDataset,
     "sine": SineDataset,
     "seed_example": SeedExampleDataset,
     "running_count": RunningCountDataset,
     "seasonal": SeasonalDataset,
+    "promo": PromoDataset,
 }

@@ -20,7 +20,8 @@ Modes:
   [B, W, O] float32 or [B, W] int64;
 - `forecast` (head `forecast`, horizon H >= 1, regression): x = the target history followed by the
   covariates, concat(targets[t : t + W], features[t : t + W]) [B, W, O + F]; y = the H steps of the
-  targets that follow the window [B, H, O];
+  targets that follow the window [B, H, O]; with future-known covariates (the source's
+  `feature_roles` marks them "future"), also `future` = their values over those H steps [B, H, Ff];
 - `last` (head `last`): x as in `step`, y = the targets of the window's last step [B, O] or [B].
 """
 
@@ -52,7 +53,15 @@ class WindowDataset(torch.utils.data.Dataset):
     dataset, or a synthetic per-step task.
     """
 
-    def __init__(self, source: Any, window: int, horizon: int = 0, stride: int = 1, mode: str | None = None):
+    def __init__(
+        self,
+        source: Any,
+        window: int,
+        horizon: int = 0,
+        stride: int = 1,
+        mode: str | None = None,
+        future_covariates: bool = True,
+    ):
         # The argument checks guard the Python API (ValueError); a job's config has been validated
         # with the same rules before any dataset is built.
         mode = mode if mode is not None else ("forecast" if horizon > 0 else "step")
@@ -97,9 +106,18 @@ class WindowDataset(torch.utils.data.Dataset):
         self.output_size: int = source.output_size
         self.target_kind = "sequence" if mode == "last" else "step"
         self.num_features: int = source.num_features + (source.output_size if mode == "forecast" else 0)
+        # The feature columns whose values over the horizon come with a forecast window's batch.
+        roles = getattr(source, "feature_roles", None) or ()
+        read_future = mode == "forecast" and future_covariates
+        self.future_columns = [i for i, role in enumerate(roles) if role == "future"] if read_future else []
 
     def __len__(self) -> int:
         return int(self._first[-1])
+
+    @property
+    def future_channels(self) -> list[int]:
+        """The channels of `x` (target history first) whose horizon values a batch's `future` holds."""
+        return [self.output_size + column for column in self.future_columns]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -128,7 +146,13 @@ class WindowDataset(torch.utils.data.Dataset):
         seq, starts = self.locate(index)
         window = self.window
         target_steps = window + self.horizon
-        features, targets = self.source.read_steps(seq, starts, window, target_steps)
+        feature_steps = target_steps if self.future_columns else window
+        features, targets = self.source.read_steps(seq, starts, feature_steps, target_steps)
+        extra = {}
+        if self.future_columns:
+            future = features[:, window:, self.future_columns]
+            extra["future"] = torch.from_numpy(np.ascontiguousarray(future, dtype=np.float32))
+            features = features[:, :window]
         if self.mode == "forecast":
             x = np.concatenate([targets[:, :window], features], axis=2)
             y = targets[:, window:]
@@ -141,6 +165,7 @@ class WindowDataset(torch.utils.data.Dataset):
             "lengths": torch.full((len(index),), window, dtype=torch.int64),
             "y": torch.from_numpy(np.ascontiguousarray(y)),
             "index": torch.from_numpy(index),
+            **extra,
         }
 
     def __getitem__(self, i: int) -> dict:

@@ -32,6 +32,7 @@ from dist_gru.infer.load import (
     load_model,
     output_inside_input,
 )
+from dist_gru.model import GRUModel
 from dist_gru.tasks import task_for
 
 
@@ -56,11 +57,11 @@ def evaluate(model: torch.nn.Module, batches: Any, accelerator: Any, season: int
     model.eval()
     sums = task_for(model.config).metric_sums(season, accelerator.device)
     for batch in batches:
-        x, lengths, y = batch_to(batch, accelerator.device)
+        inputs, y = batch_to(batch, accelerator.device)
         with accelerator.autocast():
-            out, state = model(x, lengths, state=batches.carried(batch))
+            out, state = model(**inputs, state=batches.carried(batch))
         batches.keep(state)
-        sums.update(out, y, lengths, x)
+        sums.update(out, y, inputs["lengths"], inputs["x"])
     reduced = accelerator.reduce(sums.sums, reduction="sum") if accelerator.num_processes > 1 else sums.sums
     model.train(was_training)
     return sums.results(reduced)
@@ -84,11 +85,20 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 
 @torch.no_grad()
-def forecast_series(model: torch.nn.Module, dataset, window: int, batch_size: int, device: torch.device) -> np.ndarray:
+def forecast_series(
+    model: torch.nn.Module,
+    dataset,
+    window: int,
+    batch_size: int,
+    device: torch.device,
+    future: np.ndarray | None = None,
+) -> np.ndarray:
     """The `horizon` steps after the end of every stored series: [num_series, horizon, O(, K)].
 
     The context is each series' last `window` steps as the model was trained on them: its target
-    history followed by its covariates (`dataset` is a `SequenceFileDataset` with per-step targets).
+    history followed by its covariates (`dataset` is a `SequenceFileDataset` with per-step targets);
+    `future` [num_series, horizon, Ff]: the future-known covariates over the horizon, for a model
+    that reads them.
     """
     from dist_gru.data.files import DataFormatError
 
@@ -105,9 +115,38 @@ def forecast_series(model: torch.nn.Module, dataset, window: int, batch_size: in
         seq = np.arange(start, min(start + batch_size, len(lengths)))
         features, targets = dataset.read_steps(seq, lengths[seq] - window, window, window)
         history = targets.reshape(len(seq), window, -1)
-        x = torch.from_numpy(np.concatenate([history, features], axis=-1)).to(device)
-        outputs.append(model(x)[0].float().cpu())
+        inputs = {"x": torch.from_numpy(np.concatenate([history, features], axis=-1)).to(device)}
+        if future is not None:
+            inputs["future"] = torch.from_numpy(np.ascontiguousarray(future[seq], dtype=np.float32)).to(device)
+        outputs.append(model(**inputs)[0].float().cpu())
     return torch.cat(outputs).numpy()
+
+
+def read_future(path: str | None, model: GRUModel, num_series: int) -> np.ndarray | None:
+    """`--future`: the future-known covariates a model reads over the horizon, checked against it."""
+    from dist_gru.data.files import DataFormatError
+
+    columns = len(model.future_channels)
+    expected = f"[num_series, horizon, future covariates] = [{num_series}, {model.horizon}, {columns}]"
+    if path is None:
+        if columns:
+            raise ConfigError(
+                f"the model reads {columns} future-known covariate(s) over the horizon: give their values after each "
+                f"series' end with --future FILE.npy {expected}"
+            )
+        return None
+    if not columns:
+        raise ConfigError(f"--future {path}: the model was trained without future-known covariates; leave it out")
+    try:
+        future = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataFormatError(f"--future {path}: not a readable .npy file ({exc})") from None
+    if future.shape != (num_series, model.horizon, columns) or future.dtype.kind not in "fiu":
+        raise DataFormatError(f"--future {path}: {future.dtype} {list(future.shape)}; expected numbers {expected}")
+    if not np.isfinite(future).all():
+        series = int(np.flatnonzero(~np.isfinite(future.reshape(num_series, -1)).all(axis=1))[0])
+        raise DataFormatError(f"--future {path}: series {series} has a missing or non-finite value; expected finite values")
+    return np.asarray(future)
 
 
 def forecast_main(argv: list[str] | None = None) -> int:
@@ -116,6 +155,11 @@ def forecast_main(argv: list[str] | None = None) -> int:
 
     parser = command_parser("dist-gru forecast")
     parser.add_argument("--out", required=True, help="output .npy path: [num_series, horizon, O] (+ quantile axis)")
+    parser.add_argument(
+        "--future",
+        help=".npy [num_series, horizon, Ff]: the future-known covariates over the horizon after each series' end "
+        "(models trained with future-known covariates)",
+    )
     args = parser.parse_intermixed_args(argv)
     problem = output_inside_input(args.out, {"--model": args.model, "--data": args.data, "--config": args.config})
     if problem:
@@ -141,8 +185,9 @@ def forecast_main(argv: list[str] | None = None) -> int:
             f"--data {args.data}: series have {dataset.output_size} target channels, the model forecasts {model.output_size}"
         )
     check_features(args, model, dataset.output_size + dataset.num_features)
+    future = read_future(args.future, model, len(dataset))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    outputs = forecast_series(model.to(device), dataset, cfg.data.window, args.batch_size, device)
+    outputs = forecast_series(model.to(device), dataset, cfg.data.window, args.batch_size, device, future)
     np.save(args.out, outputs)
     written = {"out": str(args.out), "shape": list(outputs.shape)}
     bad = int((~np.isfinite(outputs.reshape(len(outputs), -1))).any(axis=1).sum())

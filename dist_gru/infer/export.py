@@ -72,6 +72,11 @@ def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool
         problems.append("--stateful with a bidirectional model: a backward direction needs the whole sequence")
     if stateful and model.scaling == "window":
         problems.append("--stateful with data.scaling=window: per-window scaling needs the whole sequence")
+    if model.future_channels:  # the exported graphs take (x, lengths[, state]) only
+        problems.append(
+            "the model reads future-known covariates over the horizon, which exported graphs do not take yet; "
+            "forecast with `dist-gru forecast --future`"
+        )
     return problems
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist_gru.config import Config, ConfigError, load_config
+from dist_gru.data.batching import model_inputs
 from dist_gru.data.loading import build_dataset
 from dist_gru.tasks import SYNTHETIC_KEYS, data_info, task_for
 
@@ -38,14 +39,9 @@ def json_line(record: dict) -> str:
     return json.dumps({**clean, "nonfinite": nonfinite} if nonfinite else clean, allow_nan=False)
 
 
-def batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, lengths, y) of a loader's batch, x and y on `device` (lengths stay on the CPU: packing reads them there)."""
-    non_blocking = device.type == "cuda"
-    return (
-        batch["x"].to(device, non_blocking=non_blocking),
-        batch["lengths"],
-        batch["y"].to(device, non_blocking=non_blocking),
-    )
+def batch_to(batch: dict, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+    """(the model's inputs, y) of a loader's batch (`dist_gru.data.batching.model_inputs`), y on `device`."""
+    return model_inputs(batch, device), batch["y"].to(device, non_blocking=device.type == "cuda")
 
 
 def load_model(model_dir: str | Path) -> GRUModel:

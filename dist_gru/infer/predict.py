@@ -97,9 +97,9 @@ def _write_rows(
     nonfinite = 0
     with torch.no_grad():
         for batch in make_loader(dataset, batches, 0):
-            x, lengths, _ = batch_to(batch, device)
+            inputs, _ = batch_to(batch, device)
             first, last = int(offsets[int(batch["index"][0])]), int(offsets[int(batch["index"][-1]) + 1])
-            written_rows = _rows(model, model(x, lengths)[0], lengths, args.probabilities)
+            written_rows = _rows(model, model(**inputs)[0], inputs["lengths"], args.probabilities)
             rows[first:last] = written_rows
             if dtype.kind == "f":
                 nonfinite += int((~np.isfinite(written_rows.reshape(len(written_rows), -1))).any(axis=1).sum())

@@ -64,6 +64,7 @@ def checked_arguments(args: dict[str, Any]) -> dict[str, Any]:
             problems.append(f"{name}={args[name]!r}: expected one of {', '.join(allowed)}")
 
     task, head, output, dropout = args["task"], args["head"], args["output"], args["dropout"]
+    args["future_channels"] = args["future_channels"] or None  # none is None: config.json omits it
     for name in ("input_size", "hidden_size", "num_layers"):
         integer(name)
     choice("task", TASKS)
@@ -86,6 +87,8 @@ def checked_arguments(args: dict[str, Any]) -> dict[str, Any]:
         problems += _forecast_problems(args, integer)
     elif args["horizon"] != 0:
         problems.append(f"horizon={args['horizon']!r} with head={head!r}: only head='forecast' has a horizon (use 0)")
+    elif args["future_channels"]:
+        problems.append(f"future_channels with head={head!r}: only head='forecast' reads future covariates")
     if args["vocab_size"] is not None:
         integer("vocab_size", 2)
     if args["data"] is not None and not isinstance(args["data"], dict):
@@ -106,6 +109,17 @@ def _forecast_problems(args: dict[str, Any], integer: Any) -> list[str]:
             f"head='forecast' with input_size={input_size} < output_size={output_size}: the first "
             "output_size input channels must be the target history"
         )
+    channels = args["future_channels"]
+    if channels is not None:
+        plain = all(isinstance(c, Integral) and not isinstance(c, bool) for c in channels)
+        top = input_size if isinstance(input_size, int) else 0
+        if not plain or list(channels) != sorted(set(channels)) or not all(output_size <= c < top for c in channels):
+            problems.append(
+                f"future_channels={list(channels)!r}: expected increasing covariate channels of x, in "
+                f"[output_size, input_size) = [{output_size}, {input_size})"
+            )
+        else:
+            args["future_channels"] = [int(c) for c in channels] or None
     return problems
 
 
@@ -116,7 +130,8 @@ def saved_config(args: dict[str, Any]) -> dict[str, Any]:
     first = ("input_size", "hidden_size", "num_layers", "dropout", "task", "output_size", "cell")
     config = {name: args[name] for name in first}
     signature = inspect.signature(GRUModel.__init__).parameters
-    for name in ("head", "bidirectional", "output", "quantiles", "horizon", "scaling", "vocab_size", "data"):
+    later = ("head", "bidirectional", "output", "quantiles", "horizon", "scaling", "vocab_size", "future_channels")
+    for name in (*later, "data"):
         default = signature[name].default
         if args[name] != (list(default) if name == "quantiles" else default):
             config[name] = args[name]
@@ -176,6 +191,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         horizon: int = 0,
         scaling: str = "none",
         vocab_size: int | None = None,
+        future_channels: Sequence[int] | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -183,7 +199,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers, "dropout": dropout,
             "task": task, "output_size": output_size, "cell": cell, "head": head, "bidirectional": bidirectional,
             "output": output, "quantiles": quantiles, "horizon": horizon, "scaling": scaling,
-            "vocab_size": vocab_size, "data": data,
+            "vocab_size": vocab_size, "future_channels": future_channels, "data": data,
         })
         args.update(dropout=float(dropout), horizon=int(args["horizon"]), quantiles=[float(q) for q in quantiles])
         # What save_pretrained writes to config.json. The mixin records the raw call
@@ -195,6 +211,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         self.head_kind, self.bidirectional, self.output_kind = head, bidirectional, output
         self.quantiles, self.horizon, self.scaling = tuple(args["quantiles"]), args["horizon"], scaling
         self.vocab_size = args["vocab_size"]
+        # Channels of x (after the target history) whose values over the horizon the forecast reads.
+        self.future_channels: list[int] = list(args["future_channels"] or [])
         # What inference needs to know of the data the model was trained on (window, season, names):
         # carried in config.json so that a copied model folder is all `evaluate` and `forecast` need.
         self.data = dict(data) if data is not None else None
@@ -207,7 +225,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             self.scaler = TokenScaler(self.input_size, self.vocab_size, window)
         self.encoder = Encoder(self.input_size, self.hidden_size, self.num_layers, self.dropout, cell, bidirectional)
         layout = build_layout(output, self.output_size, self.quantiles)
-        self.head = build_head(head, self.encoder.output_size, layout, self.horizon)
+        head_inputs = self.encoder.output_size + self.horizon * len(self.future_channels)
+        self.head = build_head(head, head_inputs, layout, self.horizon)
         self.register_state_dict_post_hook(_to_saved_names)
         self.register_load_state_dict_pre_hook(_from_saved_names)
 
@@ -235,10 +254,14 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         """Re-pack ``nn.GRU`` weights for cuDNN after a move or load; seed: no-op."""
         self.encoder.flatten_parameters()
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, lengths: Tensor | None = None, state: Tensor | None = None, future: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``x`` [B, T, F] (token ids [B, T] with ``vocab_size``), ``lengths`` [B] (None: all T),
         ``state`` (None: zeros) -> ``(outputs, state)``; outputs as the class docstring says, state
-        ``[num_layers * D, B, H]`` after each sequence's last valid step.
+        ``[num_layers * D, B, H]`` after each sequence's last valid step. ``future`` [B, horizon,
+        len(future_channels)]: the horizon's values of the future-known covariates, in the units of
+        their channels of ``x`` (a model with ``future_channels`` needs them, any other takes none).
 
         Streams: a ``state`` from ``initial_state`` or a previous call continues each sequence where
         that call left it, so feeding a sequence chunk by chunk gives what one call on the whole
@@ -251,7 +274,11 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             self.scaler.check_stream()
         x, lengths, affine = self.scaler(x, lengths)
         out, state = self.encoder(x, lengths, state)
-        return self.head(out, self.encoder.summary(state), affine), state
+        summary = self.encoder.summary(state)
+        if self.future_channels or future is not None:  # the forecast also reads the planned values
+            planned = self.scaler.future(future, affine, self.future_channels, self.horizon)
+            summary = torch.cat([summary, planned.to(summary.dtype)], -1)
+        return self.head(out, summary, affine), state
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> Tensor:
         """The state a stream starts from: zeros ``[num_layers, batch, hidden_size]``."""

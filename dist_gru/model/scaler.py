@@ -112,6 +112,20 @@ class Scaler(nn.Module):
         return x, lengths, affine
 
 
+    def future(self, future: Tensor | None, affine: Affine, channels: list[int], horizon: int) -> Tensor:
+        """``future`` [B, horizon, len(channels)] scaled as ``x``'s ``channels`` were, flattened to
+        ``[B, horizon * len(channels)]`` for the forecast head."""
+        expected = f"[batch, {horizon}, {len(channels)}]"
+        if not channels:
+            raise ValueError("future: this model reads no future covariates (it has no future_channels)")
+        if future is None:
+            raise ValueError(f"future: this model reads the horizon's future covariates {expected}; none given")
+        if future.dim() != 3 or tuple(future.shape[1:]) != (horizon, len(channels)):
+            raise ValueError(f"future must have shape {expected}, got {tuple(future.shape)}")
+        shift, scale = affine.shift[..., channels], affine.scale[..., channels]
+        return ((future.to(shift.dtype) - shift) / scale).flatten(1)
+
+
 class TokenScaler(Scaler):
     """Token ids ``[B, T]`` through an embedding of ``input_size`` units (then per window if asked)."""
 

@@ -144,6 +144,7 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "horizon": data.horizon,
         "scaling": data.scaling,
         "vocab_size": model.vocab_size if tokens else None,
+        "future_channels": getattr(dataset, "future_channels", None) or None,
         "data": data_facts(cfg),  # what inference needs to know of the data: window, season ...
     }
     task_for(kwargs).check_fits(data_info(cfg, dataset, "train"))

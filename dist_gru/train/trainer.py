@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dist_gru.config import Config, OptimConfig, help_text, load_config, per_rank_batch_size
+from dist_gru.data.batching import model_inputs
 from dist_gru.data.loading import training_data_fingerprint
 from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.sources import Source, build_source
@@ -314,10 +315,9 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
         with meter.waiting():
             epoch, batch = next(batches)
         seen.append(batch)
-        x = batch["x"].to(acc.device, non_blocking=True)
         y = batch["y"].to(acc.device, non_blocking=True)
         with acc.accumulate(model):
-            output, state = model(x, batch["lengths"], state=job.source.carried(batch))
+            output, state = model(**model_inputs(batch, acc.device), state=job.source.carried(batch))
             job.source.keep(state)  # stream mode: carried into the lane's next chunk, detached
             total, _ = job.task.loss_sum(output, y, batch["lengths"])
             loss = total.float() * scale
