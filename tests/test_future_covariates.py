@@ -174,3 +174,14 @@ def test_two_processes_train_like_one_with_future_covariates(tmp_path):
     assert diff <= 1e-5
     evals = [final_eval(tmp_path / run) for run in ("one", "two")]
     assert abs(evals[0]["eval/mae"] - evals[1]["eval/mae"]) <= 1e-6
+
+
+def test_a_copied_model_folder_evaluates_as_the_run_does(promo_runs, tmp_path):
+    """Whether the model reads the planned values travels with the model folder, not the run's config."""
+    for name in ("with", "without"):
+        copied = tmp_path / name / "model"
+        shutil.copytree(promo_runs / name / "model", copied)
+        original = assert_ok(cli("evaluate", "--model", str(promo_runs / name / "model"), "--data", "promo"))
+        elsewhere = assert_ok(cli("evaluate", "--model", str(copied), "--data", "promo"))
+        assert original.stdout.splitlines()[-1] == elsewhere.stdout.splitlines()[-1]
+        assert json.loads(elsewhere.stdout.splitlines()[-1])["mae"] == pytest.approx(final_eval(promo_runs / name)["eval/mae"])

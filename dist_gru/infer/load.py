@@ -93,6 +93,7 @@ def inference_config(args: argparse.Namespace, model: GRUModel, extra: list[str]
         model_dir.parent / "config.yaml" if (model_dir.parent / "config.yaml").is_file() else None
     )
     overrides = [f"model.head={model.head_kind}", f"data.horizon={model.horizon}"]
+    overrides.append(f"data.future_covariates={str(bool(model.future_channels)).lower()}")
     overrides += [*fact_overrides(model, args.data, args.config is not None), *extra, *args.overrides]
     if Path(args.data).exists():
         overrides += ["data.name=files", f"data.val_path={args.data}", f"data.train_path={args.data}"]
@@ -129,6 +130,12 @@ def load_for_inference(args: argparse.Namespace, extra: list[str] = ()) -> tuple
     task_for(model.config).check_fits(data_info(cfg, dataset, "val"))  # as training checks its data
     if getattr(dataset, "vocab_size", None) is None:  # token ids have no feature count to compare
         check_features(args, model, dataset.num_features)
+    given = getattr(dataset, "future_channels", [])
+    if given != model.future_channels:
+        raise ConfigError(
+            f"--data {args.data}: its future-known covariates are input channels {given}, the model reads "
+            f"{model.future_channels} (mark the same feature columns as future-known)"
+        )
     return cfg, model, dataset
 
 
