@@ -265,6 +265,10 @@ def test_the_time_cut_keeps_history_in_validation(tmp_path, capsys):
     assert val.lengths.tolist() == [27, 17, 22] and val.eval_from.tolist() == [22, 12, 17]
     assert test.lengths.tolist() == [30, 20, 25] and test.eval_from.tolist() == [27, 17, 22]
 
+    _prepare(capsys, "--table", file, *BASE, "--val-last", "5", "--test-from", "2024-01-18", "--out", tmp_path / "m")
+    assert SequenceFileDataset(tmp_path / "m" / "val").eval_from.tolist() == [12, 12, 12]  # 5 steps before the test cut
+    assert SequenceFileDataset(tmp_path / "m" / "test").eval_from.tolist() == [17, 17, 17]
+
     err = _refused(capsys, "--table", file, *BASE, "--val-from", "2024-01-22", "--out", tmp_path / "x")
     assert "1 series have no D step in the val part of the time cut: 'b' (20 steps from 2024-01-01 00:00:00)" in err
 
@@ -366,3 +370,12 @@ def test_a_prepared_table_trains_and_forecasts_end_to_end(tmp_path, capsys):
                            str(tmp_path / "data" / "val"), "--out", str(tmp_path / "f.npy"), timeout=240))  # fmt: skip
     assert np.load(tmp_path / "f.npy").shape == (4, 3, 1), result.output
     assert os.path.exists(tmp_path / "run" / "model")
+
+
+def test_the_table_benchmark_reports_rows_speed_and_memory(tmp_path):
+    result = assert_ok(run([PY, "-m", "dist_gru.bench.table", "--rows", "3000", "--series", "10", "--dir",
+                            str(tmp_path)], timeout=240))  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["rows"] == 3000 and report["series"] == 10 and report["file_mb"] > 0
+    assert report["rows_per_s"] > 0 and report["peak_rss_mb"] > 0 and report["memory_mb"] == 1024
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the table and the dataset are removed

@@ -284,6 +284,7 @@ def scatter(spec: TableSpec, state: Scan, series: Series, scratch: Path, batch_b
     times = open_memmap(scratch / "times.npy", mode="w+", dtype=np.int64, shape=(state.rows,))
     values = open_memmap(scratch / "values.npy", mode="w+", dtype=np.float64, shape=(state.rows, len(roles.values)))
     cursor, missing = offsets[:-1].copy(), np.zeros(len(roles.values), dtype=np.int64)
+    pending = 0  # bytes written since the scratch arrays' pages were last handed back
     columns = [c for c in roles.all if c not in roles.static]
     for batch in iter_batches(spec.file, roles, columns, batch_bytes):
         codes = series.rank[series_codes(batch, roles, state.index, spec.file, grow=False)]
@@ -294,7 +295,11 @@ def scatter(spec: TableSpec, state: Scan, series: Series, scratch: Path, batch_b
         block = _values(batch, spec, series)
         missing += np.isnan(block).sum(axis=0)
         values[rows] = block[order]
-        release(times, values)
+        pending += block.nbytes + len(rows) * 8
+        if pending > batch_bytes * 2:  # hand the touched pages back every few batches
+            release(times, values)
+            pending = 0
+    release(times, values)
     return Raw(times, values, offsets, missing)
 
 
@@ -377,14 +382,15 @@ def _check_fits(name: str, times: np.ndarray, freq: pd.DateOffset, per_step: int
 
 
 def _cut_steps(spec: TableSpec, grid: pd.DatetimeIndex) -> dict[str, int]:
-    """Per cut, the number of the series' steps before it."""
+    """Per cut, the number of the series' steps before it; `--val-last N` counts N steps back from
+    the test cut when there is one."""
     steps = {}
-    test_last = spec.cuts["test"][1] if spec.cuts.get("test", ("",))[0] == "last" else 0
-    for name, (kind, value) in spec.cuts.items():
+    for name in sorted(spec.cuts, key=lambda split: split != "test"):  # test first
+        kind, value = spec.cuts[name]
         if kind == "from":
             steps[name] = int(np.searchsorted(grid.asi8, value, side="left"))
-        else:  # the last `value` steps (validation counts back from the test part)
-            steps[name] = len(grid) - value - (test_last if name == "val" else 0)
+        else:
+            steps[name] = steps.get("test", len(grid)) - value
     return steps
 
 
