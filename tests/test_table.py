@@ -379,3 +379,24 @@ def test_the_table_benchmark_reports_rows_speed_and_memory(tmp_path):
     assert report["rows"] == 3000 and report["series"] == 10 and report["file_mb"] > 0
     assert report["rows_per_s"] > 0 and report["peak_rss_mb"] > 0 and report["memory_mb"] == 1024
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the table and the dataset are removed
+
+
+def test_zoned_timestamps_float_labels_and_out_of_range_times(tmp_path, capsys):
+    (tmp_path / "z.csv").write_text("".join(
+        ["id,ds,y\n"] + [f"a,2024-01-0{d}T01:00:00+01:00,{d}\n" for d in range(1, 5)]
+    ))  # fmt: skip
+    _prepare(capsys, "--table", tmp_path / "z.csv", *BASE, "--out", tmp_path / "z")
+    ds = SequenceFileDataset(tmp_path / "z")
+    assert ds.series_start.tolist() == [pd.Timestamp("2024-01-01 00:00").value] and ds.freq == "D"
+
+    df = _table({"a": 6})
+    df["label"] = (df.y % 3).astype(float)
+    args = ["--id-column", "id", "--time-column", "ds", "--target-columns", "label", "--past-columns", "price"]
+    _prepare(capsys, "--table", _write(df, tmp_path / "f.parquet"), *args, "--task", "classification", "--out", tmp_path / "f")
+    ds = SequenceFileDataset(tmp_path / "f")
+    assert ds.class_names is None and ds.num_classes == 3 and ds[0]["y"].tolist() == [0, 1, 2, 0, 1, 2]
+
+    far = pa.table({"id": ["a"] * 3, "ds": pa.array([np.datetime64(f"250{d}-01-01", "us") for d in range(3)]), "y": [1.0] * 3})
+    pq.write_table(far, tmp_path / "far.parquet")
+    err = _refused(capsys, "--table", tmp_path / "far.parquet", *BASE, "--out", tmp_path / "far")
+    assert str(tmp_path / "far.parquet") in err and not (tmp_path / "far").exists()

@@ -679,5 +679,5 @@ def _write_splits(out: Path, splits: dict, task: str, num_classes: int | None) -
 
 def _check(path: Path) -> dict:
     if not (path / "meta.json").exists() and (path / "train" / "meta.json").exists():
-        return {name: validate(path / name) for name in ("train", "val") if (path / name).exists()}
+        return {name: validate(path / name) for name in ("train", "val", "test") if (path / name).exists()}
     return validate(path, full=True)

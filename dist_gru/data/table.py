@@ -135,7 +135,10 @@ def prepare_table(spec: TableSpec) -> dict[str, Any]:
     check_columns(spec)
     budget = spec.memory_mb << 20
     batch_bytes = max(1 << 20, budget // 32)  # the batch and its few converted copies stay well inside
-    state = scan(spec.file, spec.roles, batch_bytes)
+    try:
+        state = scan(spec.file, spec.roles, batch_bytes)
+    except pa.ArrowException as err:  # a value Arrow cannot convert (a timestamp out of range, ...)
+        raise DataFormatError(f"{spec.file}: {err}") from None
     series = Series.from_scan(state, spec)
     destinations = {name: spec.out / name if name else spec.out for name in _split_names(spec)}
     for destination in destinations.values():
@@ -147,9 +150,11 @@ def prepare_table(spec: TableSpec) -> dict[str, Any]:
         raw = scatter(spec, state, series, scratch, batch_bytes)
         layout = Layout.build(spec, series, raw, budget)
         summary = write_splits(spec, series, raw, layout, destinations)
-    except BaseException:
+    except BaseException as err:
         if made_out and spec.out.is_dir() and not any(spec.out.iterdir()):
             spec.out.rmdir()
+        if isinstance(err, pa.ArrowException):
+            raise DataFormatError(f"{spec.file}: {err}") from None
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -255,7 +260,7 @@ def _classes(labels: set, spec: TableSpec) -> tuple[list[str] | None, int]:
     """Integer labels keep their ids (C = max + 1, no names); text labels become 0..C-1 in sorted order."""
     if not labels:
         raise DataFormatError(f"{spec.file}: target column {spec.roles.targets[0]!r} has no labels")
-    if all(isinstance(v, int) or _is_int_text(v) for v in labels):
+    if all(isinstance(v, (int, float)) and float(v).is_integer() or _is_int_text(v) for v in labels):
         ids = sorted(int(v) for v in labels)
         if ids[0] < 0:
             raise DataFormatError(f"{spec.file}: label {ids[0]} in {spec.roles.targets[0]!r}; integer class labels are >= 0")
@@ -313,7 +318,8 @@ def _values(batch: pa.RecordBatch, spec: TableSpec, series: Series) -> np.ndarra
                 ids = pc.index_in(text(column), value_set=pa.array(series.class_names))
                 columns.append(np.asarray(ids.cast(pa.float64()).fill_null(np.nan)))
                 continue
-            column = text(column).cast(pa.float64()) if not pa.types.is_integer(column.type) else column
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                column = column.cast(pa.float64())  # integer labels written as text
         columns.append(numbers(column, spec.file, name))
     return np.stack(columns, axis=1)
 
