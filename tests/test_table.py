@@ -325,6 +325,7 @@ def _peak_of(code: str) -> float:
     return float(result.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_a_table_larger_than_the_memory_bound_is_converted_within_it(tmp_path):
     """~40 MB of Parquet at --memory-mb 32: the peak RSS of the conversion minus that of a process that
     imported the same modules stays under 32 MiB."""
@@ -354,6 +355,7 @@ def test_a_table_larger_than_the_memory_bound_is_converted_within_it(tmp_path):
     assert val.series_ids[:3].tolist() == ["0", "1", "2"]  # integer ids in numeric order
 
 
+@pytest.mark.slow
 def test_a_prepared_table_trains_and_forecasts_end_to_end(tmp_path, capsys):
     df = _table({str(i): 80 for i in range(4)})
     df["y"] = np.sin(np.arange(len(df)) * 2 * np.pi / 7) + 0.1 * df.price
@@ -372,6 +374,7 @@ def test_a_prepared_table_trains_and_forecasts_end_to_end(tmp_path, capsys):
     assert os.path.exists(tmp_path / "run" / "model")
 
 
+@pytest.mark.slow
 def test_the_table_benchmark_reports_rows_speed_and_memory(tmp_path):
     result = assert_ok(run([PY, "-m", "dist_gru.bench.table", "--rows", "3000", "--series", "10", "--dir",
                             str(tmp_path)], timeout=240))  # fmt: skip
