@@ -209,6 +209,9 @@ def test_csv_blank_lines_and_nan_spellings(tmp_path, capsys):
     (tmp_path / "x.csv").write_text("id,ds,y\na,2024-01-01,1\na,2024-01-02,abc\n")
     err = _refused(capsys, "--table", tmp_path / "x.csv", *BASE, "--out", tmp_path / "o2")
     assert "abc" in err and "must be numbers" in err
+    (tmp_path / "t.csv").write_text("id,ds,y\na,2024-01-01,1\na,,2\n")
+    err = _refused(capsys, "--table", tmp_path / "t.csv", *BASE, "--out", tmp_path / "o2")
+    assert "--time-column 'ds' is empty in data row 2; every row needs a timestamp" in err
 
 
 def test_a_static_value_that_changes_within_a_series_is_refused(tmp_path, capsys):

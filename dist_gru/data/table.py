@@ -296,7 +296,7 @@ def scatter(spec: TableSpec, state: Scan, series: Series, scratch: Path, batch_b
         order, stored, starts, sizes = groups(codes)
         rows = np.repeat(cursor[stored] - starts, sizes) + np.arange(len(codes))
         cursor[stored] += sizes
-        times[rows] = times_ns(batch.column(roles.time), spec.file, roles.time)[order]
+        times[rows] = times_ns(batch.column(roles.time), spec.file, roles.time, 0)[order]  # checked in pass 1
         block = _values(batch, spec, series)
         missing += np.isnan(block).sum(axis=0)
         values[rows] = block[order]

@@ -95,11 +95,13 @@ def iter_batches(file: Path, roles: Roles, columns: list[str], batch_bytes: int)
         with pacsv.open_csv(file, read_options=read, convert_options=options) as reader:
             yield from reader
     except pa.ArrowInvalid as err:
-        raise DataFormatError(f"{file}: {err}; value columns ({', '.join(roles.values)}) must be numbers") from None
+        hint = f"; value columns ({', '.join(roles.values)}) must be numbers" if "conversion error" in str(err) else ""
+        raise DataFormatError(f"{file}: {err}{hint}") from None
 
 
-def times_ns(column: pa.Array, file: Path, name: str) -> np.ndarray:
-    """A timestamp, date or text column as int64 ns since the epoch (UTC wall time for zoned values)."""
+def times_ns(column: pa.Array, file: Path, name: str, first_row: int) -> np.ndarray:
+    """A timestamp, date or text column as int64 ns since the epoch (UTC wall time for zoned values);
+    `first_row`: the number of data rows before this batch, for messages."""
     if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
         ns = column.cast(pa.timestamp("ns", tz=getattr(column.type, "tz", None)))
     elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
@@ -111,7 +113,9 @@ def times_ns(column: pa.Array, file: Path, name: str) -> np.ndarray:
         )
     if ns.null_count:
         row = int(np.argmax(np.asarray(ns.is_null())))
-        raise DataFormatError(f"{file}: --time-column {name!r} is empty in a row (row {row} of its batch)")
+        raise DataFormatError(
+            f"{file}: --time-column {name!r} is empty in data row {first_row + row + 1}; every row needs a timestamp"
+        )
     return np.asarray(ns.cast(pa.int64()))
 
 
@@ -186,7 +190,7 @@ def scan(file: Path, roles: Roles, batch_bytes: int) -> Scan:
     columns = [c for c in (roles.id, roles.time, *roles.static, *labels) if c]
     for batch in iter_batches(file, roles, columns, batch_bytes):
         codes = series_codes(batch, roles, state.index, file, grow=True)
-        times = times_ns(batch.column(roles.time), file, roles.time)
+        times = times_ns(batch.column(roles.time), file, roles.time, state.rows)
         order, series, starts, sizes = groups(codes)
         new = len(state.index) - len(state.counts)
         state.counts += [0] * new
