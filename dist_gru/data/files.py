@@ -72,6 +72,17 @@ STORED_KINDS = (*TARGET_KINDS, "none")
 FEATURE_DTYPES = ("float32", "uint8", "int32")
 TOKEN_DTYPES = ("uint8", "int32")
 META_FILE, FEATURES_FILE, OFFSETS_FILE, TARGETS_FILE = "meta.json", "features.npy", "offsets.npy", "targets.npy"
+# Optional per-series arrays, O(N) each, listed in meta.json's "series_arrays" (written by
+# `dist-gru prepare --table`): name -> (dtype, None for fixed-width unicode; width: None for [N]).
+SERIES_ARRAYS = {
+    "series_ids": (None, None),  # str [N]
+    "series_start": ("int64", None),  # ns since the epoch of each series' first step
+    "static_categories": ("int64", "category"),  # [N, Sc]: the code of each categorical static column
+    "static_values": ("float32", "value"),  # [N, Sn]: numeric static columns
+    "eval_from": ("int64", None),  # the first step whose target is in this split's evaluation period
+}
+FEATURE_ROLES = ("past", "future")
+MISSING_POLICIES = ("error", "ffill", "interpolate", "mask")
 # Chunks of features.npy read by the streaming passes stay below this many values (32 MiB as
 # float64), whatever the number of features.
 _MAX_CHUNK_VALUES = 1 << 22
@@ -581,6 +592,72 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         # Token streams only: ids in [0, vocab_size); None for float features.
         self.vocab_size: int | None = self.meta.get("vocab_size") if self.meta["feature_dtype"] in TOKEN_DTYPES else None
         self._open(check_contents=True)
+        self._series_arrays = load_series_arrays(self.path, self.meta, self._lengths)
+
+    # Per-series facts of a dataset written by `dist-gru prepare --table` (docs/tables.md); each is
+    # None for a dataset that does not have it. Arrays are read-only, O(N).
+
+    @property
+    def series_ids(self) -> np.ndarray | None:
+        """str [N]: each series' id (the --id-column value)."""
+        return self._series_arrays.get("series_ids")
+
+    @property
+    def series_start(self) -> np.ndarray | None:
+        """int64 [N]: the timestamp of each series' first stored step, ns since the epoch (UTC)."""
+        return self._series_arrays.get("series_start")
+
+    @property
+    def eval_from(self) -> np.ndarray | None:
+        """int64 [N]: per series, the first step whose target is in this split's evaluation period
+        (the steps before it are history); windows are drawn so their targets start there."""
+        return self._series_arrays.get("eval_from")
+
+    @property
+    def static_categories(self) -> np.ndarray | None:
+        """int64 [N, Sc]: per series, the code of each categorical static column (see `static`)."""
+        return self._series_arrays.get("static_categories")
+
+    @property
+    def static_values(self) -> np.ndarray | None:
+        """float32 [N, Sn]: per series, each numeric static column."""
+        return self._series_arrays.get("static_values")
+
+    @property
+    def static(self) -> list[dict] | None:
+        """The static columns: [{"name", "kind": "category" (with "vocabulary") | "value"}, ...]."""
+        return self.meta.get("static")
+
+    @property
+    def freq(self) -> str | None:
+        """The pandas offset alias of the time step (e.g. "h", "D", "MS")."""
+        return self.meta.get("freq")
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        return self.meta.get("feature_names")
+
+    @property
+    def feature_roles(self) -> list[str] | None:
+        """Per feature column: "past" (observed up to the forecast origin) or "future" (known ahead)."""
+        return self.meta.get("feature_roles")
+
+    @property
+    def target_names(self) -> list[str] | None:
+        return self.meta.get("target_names")
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Classification: the name of each class id 0..C-1."""
+        return self.meta.get("class_names")
+
+    @property
+    def time_column(self) -> str | None:
+        return self.meta.get("time_column")
+
+    @property
+    def id_column(self) -> str | None:
+        return self.meta.get("id_column")
 
     def _check_token_ids(self) -> None:
         """Every token id in [0, vocab_size), in one chunked pass (a stream is checked like its targets)."""
@@ -864,7 +941,121 @@ def _read_meta(path: Path) -> dict:
             f'{meta_file}: "total_steps" is {meta["total_steps"]} < "num_sequences" {meta["num_sequences"]}; '
             "every sequence has at least one step"
         )
+    _check_table_meta(meta, meta_file)
     return meta
+
+
+def _check_names(meta: dict, key: str, size: int | None, meta_file: Path, allowed: tuple[str, ...] = ()) -> None:
+    """An optional key holding a list of strings (of `size` entries; each one of `allowed` if given)."""
+    if key not in meta:
+        return
+    value = meta[key]
+    ok = isinstance(value, list) and all(isinstance(v, str) for v in value) and (size is None or len(value) == size)
+    if not ok or (allowed and any(v not in allowed for v in value)):
+        each = f"one of {', '.join(map(repr, allowed))}" if allowed else "a string"
+        count = f"{size} entries" if size is not None else "entries"
+        raise DataFormatError(f'{meta_file}: "{key}" is {value!r}; expected a list of {count}, each {each}')
+
+
+def _check_table_meta(meta: dict, meta_file: Path) -> None:
+    """The optional keys `dist-gru prepare --table` writes; older datasets have none of them."""
+    width = meta["num_features"]
+    _check_names(meta, "feature_names", width, meta_file)
+    _check_names(meta, "feature_roles", width, meta_file, FEATURE_ROLES)
+    targets = 1 if meta["task"] == "classification" else meta.get("target_dim")
+    _check_names(meta, "target_names", targets, meta_file)
+    if meta["task"] == "classification":
+        _check_names(meta, "class_names", meta["num_classes"], meta_file)
+    elif "class_names" in meta:
+        raise DataFormatError(f'{meta_file}: "class_names" given for a regression dataset; expected none')
+    _check_names(meta, "series_arrays", None, meta_file, tuple(SERIES_ARRAYS))
+    for key in ("freq", "time_column", "id_column"):
+        if key in meta and meta[key] is not None and not (isinstance(meta[key], str) and meta[key]):
+            raise DataFormatError(f'{meta_file}: "{key}" is {meta[key]!r}; expected a non-empty string or null')
+    if "static" in meta:
+        _check_static_meta(meta["static"], meta_file)
+    if "missing" in meta:
+        missing = meta["missing"]
+        counts = missing.get("filled") if isinstance(missing, dict) else None
+        if (
+            not isinstance(missing, dict)
+            or missing.get("policy") not in MISSING_POLICIES
+            or not isinstance(counts, dict)
+            or not all(_is_int(v) and v >= 0 for v in counts.values())
+        ):
+            raise DataFormatError(
+                f'{meta_file}: "missing" is {missing!r}; expected {{"policy": one of '
+                f'{", ".join(map(repr, MISSING_POLICIES))}, "filled": {{column: count >= 0}}, ...}}'
+            )
+
+
+def _check_static_meta(static: Any, meta_file: Path) -> None:
+    """"static": a list of {"name", "kind": "category" with a "vocabulary" of strings, or "value"}."""
+    entries = static if isinstance(static, list) else [None]
+    for entry in entries:
+        ok = isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("kind") in ("category", "value")
+        if ok and entry["kind"] == "category":
+            vocabulary = entry.get("vocabulary")
+            ok = isinstance(vocabulary, list) and len(vocabulary) > 0 and all(isinstance(v, str) for v in vocabulary)
+        if not ok:
+            raise DataFormatError(
+                f'{meta_file}: "static" entry {entry!r}; expected {{"name": str, "kind": "category", '
+                '"vocabulary": [str, ...]}} or {"name": str, "kind": "value"}'
+            )
+
+
+def load_series_arrays(path: Path, meta: dict, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-series arrays meta.json lists in "series_arrays", read whole (O(N)), validated and
+    made read-only."""
+    static = meta.get("static") or []
+    widths = {kind: sum(entry["kind"] == kind for entry in static) for kind in ("category", "value")}
+    arrays = {}
+    for name in meta.get("series_arrays", []):
+        file = path / f"{name}.npy"
+        dtype, width = SERIES_ARRAYS[name]
+        array = _load_small(file)
+        shape = (len(lengths),) if width is None else (len(lengths), widths[width])
+        dtype_ok = array.dtype.kind == "U" if dtype is None else array.dtype == np.dtype(dtype)
+        if not dtype_ok or array.shape != shape:
+            raise DataFormatError(
+                f"{file}: dtype {array.dtype}, shape {array.shape}; expected {dtype or 'str'} of shape {shape} "
+                f"according to {META_FILE}"
+            )
+        array.setflags(write=False)
+        arrays[name] = array
+    _check_series_values(path, arrays, static, lengths)
+    return arrays
+
+
+def _load_small(file: Path) -> np.ndarray:
+    if not file.is_file():
+        raise DataFormatError(f"{file}: missing; {META_FILE} lists it in \"series_arrays\"")
+    try:
+        return np.load(file, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise DataFormatError(f"{file}: cannot be read as a .npy array (truncated or corrupt?): {err}") from None
+
+
+def _check_series_values(path: Path, arrays: dict[str, np.ndarray], static: list[dict], lengths: np.ndarray) -> None:
+    """Values in range: eval_from within each series, category codes within their vocabularies."""
+    eval_from = arrays.get("eval_from")
+    if eval_from is not None:
+        bad = (eval_from < 0) | (eval_from > lengths)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataFormatError(
+                f"{path / 'eval_from.npy'}: eval_from[{i}] = {eval_from[i]}; expected 0 <= value <= the series' "
+                f"length {lengths[i]}"
+            )
+    codes = arrays.get("static_categories")
+    if codes is not None:
+        sizes = np.array([len(e["vocabulary"]) for e in static if e["kind"] == "category"], dtype=np.int64)
+        bad = (codes < 0) | (codes >= sizes)
+        if bad.any():
+            i, j = (int(v) for v in np.argwhere(bad)[0])
+            raise DataFormatError(
+                f"{path / 'static_categories.npy'}: [{i}, {j}] = {codes[i, j]}; expected a code in [0, {sizes[j]})"
+            )
 
 
 def _load_array(file: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:

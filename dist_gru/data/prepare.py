@@ -41,6 +41,7 @@ import numpy as np
 
 from dist_gru.config import MAX_SEED
 from dist_gru.data.files import (
+    MISSING_POLICIES,
     TASKS,
     DataFormatError,
     check_destination,
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--text", type=Path, metavar="FILE", help="a file's bytes as one token stream (vocabulary 256; stream mode)"
     )
+    source.add_argument(
+        "--table",
+        type=Path,
+        metavar="FILE",
+        help="a long-format table (.csv, .parquet/.pq): one row per series and timestamp (docs/tables.md)",
+    )
+    _table_arguments(parser)
     parser.add_argument("--targets", type=Path, help=".npy targets for --features: [N] or [N, O]")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output dataset directory")
     parser.add_argument("--task", choices=TASKS, help="required for --features/--npz; --csv is regression")
@@ -106,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TABLE_OPTIONS = (
+    "id_column", "time_column", "freq", "past_columns", "future_columns", "static_columns", "calendar",
+    "missing", "memory_mb", "val_from", "val_last", "test_from", "test_last",
+)  # fmt: skip
+
+
+def _table_arguments(parser: argparse.ArgumentParser) -> None:
+    table = parser.add_argument_group("--table (long format; docs/tables.md)")
+    table.add_argument("--id-column", help="the series id (absent: the table is one series)")
+    table.add_argument("--time-column", help="the timestamp (required with --table)")
+    table.add_argument("--freq", help="pandas offset alias of the time step (h, D, W-SUN, MS, ...; default: inferred)")
+    table.add_argument("--past-columns", help="covariates observed up to the forecast origin")
+    table.add_argument("--future-columns", help="covariates known for the horizon too")
+    table.add_argument("--static-columns", help="one value per series (text: a category; numbers: a value)")
+    table.add_argument("--calendar", help="calendar features from the timestamps, e.g. hour,dayofweek,month (docs/tables.md)")
+    table.add_argument("--missing", choices=MISSING_POLICIES, help="missing values and steps (default error)")
+    table.add_argument("--memory-mb", type=int, help="the memory bound of the conversion in MiB (default 1024)")
+    table.add_argument("--val-from", metavar="TIMESTAMP", help="steps at or after it are validation")
+    table.add_argument("--val-last", type=int, metavar="N", help="the last N steps of each series are validation")
+    table.add_argument("--test-from", metavar="TIMESTAMP", help="steps at or after it are test (after validation)")
+    table.add_argument("--test-last", type=int, metavar="N", help="the last N steps of each series are test")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -123,12 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> dict:
     if args.check is not None:
         return _check(args.check)
-    csv_options = ("window", "horizon", "stride", "target_columns", "feature_columns", "series_column", "encoding")
-    if args.csv is None:
-        given = [f"--{name.replace('_', '-')}" for name in csv_options if getattr(args, name) is not None]
-        given += ["--series"] if args.series else []
-        if given:
-            raise _UsageError(f"{', '.join(given)} {'only applies' if len(given) == 1 else 'only apply'} to --csv")
+    _check_source_options(args)
+    if args.table is not None:
+        return _table(args)
     if args.features is None and args.targets is not None:
         raise _UsageError("--targets goes with --features (an .npz holds its own targets)")
     if args.out is None:
@@ -187,6 +215,19 @@ def _run(args: argparse.Namespace) -> dict:
     else:
         splits = _random_split(sequences, targets, args.val_fraction, args.seed)
     return _write_splits(args.out, splits, args.task, num_classes)
+
+
+def _check_source_options(args: argparse.Namespace) -> None:
+    """Options of one source given with another (--table has its own check of the CSV ones)."""
+    given = [f"--{name.replace('_', '-')}" for name in TABLE_OPTIONS if getattr(args, name) is not None]
+    if args.table is None and given:
+        raise _UsageError(f"{', '.join(given)} {'only applies' if len(given) == 1 else 'only apply'} to --table")
+    csv_options = ("window", "horizon", "stride", "target_columns", "feature_columns", "series_column", "encoding")
+    if args.csv is None and args.table is None:
+        given = [f"--{name.replace('_', '-')}" for name in csv_options if getattr(args, name) is not None]
+        given += ["--series"] if args.series else []
+        if given:
+            raise _UsageError(f"{', '.join(given)} {'only applies' if len(given) == 1 else 'only apply'} to --csv")
 
 
 # ---------------------------------------------------------------------------------- array sources
@@ -531,6 +572,82 @@ def _csv_series_splits(args: argparse.Namespace, task: str) -> tuple[dict, int |
     return parts, num_classes
 
 
+# ---------------------------------------------------------------------------------- table source
+
+
+def _names(value: str | None) -> list[str]:
+    return [name.strip() for name in (value or "").split(",") if name.strip()]
+
+
+def _timestamp(option: str, value: str | None) -> int | None:
+    """A cut's timestamp as ns since the epoch (a zoned one in UTC, as the table's times are)."""
+    import pandas as pd
+
+    if value is None:
+        return None
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError):
+        stamp = pd.NaT
+    if stamp is pd.NaT:
+        raise _UsageError(f"{option} {value!r}: not a timestamp; expected e.g. 2024-01-31 or 2024-01-31T13:00")
+    return (stamp.tz_convert("UTC").tz_localize(None) if stamp.tzinfo else stamp).as_unit("ns").value
+
+
+def _table_cuts(args: argparse.Namespace) -> dict[str, tuple[str, int]]:
+    cuts = {}
+    for split in ("val", "test"):
+        since, last = getattr(args, f"{split}_from"), getattr(args, f"{split}_last")
+        if since is not None and last is not None:
+            raise _UsageError(f"--{split}-from and --{split}-last: give one of them")
+        if last is not None and last < 1:
+            raise _UsageError(f"--{split}-last {last}; expected an integer >= 1")
+        if since is not None:
+            cuts[split] = ("from", _timestamp(f"--{split}-from", since))
+        elif last is not None:
+            cuts[split] = ("last", last)
+    if "test" in cuts and "val" not in cuts:
+        raise _UsageError("--test-from/--test-last need --val-from or --val-last (validation comes before test)")
+    if cuts.get("val", ("",))[0] == cuts.get("test", ("",))[0] == "from" and cuts["test"][1] <= cuts["val"][1]:
+        raise _UsageError(f"--test-from {args.test_from} is not after --val-from {args.val_from}")
+    return cuts
+
+
+def _table(args: argparse.Namespace) -> dict:
+    """`--table`: check the options, then convert (dist_gru.data.table)."""
+    from dist_gru.data.table import TableSpec, prepare_table
+    from dist_gru.data.table_read import Roles
+    from dist_gru.data.table_series import CALENDAR
+
+    other = ["window", "horizon", "stride", "series_column", "feature_columns", "encoding", "num_classes", "val_fraction"]
+    given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name) is not None] + ["--series"] * args.series
+    if given:
+        hint = " (cut in time with --val-from or --val-last)" if "--val-fraction" in given else ""
+        raise _UsageError(f"{', '.join(given)} does not apply to --table{hint}")
+    for option in ("out", "time_column", "target_columns"):
+        if getattr(args, option) is None:
+            raise _UsageError(f"--table needs --{option.replace('_', '-')}")
+    calendar = _names(args.calendar)
+    unknown = [name for name in calendar if name not in CALENDAR]
+    if unknown:
+        raise _UsageError(f"--calendar {', '.join(unknown)}: unknown; expected some of {', '.join(CALENDAR)}")
+    memory_mb = 1024 if args.memory_mb is None else args.memory_mb
+    if memory_mb < 16:
+        raise _UsageError(f"--memory-mb {memory_mb}; expected an integer >= 16")
+    task = args.task or "regression"
+    roles = Roles(
+        id=args.id_column,
+        time=args.time_column,
+        targets=_names(args.target_columns),
+        past=_names(args.past_columns),
+        future=_names(args.future_columns),
+        static=_names(args.static_columns),
+        label=task == "classification",
+    )
+    spec = TableSpec(args.table, args.out, roles, args.freq, calendar, args.missing or "error", memory_mb, task, _table_cuts(args))
+    return prepare_table(spec)
+
+
 # --------------------------------------------------------------------------------------- writing
 
 
@@ -562,5 +679,5 @@ def _write_splits(out: Path, splits: dict, task: str, num_classes: int | None) -
 
 def _check(path: Path) -> dict:
     if not (path / "meta.json").exists() and (path / "train" / "meta.json").exists():
-        return {name: validate(path / name) for name in ("train", "val") if (path / name).exists()}
+        return {name: validate(path / name) for name in ("train", "val", "test") if (path / name).exists()}
     return validate(path, full=True)

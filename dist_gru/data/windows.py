@@ -15,6 +15,12 @@ Sample k of a window dataset is the window `(sequence i, start t)`: sequence i h
 windows out of the memory map (or generates them, for synthetic series). Every window has length
 `window`, so `lengths` is a broadcast view that costs nothing for 10^8 windows.
 
+A validation split written with its history (`eval_from.npy`, see docs/tables.md) draws only the
+windows whose targets reach its evaluation period: per sequence the first start is
+`max(0, eval_from - window)` (forecast: the first forecast step is in the period) or
+`max(0, eval_from - window + 1)` (step, last: the window's last step is), rounded up to the stride
+grid, and the count and index arithmetic above start from there.
+
 Modes:
 - `step` (model head `step`): x = the window's features [B, W, F], y = its per-step targets
   [B, W, O] float32 or [B, W] int64;
@@ -93,7 +99,13 @@ class WindowDataset(torch.utils.data.Dataset):
         self.source, self.window, self.horizon, self.stride, self.mode = source, window, horizon, stride, mode
         lengths = np.asarray(source.lengths, dtype=np.int64)
         need = window + horizon
-        counts = np.maximum(0, (lengths - need) // stride + 1)
+        self._first_start = _first_starts(getattr(source, "eval_from", None), len(lengths), window, stride, mode)
+        counts = np.maximum(0, (lengths - need - self._first_start) // stride + 1)
+        if counts.sum() == 0 and self._first_start.any():
+            raise DataFormatError(
+                f"{where}: no window of data.window={window} + data.horizon={horizon} steps has its targets in the "
+                "evaluation period of any series (eval_from.npy); lower data.window or data.horizon"
+            )
         if counts.sum() == 0:
             raise DataFormatError(
                 f"{where}: data.window={window} + data.horizon={horizon} = {need} steps is longer than every "
@@ -134,7 +146,7 @@ class WindowDataset(torch.utils.data.Dataset):
         """(sequence, start step) of each window number in `index`."""
         index = np.asarray(index, dtype=np.int64)
         seq = np.searchsorted(self._first, index, side="right") - 1
-        return seq, (index - self._first[seq]) * self.stride
+        return seq, self._first_start[seq] + (index - self._first[seq]) * self.stride
 
     def __getitems__(self, indices: list[int]) -> dict:
         """One batch of windows (DataLoader's batched fast path; use `collate_identity`)."""
@@ -172,6 +184,18 @@ class WindowDataset(torch.utils.data.Dataset):
         i = operator.index(i)
         batch = self.__getitems__([i + len(self) if i < 0 else i])
         return {"x": batch["x"][0], "y": batch["y"][0], "index": int(batch["index"][0])}
+
+
+def _first_starts(eval_from: np.ndarray | None, n: int, window: int, stride: int, mode: str) -> np.ndarray:
+    """Per sequence, the first window start: 0, or with `eval_from` (a validation split that carries
+    its history) the first start on the stride grid whose window reaches the evaluation period:
+    forecast windows whose first forecast step t + window is >= eval_from, step and last windows
+    whose last step t + window - 1 is >= eval_from."""
+    if eval_from is None:
+        return np.zeros(n, dtype=np.int64)
+    lead = window if mode == "forecast" else window - 1
+    first = np.maximum(0, np.asarray(eval_from, dtype=np.int64) - lead)
+    return -(-first // stride) * stride  # rounded up to the stride grid
 
 
 # ------------------------------------------------------------------------------ memory benchmark
