@@ -34,7 +34,7 @@ COMMANDS = {
     "train": ("dist_gru.train.trainer", "main", "train a model"),
     "evaluate": ("dist_gru.infer.evaluate", "evaluate_main", "print metrics of a saved model as one JSON line"),
     "predict": ("dist_gru.infer.predict", "predict_main", "write a saved model's predictions as .npy (torchrun: sharded)"),
-    "forecast": ("dist_gru.infer.evaluate", "forecast_main", "write the forecast after the end of every series as .npy"),
+    "forecast": ("dist_gru.infer.forecast", "forecast_main", "write the forecast after the end of every series as .npy"),
     "export": ("dist_gru.infer.export", "main", "export a saved model to ONNX or TorchScript, checked against its runtime"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
     "sample": ("dist_gru.infer.sample", "main", "generate text from a byte-level stream-mode model"),

@@ -198,4 +198,19 @@ def _first_starts(eval_from: np.ndarray | None, n: int, window: int, stride: int
     return -(-first // stride) * stride  # rounded up to the stride grid
 
 
+
+def context_at_end(source: Any, seq: np.ndarray, window: int) -> dict:
+    """The forecast context at the end of each series `seq` of `source`, as a forecast window's
+    batch holds it: `x` = its last `window` steps of target history and covariates [B, W, O + F]
+    (every series at least `window` steps long), `lengths`, `index` = the series."""
+    seq = np.asarray(seq, dtype=np.int64)
+    lengths = np.asarray(source.lengths, dtype=np.int64)[seq]
+    features, targets = source.read_steps(seq, lengths - window, window, window)
+    history = targets.reshape(len(seq), window, -1)
+    return {
+        "x": torch.from_numpy(np.ascontiguousarray(np.concatenate([history, features], axis=-1), dtype=np.float32)),
+        "lengths": torch.full((len(seq),), window, dtype=torch.int64),
+        "index": torch.from_numpy(seq),
+    }
+
 # ------------------------------------------------------------------------------ memory benchmark
