@@ -129,7 +129,7 @@ def test_forecast_reads_the_future_values_and_refuses_without_them(promo_runs, t
     model = promo_runs / "with" / "model"
     out = tmp_path / "f.npy"
     refused = cli("forecast", "--model", str(model), "--data", str(tmp_path / "shop"), "--out", str(out))
-    assert_refused(refused, "reads 1 future-known covariate(s)", "--future FILE.npy", "[3, 6, 1]")
+    assert_refused(refused, "reads future-known covariates over the horizon (feature 0)", "--future FILE", "[3, 6, 1]")
     assert not out.exists()
     plans = {}
     for name, value in (("none", 0.0), ("all", 1.0)):
@@ -157,7 +157,7 @@ def test_forecast_reads_the_future_values_and_refuses_without_them(promo_runs, t
     without = promo_runs / "without" / "model"
     assert_refused(
         cli("forecast", "--model", str(without), "--data", str(tmp_path / "shop"), "--out", str(out), "--future", str(bad)),
-        "the model was trained without future-known covariates",
+        "the model reads no future-known covariates given by a file; leave it out",
     )
     export = cli("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
     assert_refused(export, "future-known covariates")

@@ -652,6 +652,11 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         return self.meta.get("class_names")
 
     @property
+    def calendar(self) -> list[str]:
+        """The calendar fields (`prepare --table --calendar`) whose columns follow from the timestamps."""
+        return list(self.meta.get("calendar", []))
+
+    @property
     def time_column(self) -> str | None:
         return self.meta.get("time_column")
 
@@ -969,6 +974,7 @@ def _check_table_meta(meta: dict, meta_file: Path) -> None:
     elif "class_names" in meta:
         raise DataFormatError(f'{meta_file}: "class_names" given for a regression dataset; expected none')
     _check_names(meta, "series_arrays", None, meta_file, tuple(SERIES_ARRAYS))
+    _check_names(meta, "calendar", None, meta_file)
     for key in ("freq", "time_column", "id_column"):
         if key in meta and meta[key] is not None and not (isinstance(meta[key], str) and meta[key]):
             raise DataFormatError(f'{meta_file}: "{key}" is {meta[key]!r}; expected a non-empty string or null')

@@ -545,6 +545,7 @@ def _meta(spec: TableSpec, series: Series, layout: Layout, split: str, names: li
         **({"class_names": series.class_names} if series.class_names is not None else {}),
         "freq": layout.freq.freqstr,
         "time_column": roles.time,
+        "calendar": list(spec.calendar),
         "id_column": roles.id,
         "static": series.static_meta,
         "series_arrays": arrays,

@@ -32,6 +32,11 @@ class PointOutput:
         """What the last axes of a predicted row mean."""
         return {"values": "values"}
 
+    def columns(self, name: str) -> list[tuple[str, int]]:
+        """The table columns of target ``name`` beside its point forecast: (column, index on the
+        output's last axis)."""
+        return []
+
     def sum_sizes(self) -> dict[str, int]:
         return {}
 
@@ -58,6 +63,9 @@ class GaussianOutput(PointOutput):
     def about(self) -> dict[str, Any]:
         return {"values": "mean, scale"}
 
+    def columns(self, name: str) -> list[tuple[str, int]]:
+        return [(f"{name}_scale", 1)]
+
 
 class QuantileOutput(PointOutput):
     """One value per quantile level; the pinball loss averaged over the levels. The point forecast
@@ -78,6 +86,9 @@ class QuantileOutput(PointOutput):
 
     def about(self) -> dict[str, Any]:
         return {"values": "quantiles", "quantiles": list(self.quantiles)}
+
+    def columns(self, name: str) -> list[tuple[str, int]]:
+        return [(f"{name}_q{q:g}", i) for i, q in enumerate(self.quantiles)]
 
     def sum_sizes(self) -> dict[str, int]:
         return {"pinball": 1, "covered": len(self.quantiles)}

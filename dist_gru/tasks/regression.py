@@ -35,6 +35,17 @@ class RegressionTask(Task):
     def point_forecast(self, output: Tensor) -> Tensor:
         return self.distribution.point(output)
 
+    def forecast_columns(self, output: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        """A forecast ``output`` [..., O(, K)] as named table columns: per target its point forecast
+        (named as the target) and what the output kind adds (gaussian: the scale; quantile: each level)."""
+        point = self.distribution.point(torch.from_numpy(np.asarray(output))).numpy()
+        columns = {}
+        for channel, name in enumerate(names):
+            columns[name] = point[..., channel]
+            for column, index in self.distribution.columns(name):
+                columns[column] = output[..., channel, index]
+        return columns
+
     def sum_sizes(self) -> dict[str, int]:
         sizes = super().sum_sizes() | {"squared": 1, "absolute": 1, "elements": 1}
         return sizes | self.baseline_sizes() | self.distribution.sum_sizes()
