@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import PY, REPO, Result, run
 from conftest import test_env as child_env  # (a name pytest does not collect)
@@ -165,7 +166,10 @@ def check_labelling(folder: Path, result: Result) -> None:
 def check_forecast(folder: Path, result: Result) -> None:
     metrics = one_with(result, "mase")
     assert metrics["mae"] < metrics["seasonal_naive_mae"] < metrics["naive_mae"], metrics
-    assert np.load(folder / "forecasts.npy").shape == (8, 7, 1)
+    forecasts = pd.read_csv(folder / "forecasts.csv")
+    assert list(forecasts.columns) == ["store", "day", "units"] and len(forecasts) == 8 * 7
+    assert forecasts.day.unique().tolist() == [f"2025-02-{d:02d}" for d in range(4, 11)]  # after day 400
+    assert forecasts.units.between(30, 120).all(), forecasts
 
 
 def check_bytes(folder: Path, result: Result) -> None:

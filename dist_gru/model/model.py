@@ -276,7 +276,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         out, state = self.encoder(x, lengths, state)
         summary = self.encoder.summary(state)
         if self.future_channels or future is not None:  # the forecast also reads the planned values
-            planned = self.scaler.future(future, affine, self.future_channels, self.horizon)
+            planned = self.scaler.future(future, self.future_channels, self.horizon)
             summary = torch.cat([summary, planned.to(summary.dtype)], -1)
         return self.head(out, summary, affine), state
 

@@ -112,9 +112,11 @@ class Scaler(nn.Module):
         return x, lengths, affine
 
 
-    def future(self, future: Tensor | None, affine: Affine, channels: list[int], horizon: int) -> Tensor:
-        """``future`` [B, horizon, len(channels)] scaled as ``x``'s ``channels`` were, flattened to
-        ``[B, horizon * len(channels)]`` for the forecast head."""
+    def future(self, future: Tensor | None, channels: list[int], horizon: int) -> Tensor:
+        """``future`` [B, horizon, len(channels)] with the global scaling of ``x``'s ``channels``
+        (the ``set_normalization`` buffers), flattened to ``[B, horizon * len(channels)]`` for the
+        forecast head. Never per window: a covariate that is constant over a window (a promotion
+        flag that is 0 throughout) has no scale of its own, and its planned values would explode."""
         expected = f"[batch, {horizon}, {len(channels)}]"
         if not channels:
             raise ValueError("future: this model reads no future covariates (it has no future_channels)")
@@ -122,7 +124,7 @@ class Scaler(nn.Module):
             raise ValueError(f"future: this model reads the horizon's future covariates {expected}; none given")
         if future.dim() != 3 or tuple(future.shape[1:]) != (horizon, len(channels)):
             raise ValueError(f"future must have shape {expected}, got {tuple(future.shape)}")
-        shift, scale = affine.shift[..., channels], affine.scale[..., channels]
+        shift, scale = self.input_mean[channels], self.input_std[channels]
         return ((future.to(shift.dtype) - shift) / scale).flatten(1)
 
 
