@@ -7,6 +7,7 @@ writing `id, ds, <target>` rows with the real timestamps after each series' end.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,10 @@ def test_a_forecast_table_has_ids_and_the_days_after_each_series(shops, tmp_path
         assert_ok(cli("forecast", "--model", str(model), "--data", str(data), "--future", str(future), "--out", str(target)))
         out[name] = pd.read_csv(target)
     table = out["all"]
+    facts = json.loads((model / "config.json").read_text())["data"]  # the data's names travel with the model
+    assert facts["feature_names"] == ["promo", "dayofweek_sin", "dayofweek_cos"]
+    assert facts["feature_roles"] == ["future"] * 3 and facts["target_names"] == ["units"]
+    assert (facts["freq"], facts["calendar"]) == ("D", ["dayofweek"])
     assert list(table.columns) == ["shop", "day", "units"]
     assert len(table) == 3 * HORIZON
     for shop, days in frame.groupby("shop")["day"]:

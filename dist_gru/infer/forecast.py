@@ -204,7 +204,7 @@ def forecast_frame(outputs: np.ndarray, model: GRUModel, dataset: Any, times: np
         frame["step"] = np.tile(np.arange(1, horizon + 1), count)
     names = dataset.target_names or (["y"] if model.output_size == 1 else [f"y{c}" for c in range(model.output_size)])
     rows = outputs.reshape(count * horizon, *outputs.shape[2:])
-    frame.update(task_for(model.config).forecast_columns(rows, names))
+    frame.update(task_for(model.config).table_columns(rows, names))
     return pd.DataFrame(frame)
 
 

@@ -38,6 +38,7 @@ import torch
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
 from dist_gru.infer.load import batch_to, command_parser, json_line, load_for_inference, load_model, output_inside_input
+from dist_gru.infer.tables import TABLES, prediction_frames, write_table
 from dist_gru.tasks import task_for
 
 
@@ -54,14 +55,16 @@ def _rows(model: torch.nn.Module, out: torch.Tensor, lengths: torch.Tensor, prob
 def _inputs(argv: list[str] | None) -> tuple[argparse.Namespace, Path, Any, torch.nn.Module, Any]:
     """(args, --out, config, model, dataset) of a `dist-gru predict` command line, every input checked."""
     parser = command_parser("dist-gru predict")
-    parser.add_argument("--out", required=True, help="output .npy path")
+    parser.add_argument(
+        "--out", required=True, help="output file: .npy (the rows), or a table (.csv / .parquet) keyed by series id and time"
+    )
     parser.add_argument(
         "--probabilities", action="store_true", help="classification: class probabilities instead of labels"
     )
     args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
-    if out.suffix != ".npy":
-        raise ConfigError(f"--out {out}: expected a file name ending in .npy")
+    if out.suffix not in (".npy", *TABLES):
+        raise ConfigError(f"--out {out}: expected a file name ending in .npy, {', '.join(TABLES)}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
     problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
@@ -119,6 +122,19 @@ def _publish(out: Path, partial: str, offsets: np.ndarray | None, written: dict[
         os.replace(tmp, offsets_path)
         written["offsets"] = str(offsets_path)
     os.replace(partial, out)
+    _report(out, written)
+
+
+def _publish_table(out: Path, partial: str, offsets: np.ndarray, dataset: Any, model: Any, args, written: dict) -> None:
+    """Global rank 0, once every row is written: the rows as a table keyed by series and time."""
+    rows = np.load(partial, mmap_mode="r")
+    write_table(out, prediction_frames(rows, offsets, dataset, model, args.probabilities))
+    del rows
+    os.unlink(partial)
+    _report(out, written)
+
+
+def _report(out: Path, written: dict[str, Any]) -> None:
     nonfinite, num_rows = written["nonfinite_rows"], written["shape"][0]
     if nonfinite:
         print(f"dist-gru: warning: {nonfinite} of {num_rows} rows of {out} hold NaN or infinity", file=sys.stderr)
@@ -162,8 +178,10 @@ def predict_main(argv: list[str] | None = None) -> int:
             seconds=round(elapsed, 4),
             samples_per_s=round(len(dataset) / max(elapsed, 1e-9), 1),
         )
-        # Rows per valid step need the offsets file to find each sequence's rows.
-        _publish(out, partial[0], offsets if task_for(model.config).per_step else None, written)
+        if out.suffix in TABLES:
+            _publish_table(out, partial[0], offsets, dataset, model, args, written)
+        else:  # rows per valid step need the offsets file to find each sequence's rows
+            _publish(out, partial[0], offsets if task_for(model.config).per_step else None, written)
     accelerator.wait_for_everyone()  # all ranks participate: the file is in place when any rank exits
     exit_process(0)
     return 0

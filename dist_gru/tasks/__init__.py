@@ -86,6 +86,18 @@ def data_facts(cfg: Config) -> dict[str, Any]:
     return facts
 
 
+DATASET_FACTS = ("feature_names", "feature_roles", "target_names", "class_names", "freq", "calendar")
+
+
+def dataset_facts(dataset: Any) -> dict[str, Any]:
+    """The names the training data gives its columns and classes, its time step and calendar fields
+    (those it has: `prepare --table` folders have them all), saved with the model so that its
+    outputs carry the data's names wherever the model folder goes."""
+    source = getattr(dataset, "source", dataset)  # windows are drawn from a stored dataset
+    facts = {key: getattr(source, key, None) for key in DATASET_FACTS}
+    return {key: value for key, value in facts.items() if value}
+
+
 def data_info(cfg: Config, dataset: Any, split: str) -> DataInfo:
     """What ``Task.check_fits`` needs to know of the `train` or `val` split ``dataset`` of a job
     (training) or of the data given to a saved model (inference)."""
@@ -145,7 +157,8 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "scaling": data.scaling,
         "vocab_size": model.vocab_size if tokens else None,
         "future_channels": getattr(dataset, "future_channels", None) or None,
-        "data": data_facts(cfg),  # what inference needs to know of the data: window, season ...
+        # What inference needs to know of the data: window, season, names ...
+        "data": {**data_facts(cfg), **dataset_facts(dataset)},
     }
     task_for(kwargs).check_fits(data_info(cfg, dataset, "train"))
     return kwargs

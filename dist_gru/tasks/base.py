@@ -171,6 +171,10 @@ class Task:
         """A batch's outputs as the values `dist-gru predict` writes."""
         return out
 
+    def table_columns(self, rows: np.ndarray, names: list[str], classes: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Predict's rows as named table columns (``names``: the targets; ``classes``: class names)."""
+        raise NotImplementedError
+
     def row_offsets(self, lengths: np.ndarray) -> np.ndarray:
         """Where each sample's rows start in predict's file, with the total last: one row per
         sample, or one per valid step (head ``step``)."""

@@ -76,6 +76,13 @@ class ClassificationTask(Task):
     def row_values(self, out: Tensor, probabilities: bool) -> Tensor:
         return out.softmax(-1) if probabilities else out.argmax(-1)
 
+    def table_columns(self, rows: np.ndarray, names: list[str], classes: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Labels as their class names (ids without names), or one ``p_<class>`` column per class."""
+        classes = classes or [str(c) for c in range(self.output_size)]
+        if rows.dtype.kind == "f":  # probabilities [..., C]
+            return {f"p_{name}": rows[..., c] for c, name in enumerate(classes)}
+        return {names[0] if names else "label": np.asarray(classes, dtype=object)[rows]}
+
 
 class TokenTask(ClassificationTask):
     """The next token of a stream at every step (``output_size`` = vocabulary size). Adds

@@ -35,9 +35,9 @@ class RegressionTask(Task):
     def point_forecast(self, output: Tensor) -> Tensor:
         return self.distribution.point(output)
 
-    def forecast_columns(self, output: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-        """A forecast ``output`` [..., O(, K)] as named table columns: per target its point forecast
-        (named as the target) and what the output kind adds (gaussian: the scale; quantile: each level)."""
+    def table_columns(self, output: np.ndarray, names: list[str], classes: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Outputs ``[..., O(, K)]`` as named table columns: per target its point value (named as the
+        target) and what the output kind adds (gaussian: the scale; quantile: each level)."""
         point = self.distribution.point(torch.from_numpy(np.asarray(output))).numpy()
         columns = {}
         for channel, name in enumerate(names):

@@ -1,0 +1,72 @@
+"""`dist-gru predict --out preds.csv | .parquet`: rows keyed by series id and timestamp, labels under
+their class names, for data prepared from a long table with text labels.
+
+    .venv/bin/pytest -q tests/test_predict_table.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY, assert_ok, assert_refused, cli
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Three sensors, hourly, of different lengths; the label of a step names the band its reading is in."""
+    root = tmp_path_factory.mktemp("sensors")
+    rng = np.random.default_rng(0)
+    rows = []
+    for sensor, (start, hours) in {"s1": ("2024-03-01 00:00", 60), "s2": ("2024-03-02 06:00", 45), "s3": ("2024-03-01 12:00", 50)}.items():
+        for ts in pd.date_range(start, periods=hours, freq="h"):
+            value = rng.random()
+            band = "low" if value < 0.33 else ("mid" if value < 0.66 else "high")
+            rows.append((sensor, ts.strftime("%Y-%m-%d %H:%M"), value, band))
+    frame = pd.DataFrame(rows, columns=["sensor", "time", "reading", "band"])
+    frame.to_csv(root / "sensors.csv", index=False)
+    assert_ok(cli(
+        "prepare", "--table", str(root / "sensors.csv"), "--id-column", "sensor", "--time-column", "time",
+        "--target-columns", "band", "--past-columns", "reading", "--task", "classification", "--out", str(root / "data"),
+    ))
+    train = [*TINY, "data.name=files", f"data.train_path={root / 'data'}", f"data.val_path={root / 'data'}",
+             "model.head=step", "train.global_batch_size=3", "train.max_steps=150", "optim.lr=0.02",
+             "log.mode=disabled", f"train.run_dir={root / 'run'}"]
+    assert_ok(cli("train", *train, timeout=600))
+    return root, frame
+
+
+def test_labels_come_out_under_their_names_keyed_by_series_and_time(labelled, tmp_path):
+    root, frame = labelled
+    model, data = root / "run" / "model", root / "data"
+    assert json.loads((model / "config.json").read_text())["data"]["class_names"] == ["high", "low", "mid"]
+    result = assert_ok(cli("predict", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "p.csv")))
+    assert json.loads(result.stdout.splitlines()[-1])["shape"] == [len(frame)]
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert list(table.columns) == ["sensor", "time", "band"]
+    expected = frame.assign(time=pd.to_datetime(frame.time)).sort_values(["sensor", "time"], kind="stable")
+    assert table.sensor.tolist() == expected.sensor.tolist()
+    assert pd.to_datetime(table.time).tolist() == expected.time.tolist()
+    assert set(table.band) <= {"high", "low", "mid"}
+    accuracy = float((table.band.to_numpy() == expected.band.to_numpy()).mean())
+    print(f"\nper-step band accuracy: {accuracy:.3f}")
+    assert accuracy > 0.8
+    # The .npy rows are the same predictions, as class ids in the order of the names.
+    assert_ok(cli("predict", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "p.npy")))
+    ids = np.load(tmp_path / "p.npy")
+    assert np.array(["high", "low", "mid"])[ids].tolist() == table.band.tolist()
+    # Probabilities: one column per class name, as Parquet.
+    assert_ok(cli("predict", "--model", str(model), "--data", str(data), "--probabilities",
+                  "--out", str(tmp_path / "p.parquet")))
+    probs = pd.read_parquet(tmp_path / "p.parquet")
+    assert list(probs.columns) == ["sensor", "time", "p_high", "p_low", "p_mid"]
+    np.testing.assert_allclose(probs[["p_high", "p_low", "p_mid"]].sum(axis=1), 1.0, rtol=1e-5)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial file left behind
+
+
+def test_a_table_needs_a_table_suffix(labelled, tmp_path):
+    root, _ = labelled
+    result = cli("predict", "--model", str(root / "run" / "model"), "--data", str(root / "data"), "--out", str(tmp_path / "p.txt"))
+    assert_refused(result, "--out", "expected a file name ending in .npy, .csv, .parquet")
