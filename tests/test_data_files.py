@@ -462,7 +462,7 @@ CSV = "time,price,volume\n" + "".join(f"{t},{100 + t * 0.5},{t % 3}\n" for t in 
 
 def test_prepare_csv_windows_and_time_ordered_val(tmp_path, capsys):
     (tmp_path / "p.csv").write_text(CSV)
-    argv = ["--csv", str(tmp_path / "p.csv"), "--window", "4", "--horizon", "2", "--stride", "3"]
+    argv = ["--csv", str(tmp_path / "p.csv"), "--window", "4", "--ahead", "2", "--stride", "3"]
     argv += ["--target-columns", "price", "--feature-columns", "price, volume"]
     assert prepare([*argv, "--out", str(tmp_path / "w")]) == 0
     summary = _summary(capsys)
@@ -527,9 +527,9 @@ def test_prepare_errors_exit_2_with_one_line(tmp_path, capsys):
         ([*csv_args, "--window", "4", "--target-columns", "cost"],
          "p.csv: --target-columns: unknown column(s) 'cost'; available: time, price, volume"),
         ([*csv_args, "--window", "20", "--target-columns", "price"],
-         "window 20 + horizon 1 needs at least 21 data rows; the series has 20"),
+         "window 20 + ahead 1 needs at least 21 data rows; the series has 20"),
         ([*csv_args, "--window", "8", "--target-columns", "price", "--val-fraction", "0.2"],
-         "window 8 + horizon 1 needs at least 9 data rows; the val part (rows 16..19) of the series has 4"),
+         "window 8 + ahead 1 needs at least 9 data rows; the val part (rows 16..19) of the series has 4"),
         (["--csv", str(tmp_path / "bad.csv"), "--window", "1", "--target-columns", "a", "--out", out],
          "bad.csv: column 'b', line 3: 'x' is not a number"),
         ([*csv_args, "--target-columns", "price"], "--csv needs --window and --target-columns"),
@@ -716,3 +716,19 @@ def test_prepare_csv_series_mode_errors_exit_2_and_write_nothing(tmp_path, capsy
         line = _error(capsys)
         assert message in line, (argv, line)
     assert sorted(os.listdir(tmp_path)) == ["nan.csv", "s.csv"]
+
+
+def test_prepare_csv_horizon_is_the_old_name_of_ahead(tmp_path, capsys):
+    """`--ahead A`: the one target A rows after a window (a horizon is an H-step forecast elsewhere);
+    the old `--horizon` still works, with a warning naming the new flag, and not next to `--ahead`."""
+    (tmp_path / "p.csv").write_text(CSV)
+    argv = ["--csv", str(tmp_path / "p.csv"), "--window", "4", "--target-columns", "price"]
+    assert prepare([*argv, "--ahead", "2", "--out", str(tmp_path / "new")]) == 0
+    capsys.readouterr()
+    assert prepare([*argv, "--horizon", "2", "--out", str(tmp_path / "old")]) == 0
+    assert "--horizon is now --ahead" in capsys.readouterr().err
+    for name in ("features.npy", "targets.npy", "offsets.npy"):
+        assert (tmp_path / "new" / name).read_bytes() == (tmp_path / "old" / name).read_bytes()
+    assert prepare([*argv, "--horizon", "2", "--ahead", "2", "--out", str(tmp_path / "both")]) == 2
+    assert "--horizon is the old name of --ahead; give only --ahead" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()

@@ -7,7 +7,7 @@
         --val-fraction 0.1 --seed 0
     # a CSV time series cut into windows of 50 rows; target: `price` 1 row after each window;
     # the last 20 % of the rows (in time order) become DIR/val
-    dist-gru prepare --csv prices.csv --window 50 --horizon 1 --target-columns price \\
+    dist-gru prepare --csv prices.csv --window 50 --ahead 1 --target-columns price \\
         --out data/prices --val-fraction 0.2
     # series mode: each series stored once with per-step targets (windows are drawn at training
     # time with data.window / data.horizon); one series per value of `store`, covariates `price`
@@ -99,8 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--window", type=int, help="CSV: rows per window (sequence length)")
     parser.add_argument(
-        "--horizon", type=int, help="CSV: the target is this many rows after the window's end (default 1)"
+        "--ahead",
+        dest="horizon",
+        type=int,
+        help="CSV windows: the target is the one value this many rows after the window's end (default 1)",
     )
+    # The old spelling of --ahead: "horizon" means an H-step forecast everywhere else (data.horizon).
+    parser.add_argument("--horizon", dest="old_horizon", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stride", type=int, help="CSV: rows between window starts (default 1)")
     parser.add_argument("--target-columns", help="CSV: comma-separated target columns")
     parser.add_argument(
@@ -154,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> dict:
     if args.check is not None:
         return _check(args.check)
+    if args.old_horizon is not None:
+        if args.horizon is not None:
+            raise _UsageError("--horizon is the old name of --ahead; give only --ahead")
+        print(
+            "dist-gru prepare: warning: --horizon is now --ahead (the one target that many rows after each window; "
+            "data.horizon is a multi-step forecast)",
+            file=sys.stderr,
+        )
+        args.horizon = args.old_horizon
     _check_source_options(args)
     if args.table is not None:
         return _table(args)
@@ -453,7 +467,7 @@ def _csv_splits(args: argparse.Namespace) -> dict:
         raise _UsageError("--csv needs --window and --target-columns")
     horizon = 1 if args.horizon is None else args.horizon
     stride = 1 if args.stride is None else args.stride
-    for option, value, low in (("--window", args.window, 1), ("--horizon", horizon, 0), ("--stride", stride, 1)):
+    for option, value, low in (("--window", args.window, 1), ("--ahead", horizon, 0), ("--stride", stride, 1)):
         if value < low:
             raise _UsageError(f"{option} {value}; expected an integer >= {low}")
     encoding = _encoding(args.encoding)
@@ -479,7 +493,7 @@ def _csv_splits(args: argparse.Namespace) -> dict:
         if cut_windows is None:
             part = f"the {name} part (rows {begin}..{end - 1}) of " if name else ""
             raise DataFormatError(
-                f"{file}: window {args.window} + horizon {horizon} needs at least {need} data rows; "
+                f"{file}: window {args.window} + ahead {horizon} needs at least {need} data rows; "
                 f"{part}the series has {end - begin}"
             )
         windows, target_rows = cut_windows
@@ -503,10 +517,11 @@ def _csv_header(file: Path, encoding: str) -> list[str]:
 def _csv_series_splits(args: argparse.Namespace, task: str) -> tuple[dict, int | None]:
     """Series mode: every series once, per-step targets aligned with the features, no windows."""
     file = args.csv
-    given = [option for option in ("window", "horizon", "stride") if getattr(args, option) is not None]
+    window_options = (("--window", args.window), ("--ahead", args.horizon), ("--stride", args.stride))
+    given = [flag for flag, value in window_options if value is not None]
     if given:
         raise _UsageError(
-            f"--{given[0]} cuts window copies; --series stores each series once and windows are drawn at training "
+            f"{given[0]} cuts window copies; --series stores each series once and windows are drawn at training "
             "time (set data.window, data.horizon, data.window_stride in the config)"
         )
     if args.target_columns is None:
