@@ -67,6 +67,15 @@ def forecast_series(
     return torch.cat(outputs).numpy()
 
 
+def require_forecaster(model: GRUModel, model_dir: str | Path, command: str) -> None:
+    """ConfigError unless `model` forecasts a horizon (model.head=forecast)."""
+    if model.head_kind != "forecast":
+        raise ConfigError(
+            f"--model {model_dir}: a model with head {model.head_kind!r} has no horizon to forecast; {command} "
+            "needs a model trained with model.head=forecast (use dist-gru predict for this one)"
+        )
+
+
 def read_future(path: str | None, model: GRUModel, num_series: int) -> np.ndarray | None:
     """`--future`: the future-known covariates a model reads over the horizon, checked against it."""
     from dist_gru.data.files import DataFormatError
@@ -111,11 +120,7 @@ def forecast_main(argv: list[str] | None = None) -> int:
         raise ConfigError(problem)
     model_dir = Path(args.model)
     model = load_model(model_dir)
-    if model.head_kind != "forecast":
-        raise ConfigError(
-            f"--model {model_dir}: a model with head {model.head_kind!r} has no horizon to forecast; dist-gru forecast "
-            "needs a model trained with model.head=forecast (use dist-gru predict for this one)"
-        )
+    require_forecaster(model, model_dir, "dist-gru forecast")
     if not Path(args.data).is_dir():
         raise ConfigError(f"--data {args.data}: expected a dist_gru.seq/v1 folder of series with per-step targets")
     cfg = inference_config(args, model)
