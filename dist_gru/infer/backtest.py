@@ -88,9 +88,8 @@ class SeriesSums:
         for s in np.unique(series):
             rows = torch.from_numpy(np.flatnonzero(series == s))
             on = rows.to(y.device)
-            for part in self.parts.values():
-                part.sums.zero_()
             for name, part in self.parts.items():
+                part.sums.zero_()  # a scratch vector: this series' sums of this batch
                 part.update(forecasts[name][on], y[on], lengths[rows], x[on])
             self.rows[int(s)] += torch.cat([part.sums for part in self.parts.values()])
 
