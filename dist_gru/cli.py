@@ -3,6 +3,7 @@
     dist-gru train    --config configs/adding.yaml train.max_steps=500
     dist-gru evaluate --model runs/adding/model --data adding
     dist-gru predict  --model runs/adding/model --data data/val --out preds.npy
+    dist-gru backtest --model runs/stores/model --data data/stores/val --origins 4 --out backtest.csv
     dist-gru export   --model runs/adding/model --format onnx --out adding.onnx
     dist-gru prepare  --npz arrays.npz --out data/ --task classification --num-classes 3 --val-fraction 0.1
     dist-gru sample   --model runs/bytes/model --prompt "def " --bytes 200 --temperature 0.8 --seed 0
@@ -35,6 +36,7 @@ COMMANDS = {
     "evaluate": ("dist_gru.infer.evaluate", "evaluate_main", "print metrics of a saved model as one JSON line"),
     "predict": ("dist_gru.infer.predict", "predict_main", "write a saved model's predictions as .npy (torchrun: sharded)"),
     "forecast": ("dist_gru.infer.forecast", "forecast_main", "write the forecast after the end of every series as .npy"),
+    "backtest": ("dist_gru.infer.backtest", "backtest_main", "score a forecaster on the last origins of every series vs baselines"),
     "export": ("dist_gru.infer.export", "main", "export a saved model to ONNX or TorchScript, checked against its runtime"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
     "sample": ("dist_gru.infer.sample", "main", "generate text from a byte-level stream-mode model"),

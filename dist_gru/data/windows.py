@@ -156,6 +156,13 @@ class WindowDataset(torch.utils.data.Dataset):
             bad = int(index[(index < 0) | (index >= n)][0])
             raise IndexError(f"window {bad} out of range for a dataset of {n} windows")
         seq, starts = self.locate(index)
+        return self.read_windows(seq, starts, index)
+
+    def read_windows(self, seq: np.ndarray, starts: np.ndarray, index: np.ndarray) -> dict:
+        """The batch of the windows that start at step `starts` of sequences `seq`, as a window of
+        this dataset is read (any start, on the stride grid or not, with `window + horizon` steps
+        inside its sequence); `index` [B] is the batch's `index`. Backtests read their origins here."""
+        index = np.asarray(index, dtype=np.int64)
         window = self.window
         target_steps = window + self.horizon
         feature_steps = target_steps if self.future_columns else window

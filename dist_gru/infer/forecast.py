@@ -75,6 +75,15 @@ def forecast_series(
     return torch.cat(outputs).numpy()
 
 
+def require_forecaster(model: GRUModel, model_dir: str | Path, command: str) -> None:
+    """ConfigError unless `model` forecasts a horizon (model.head=forecast)."""
+    if model.head_kind != "forecast":
+        raise ConfigError(
+            f"--model {model_dir}: a model with head {model.head_kind!r} has no horizon to forecast; {command} "
+            "needs a model trained with model.head=forecast (use dist-gru predict for this one)"
+        )
+
+
 def forecast_times(dataset: Any, horizon: int) -> np.ndarray | None:
     """datetime64[ns] [num_series, horizon]: the timestamps of the steps after each series' end
     (from its stored start and the frequency), or None for a folder without timestamps."""
@@ -257,11 +266,7 @@ def forecast_main(argv: list[str] | None = None) -> int:
     if problem:
         raise ConfigError(problem)
     model = load_model(Path(args.model))
-    if model.head_kind != "forecast":
-        raise ConfigError(
-            f"--model {args.model}: a model with head {model.head_kind!r} has no horizon to forecast; dist-gru forecast "
-            "needs a model trained with model.head=forecast (use dist-gru predict for this one)"
-        )
+    require_forecaster(model, args.model, "dist-gru forecast")
     cfg = inference_config(args, model)
     dataset = checked_data(args, model)
     times = forecast_times(dataset, model.horizon)

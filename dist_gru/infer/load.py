@@ -120,6 +120,12 @@ def check_features(args: argparse.Namespace, model: GRUModel, num_features: int)
 def load_for_inference(args: argparse.Namespace, extra: list[str] = ()) -> tuple[Config, GRUModel, Any]:
     """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
     model = load_model(Path(args.model))
+    cfg, dataset = data_for_model(args, model, extra)
+    return cfg, model, dataset
+
+
+def data_for_model(args: argparse.Namespace, model: GRUModel, extra: list[str] = ()) -> tuple[Config, Any]:
+    """The job's config and the dataset of `--data` as `model` reads it, checked against the model."""
     cfg = inference_config(args, model, list(extra))
     if cfg.train.tbptt:  # a stream-mode run: its validation data are streams, evaluated chunk by chunk
         from dist_gru.data.streams import build_stream_dataset
@@ -136,7 +142,7 @@ def load_for_inference(args: argparse.Namespace, extra: list[str] = ()) -> tuple
             f"--data {args.data}: its future-known covariates are input channels {given}, the model reads "
             f"{model.future_channels} (mark the same feature columns as future-known)"
         )
-    return cfg, model, dataset
+    return cfg, dataset
 
 
 def output_inside_input(out: str | Path, inputs: dict[str, str | Path | None]) -> str | None:

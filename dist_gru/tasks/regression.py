@@ -125,17 +125,22 @@ class ForecastTask(RegressionTask):
     def baseline_sizes(self) -> dict[str, int]:
         return {"smape": 1, "naive": 1, "seasonal_naive": 1}
 
-    def update_baselines(self, sums: MetricSums, target: Tensor, lengths: Tensor | None, x: Tensor | None) -> None:
+    def baseline_forecasts(self, x: Tensor | None, lengths: Tensor | None, season: int) -> dict[str, Tensor]:
+        """The baselines' forecasts [B, horizon, O] (float64) from the model input ``x``, whose first
+        ``O`` channels are the history: ``naive`` and ``seasonal_naive`` (``season`` steps)."""
         if x is None:
             raise ValueError("forecast metrics need the model input x (its first channels are the history)")
-        batch, horizon, channels = target.shape
-        history = x[..., :channels].double()
+        history = x[..., : self.output_size].double()
         if lengths is None:
-            lengths = torch.full((batch,), x.shape[1], dtype=torch.int64)
-        naive = seasonal_naive(history, lengths, horizon, 1)
-        seasonal = seasonal_naive(history, lengths, horizon, sums.season)
-        sums.add("naive", (naive - target).abs().sum())
-        sums.add("seasonal_naive", (seasonal - target).abs().sum())
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64)
+        return {
+            "naive": seasonal_naive(history, lengths, self.horizon, 1),
+            "seasonal_naive": seasonal_naive(history, lengths, self.horizon, season),
+        }
+
+    def update_baselines(self, sums: MetricSums, target: Tensor, lengths: Tensor | None, x: Tensor | None) -> None:
+        for name, forecast in self.baseline_forecasts(x, lengths, sums.season).items():
+            sums.add(name, (forecast - target).abs().sum())
 
     def update_errors(self, sums: MetricSums, point: Tensor, target: Tensor) -> None:
         error, denominator = (point - target).abs(), point.abs() + target.abs()
