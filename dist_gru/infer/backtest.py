@@ -23,11 +23,11 @@ series, one reduce of them, and rank 0 writes the table and prints the JSON line
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dist_gru.config import ConfigError
@@ -35,13 +35,13 @@ from dist_gru.data.loading import SampleEvalBatches
 from dist_gru.data.windows import WindowDataset
 from dist_gru.infer.forecast import require_forecaster
 from dist_gru.infer.load import batch_to, command_parser, data_for_model, json_line, load_model, output_inside_input
+from dist_gru.infer.tables import TABLES, write_table
 from dist_gru.tasks import ForecastTask, task_for
 
 BASELINES = ("naive", "seasonal_naive")
 BASELINE_METRICS = ("mae", "rmse", "mase", "smape")
 # The baselines' own columns hold their MAE, and a series' windows are its `origins`.
 MODEL_OMITTED = ("num_samples", "naive_mae", "seasonal_naive_mae")
-TABLE_SUFFIXES = (".csv", ".parquet")
 MAX_LISTED = 20  # losing series named in the JSON line (the table has them all)
 
 
@@ -152,26 +152,13 @@ def check_out(args: argparse.Namespace) -> None:
     if args.out is None:
         return
     out = Path(args.out)
-    if out.suffix not in TABLE_SUFFIXES:
-        raise ConfigError(f"--out {out}: expected a file name ending in {' or '.join(TABLE_SUFFIXES)}")
+    if out.suffix not in TABLES:
+        raise ConfigError(f"--out {out}: expected a file name ending in {' or '.join(TABLES)}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
     problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
     if problem:
         raise ConfigError(problem)
-
-
-def write_table(out: Path, table: list[dict[str, Any]]) -> None:
-    """The table as CSV or Parquet, written whole next to `out` and renamed into place."""
-    import pandas as pd
-
-    frame = pd.DataFrame(table)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        frame.to_csv(partial, index=False) if out.suffix == ".csv" else frame.to_parquet(partial, index=False)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def report(sums: SeriesSums, rows: torch.Tensor, origins: OriginWindows, stride: int) -> tuple[list[dict], dict]:
@@ -221,7 +208,7 @@ def backtest_main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         table, record = report(sums, rows, origins, stride)
         if args.out is not None:
-            write_table(Path(args.out), table)
+            write_table(Path(args.out), [pd.DataFrame(table)])
             record["out"] = str(args.out)
         print(json_line(record), flush=True)
     exit_process(0)

@@ -35,6 +35,7 @@ from dist_gru.infer.load import (
     load_model,
     output_inside_input,
 )
+from dist_gru.infer.tables import write_table
 from dist_gru.model import GRUModel
 from dist_gru.tasks import task_for
 
@@ -219,13 +220,12 @@ def forecast_frame(outputs: np.ndarray, model: GRUModel, dataset: Any, times: np
 
 def write_forecast(out: Path, outputs: np.ndarray, model: GRUModel, dataset: Any, times: np.ndarray | None) -> None:
     """`--out` as .npy (the array), .csv or .parquet (the table); written whole, then moved into place."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{out.suffix}")
+    if out.suffix != ".npy":
+        write_table(out, [forecast_frame(outputs, model, dataset, times)])
+        return
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.npy")
     try:
-        if out.suffix == ".npy":
-            np.save(tmp, outputs)
-        else:
-            frame = forecast_frame(outputs, model, dataset, times)
-            frame.to_csv(tmp, index=False) if out.suffix == ".csv" else frame.to_parquet(tmp, index=False)
+        np.save(tmp, outputs)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
