@@ -2,6 +2,7 @@
 
     dist-gru plot runs/adding                 # -> runs/adding/plots/curves.png (+ one PNG per panel)
     dist-gru plot runs/adding --out /tmp/pics
+    dist-gru plot --model runs/stores/model --data data/stores/val --series 4   # forecasts vs actuals
 
 Four panels: loss (train line, eval points), the eval metric (mse or accuracy), learning rate and
 throughput (samples/s), all against the optimizer step. Works on a run that is still training (a
@@ -146,6 +147,13 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--model" in argv:  # forecasts against actuals (dist_gru.infer.forecast_plot)
+        from dist_gru.infer.forecast_plot import forecast_parser, plot_forecasts
+
+        paths = plot_forecasts(forecast_parser().parse_intermixed_args(argv))
+        print("\n".join(str(p) for p in paths), flush=True)
+        return 0
     parser = argparse.ArgumentParser(prog="dist-gru plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run folder (train.run_dir) holding metrics.jsonl")
     parser.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/plots)")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, assert_ok, cli, read_metrics
 from matplotlib.image import imread
 
@@ -117,3 +120,44 @@ def test_plot_command_reports_a_missing_folder_through_the_cli(tmp_path):
     result = cli("plot", str(tmp_path / "nope"))
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path / 'nope'}: no such run folder\n"
+
+
+def test_forecasts_against_actuals_one_png_per_series_with_the_models_interval(tmp_path):
+    """`dist-gru plot --model M --data D`: the chosen series' last steps and the forecasts of their
+    last origins, shaded between the outer quantile levels of a quantile model."""
+    from conftest import assert_refused
+
+    from dist_gru.data.loading import build_dataset
+    from dist_gru.infer.backtest import OriginWindows
+    from dist_gru.infer.forecast_plot import origin_forecasts
+    from dist_gru.infer.load import inference_config, load_model
+
+    run = tmp_path / "run"
+    args = [*TINY, "data.name=seasonal", "data.seq_len=80", "data.season=6", "data.window=12", "data.horizon=4",
+            "model.head=forecast", "model.output=quantile", "train.max_steps=8", "log.mode=disabled",
+            f"train.run_dir={run}"]
+    assert_ok(cli("train", *args))
+    result = assert_ok(cli("plot", "--model", str(run / "model"), "--data", "seasonal", "--series", "2",
+                           "--out", str(tmp_path / "pics")))
+    paths = result.stdout.strip().splitlines()[-2:]
+    assert [Path(p).name for p in paths] == ["forecast-0.png", "forecast-1.png"]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    picked = assert_ok(cli("plot", "--model", str(run / "model"), "--data", "seasonal", "--ids", "5",
+                           "--out", str(tmp_path / "one")))
+    assert picked.stdout.strip().splitlines()[-1].endswith("forecast-5.png")
+    assert_refused(cli("plot", "--model", str(run / "model"), "--data", "seasonal", "--ids", "999",
+                       "--out", str(tmp_path / "none")), "--ids: no series '999'")
+    # What is drawn: each origin's horizon steps, its median, and the q0.1..q0.9 band around it.
+    model = load_model(run / "model").eval()
+    namespace = argparse.Namespace(model=str(run / "model"), data="seasonal", config=None, overrides=[])
+    windows = build_dataset(inference_config(namespace, model).data, "val", head="forecast")
+    origins = OriginWindows(windows, 2, 4)
+    drawn = origin_forecasts(model, origins, 0)
+    assert [d["steps"].tolist() for d in drawn] == [[76, 77, 78, 79], [72, 73, 74, 75]]
+    with torch.no_grad():
+        out = model(origins.__getitems__([0, 1])["x"])[0]  # [2 origins, 4 steps, 1, levels 0.1 0.5 0.9]
+    low, high, label = drawn[1]["interval"]
+    assert label == "q0.1 to q0.9"
+    np.testing.assert_array_equal(low, out[1, :, 0, 0].numpy())
+    np.testing.assert_array_equal(drawn[1]["point"], out[1, :, 0, 1].numpy())
+    np.testing.assert_array_equal(high, out[1, :, 0, 2].numpy())

@@ -37,6 +37,10 @@ class PointOutput:
         output's last axis)."""
         return []
 
+    def interval(self, output: Tensor) -> tuple[Tensor, Tensor, str] | None:
+        """(low, high, label) of the widest interval the output describes, per value; None for a point."""
+        return None
+
     def sum_sizes(self) -> dict[str, int]:
         return {}
 
@@ -66,6 +70,10 @@ class GaussianOutput(PointOutput):
     def columns(self, name: str) -> list[tuple[str, int]]:
         return [(f"{name}_scale", 1)]
 
+    def interval(self, output: Tensor) -> tuple[Tensor, Tensor, str] | None:
+        mean, scale = output.unbind(-1)
+        return mean - 1.96 * scale, mean + 1.96 * scale, "95% interval"
+
 
 class QuantileOutput(PointOutput):
     """One value per quantile level; the pinball loss averaged over the levels. The point forecast
@@ -89,6 +97,11 @@ class QuantileOutput(PointOutput):
 
     def columns(self, name: str) -> list[tuple[str, int]]:
         return [(f"{name}_q{q:g}", i) for i, q in enumerate(self.quantiles)]
+
+    def interval(self, output: Tensor) -> tuple[Tensor, Tensor, str] | None:
+        order = sorted(range(len(self.quantiles)), key=self.quantiles.__getitem__)
+        low, high = order[0], order[-1]
+        return output[..., low], output[..., high], f"q{self.quantiles[low]:g} to q{self.quantiles[high]:g}"
 
     def sum_sizes(self) -> dict[str, int]:
         return {"pinball": 1, "covered": len(self.quantiles)}

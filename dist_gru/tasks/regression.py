@@ -35,6 +35,10 @@ class RegressionTask(Task):
     def point_forecast(self, output: Tensor) -> Tensor:
         return self.distribution.point(output)
 
+    def interval(self, output: Tensor) -> tuple[Tensor, Tensor, str] | None:
+        """(low, high, label) of the output's widest interval (gaussian, quantile), else None."""
+        return self.distribution.interval(output)
+
     def table_columns(self, output: np.ndarray, names: list[str], classes: list[str] | None = None) -> dict[str, np.ndarray]:
         """Outputs ``[..., O(, K)]`` as named table columns: per target its point value (named as the
         target) and what the output kind adds (gaussian: the scale; quantile: each level)."""
