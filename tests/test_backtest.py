@@ -238,7 +238,7 @@ def test_refusals_name_the_problem_and_write_nothing(models, tmp_path):
         ([*base, "--model", model, "--origins", "2", "--stride", "10"], ["--origins 2: needs 32 steps", "1 of 3"]),
         ([*base, "--model", model, "--origins", "0"], ["--origins 0: expected an integer >= 1"]),
         ([*base, "--model", model, "--origins", "2", "--out", str(tmp_path / "t.json")],
-         [f"--out {tmp_path / 't.json'}: expected a file name ending in .csv or .parquet"]),
+         [f"--out {tmp_path / 't.json'}: expected a file name ending in .csv, .parquet"]),
         ([*base, "--model", model, "--origins", "2", "--out", str(tmp_path / "series" / "t.csv")],
          ["is inside --data", "choose an output path outside the inputs"]),
         ([*base, "--model", model, "--origins", "2", "--out", str(tmp_path / "nowhere" / "t.csv")],

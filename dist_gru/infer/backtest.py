@@ -34,7 +34,7 @@ from dist_gru.config import ConfigError
 from dist_gru.data.loading import SampleEvalBatches
 from dist_gru.data.windows import WindowDataset
 from dist_gru.infer.forecast import require_forecaster
-from dist_gru.infer.load import batch_to, command_parser, data_for_model, json_line, load_model, output_inside_input
+from dist_gru.infer.load import batch_to, checked_out, command_parser, data_for_model, json_line, load_model
 from dist_gru.infer.tables import TABLES, write_table
 from dist_gru.tasks import ForecastTask, task_for
 
@@ -149,16 +149,8 @@ def check_origins(args: argparse.Namespace, windows: WindowDataset, stride: int)
 
 def check_out(args: argparse.Namespace) -> None:
     """ConfigError unless `--out` is a .csv or .parquet file in an existing folder, outside the inputs."""
-    if args.out is None:
-        return
-    out = Path(args.out)
-    if out.suffix not in TABLES:
-        raise ConfigError(f"--out {out}: expected a file name ending in {' or '.join(TABLES)}")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
-    problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
-    if problem:
-        raise ConfigError(problem)
+    if args.out is not None:
+        checked_out(args, TABLES)
 
 
 def report(sums: SeriesSums, rows: torch.Tensor, origins: OriginWindows, stride: int) -> tuple[list[dict], dict]:

@@ -29,11 +29,11 @@ from dist_gru.data.table_series import calendar_features, calendar_names
 from dist_gru.data.windows import context_at_end
 from dist_gru.infer.load import (
     check_features,
+    checked_out,
     command_parser,
     inference_config,
     json_line,
     load_model,
-    output_inside_input,
 )
 from dist_gru.infer.tables import write_table
 from dist_gru.model import GRUModel
@@ -259,12 +259,7 @@ def forecast_main(argv: list[str] | None = None) -> int:
         "and the columns) or an .npy array [num_series, horizon, Ff] (models trained with future-known covariates)",
     )
     args = parser.parse_intermixed_args(argv)
-    out = Path(args.out)
-    problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
-    if out.suffix not in OUTPUTS:
-        problem = f"--out {out}: expected a file name ending in {', '.join(OUTPUTS)}"
-    if problem:
-        raise ConfigError(problem)
+    out = checked_out(args, OUTPUTS)
     model = load_model(Path(args.model))
     require_forecaster(model, args.model, "dist-gru forecast")
     cfg = inference_config(args, model)

@@ -145,6 +145,20 @@ def data_for_model(args: argparse.Namespace, model: GRUModel, extra: list[str] =
     return cfg, dataset
 
 
+def checked_out(args: argparse.Namespace, suffixes: tuple[str, ...]) -> Path:
+    """`--out`: a file name ending in one of `suffixes`, in a folder that exists, and outside the
+    command's inputs (which writing it would overwrite); else a ConfigError naming it."""
+    out = Path(args.out)
+    if out.suffix not in suffixes:
+        raise ConfigError(f"--out {out}: expected a file name ending in {', '.join(suffixes)}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
+    if problem:
+        raise ConfigError(problem)
+    return out
+
+
 def output_inside_input(out: str | Path, inputs: dict[str, str | Path | None]) -> str | None:
     """Why `out` must not be written, or None: it is (inside) one of `inputs` ({option: path}),
     which writing it would overwrite (e.g. `--out DATA/features.npy`). Paths are compared resolved

@@ -37,7 +37,7 @@ import torch
 
 from dist_gru.config import ConfigError
 from dist_gru.data.loading import make_loader, predict_batches
-from dist_gru.infer.load import batch_to, command_parser, json_line, load_for_inference, load_model, output_inside_input
+from dist_gru.infer.load import batch_to, checked_out, command_parser, json_line, load_for_inference, load_model
 from dist_gru.infer.tables import TABLES, prediction_frames, write_table
 from dist_gru.tasks import task_for
 
@@ -62,14 +62,7 @@ def _inputs(argv: list[str] | None) -> tuple[argparse.Namespace, Path, Any, torc
         "--probabilities", action="store_true", help="classification: class probabilities instead of labels"
     )
     args = parser.parse_intermixed_args(argv)
-    out = Path(args.out)
-    if out.suffix not in (".npy", *TABLES):
-        raise ConfigError(f"--out {out}: expected a file name ending in .npy, {', '.join(TABLES)}")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
-    problem = output_inside_input(out, {"--model": args.model, "--data": args.data, "--config": args.config})
-    if problem:
-        raise ConfigError(problem)
+    out = checked_out(args, (".npy", *TABLES))
     model = load_model(Path(args.model))
     if args.probabilities and model.task != "classification":
         raise ConfigError(
