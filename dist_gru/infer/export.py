@@ -77,6 +77,11 @@ def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool
             "the model reads future-known covariates over the horizon, which exported graphs do not take yet; "
             "forecast with `dist-gru forecast --future`"
         )
+    if model.statics is not None:  # nor the static columns that set the initial state
+        problems.append(
+            "the model reads static covariates (one value per series), which exported graphs do not take yet; "
+            "use dist-gru forecast, predict or evaluate"
+        )
     return problems
 
 

@@ -21,6 +21,7 @@ from dist_gru.config import ConfigError
 from dist_gru.data.batching import model_inputs
 from dist_gru.data.windows import context_at_end
 from dist_gru.infer.load import (
+    align_statics,
     check_features,
     command_parser,
     inference_config,
@@ -130,6 +131,7 @@ def forecast_main(argv: list[str] | None = None) -> int:
             f"--data {args.data}: series have {dataset.output_size} target channels, the model forecasts {model.output_size}"
         )
     check_features(args, model, dataset.output_size + dataset.num_features)
+    align_statics(dataset, model, f"--data {args.data}")
     future = read_future(args.future, model, len(dataset))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outputs = forecast_series(model.to(device), dataset, cfg.data.window, args.batch_size, device, future)
