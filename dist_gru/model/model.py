@@ -7,7 +7,8 @@ The parts (each its own module of this package): ``scaler`` (``Scaler``: checked
 and per-window scaling, token embeddings), ``encoder`` (``Encoder``: ``nn.GRU`` or the seed
 equations' ``SeedGRU``, one or both directions, exact on padded batches) and ``head``
 (``dist_gru.model.heads``: ``last``, ``step``, ``forecast``, with a point, gaussian or quantile
-output layout). Construction picks them from the arguments; ``forward`` composes them. The module
+output layout), and for series with static covariates ``statics`` (``StaticEncoder``: their
+initial state). Construction picks them from the arguments; ``forward`` composes them. The module
 holds no training logic (losses and metrics: ``dist_gru.tasks``).
 """
 
