@@ -33,6 +33,7 @@ from dist_gru.data.batching import model_inputs
 from dist_gru.data.files import SequenceFileDataset
 from dist_gru.data.loading import build_dataset
 from dist_gru.data.statics import UNSEEN, Statics
+from dist_gru.data.synthetic import StoresDataset
 from dist_gru.data.windows import WindowDataset, context_at_end
 from dist_gru.model import GRUModel
 
@@ -211,6 +212,12 @@ def test_a_static_category_carries_the_level(store_runs):
     assert config["data"]["static"][0]["vocabulary"] == ["mall", "outlet", "street"]
     plain = json.loads((store_runs / "without" / "model" / "config.json").read_text())
     assert "static_categories" not in plain and "static" not in plain["data"]
+    # The numeric column is standardised with the training series' statistics, saved as buffers.
+    weights = load_weights(store_runs / "with" / "model" / "model.safetensors")
+    mean, std = StoresDataset(256, 60, 1234).statics.value_moments()
+    np.testing.assert_allclose(weights["statics.value_mean"].numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(weights["statics.value_std"].numpy(), std, rtol=1e-6)
+    assert 0.25 < float(std[0]) < 0.33  # U(0.5, 1.5): 1 / sqrt(12)
 
 
 def test_forecast_remaps_a_folders_vocabulary_by_name(store_runs, tmp_path):
@@ -247,6 +254,9 @@ def test_a_copied_model_folder_evaluates_as_the_run_does(store_runs, tmp_path):
     elsewhere = assert_ok(cli("evaluate", "--model", str(copied), "--data", "stores"))
     assert original.stdout.splitlines()[-1] == elsewhere.stdout.splitlines()[-1]
     assert json.loads(elsewhere.stdout.splitlines()[-1])["mae"] == pytest.approx(final_eval(store_runs / "with")["eval/mae"])
+    # A model trained without the statics ignores those of the data it is given.
+    without = assert_ok(cli("evaluate", "--model", str(store_runs / "without" / "model"), "--data", "stores"))
+    assert json.loads(without.stdout.splitlines()[-1])["mae"] == pytest.approx(final_eval(store_runs / "without")["eval/mae"])
     data = store_runs / "stores" / "val"
     forecast = store_runs / "forecast" / "model"
     copied = tmp_path / "forecast" / "model"
