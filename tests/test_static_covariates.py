@@ -243,8 +243,10 @@ def test_forecast_remaps_a_folders_vocabulary_by_name(store_runs, tmp_path):
         f"--data {other}: its static columns are size (value); the model reads kind (category), size (value)",
     )
     assert not out.exists()
-    export = cli("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
-    assert_refused(export, "static covariates")
+    export = cli("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp_path / "m.pt"), "--stateful")
+    assert_refused(export, "--stateful with static covariates")
+    exported = assert_ok(cli("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp_path / "m.pt")))
+    assert json.loads(exported.stdout.splitlines()[-1])["max_difference"] <= 1e-5
 
 
 def test_a_copied_model_folder_evaluates_as_the_run_does(store_runs, tmp_path):
@@ -288,3 +290,43 @@ def test_stream_mode_refuses_static_columns(tmp_path):
     refused = cli("train", *args, f"train.run_dir={tmp_path / 'run'}")
     assert_refused(refused, "stream mode (train.tbptt) cannot read", "set data.static_covariates=false")
     assert not (tmp_path / "run").exists()
+
+
+EXPORTED = {
+    "bidirectional-categories-values": {"bidirectional": True, "static_categories": [3, 2], "static_values": 2},
+    "seed-values": {"cell": "seed", "static_values": 1, "head": "forecast", "horizon": 2},
+    "categories": {"static_categories": [4], "head": "step"},
+}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("case", list(EXPORTED))
+def test_export_takes_the_static_inputs(tmp_path, case, fmt):
+    """The exported graph takes the static inputs after x and lengths and computes what the model
+    does, an unseen code (-1) included."""
+    pytest.importorskip("onnxruntime")
+    from dist_gru.infer import export
+
+    torch.manual_seed(0)
+    model = GRUModel(3, 8, num_layers=2, **EXPORTED[case])
+    if model.static_values:
+        model.statics.set_normalization(torch.full((model.static_values,), 2.0), torch.full((model.static_values,), 0.5))
+    model.save_pretrained(tmp_path / "model")
+    model = GRUModel.from_pretrained(tmp_path / "model")
+    out = tmp_path / f"graph.{fmt}"
+    meta = export.write_export(tmp_path / "model", fmt, out, export.DEFAULT_OPSET, stateful=False)
+    names = [name for name in ("static_categories", "static_values") if name in model.config]
+    assert list(meta["inputs"]) == ["x", "lengths", *names]
+    assert export.verify(out, fmt, model, stateful=False) <= export.TOLERANCE
+    x, lengths, _ = export.random_batch(model, 4, 7, torch.Generator().manual_seed(3))
+    statics = {}
+    if "static_categories" in names:
+        statics["static_categories"] = torch.tensor([[UNSEEN] * len(model.static_categories), *[[0] * len(model.static_categories)] * 3])
+    if "static_values" in names:
+        statics["static_values"] = torch.linspace(0, 3, 4 * model.static_values).reshape(4, -1)
+    (got,) = export.load_runner(out, fmt)(x.numpy(), lengths.numpy(), *(t.numpy() for t in statics.values()))
+    with torch.no_grad():
+        want = model(x, lengths, **statics)[0].numpy()
+    valid = np.arange(7)[None, :] < lengths.numpy()[:, None]
+    got, want = (got[valid], want[valid]) if model.head_kind == "step" else (got, want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
