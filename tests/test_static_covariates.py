@@ -330,3 +330,14 @@ def test_export_takes_the_static_inputs(tmp_path, case, fmt):
     valid = np.arange(7)[None, :] < lengths.numpy()[:, None]
     got, want = (got[valid], want[valid]) if model.head_kind == "step" else (got, want)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_fine_tuning_standardises_the_static_values_with_its_own_data(store_runs, tmp_path):
+    """Fine-tuning loads the GRU and head only: the static encoder starts afresh, its numeric
+    columns standardised with the new job's training series."""
+    args = [*TRAIN, "data.train_size=64", "data.seed=7", "train.max_steps=2", "train.eval_every=2"]
+    assert_ok(cli("train", *args, f"train.init_from={store_runs / 'with' / 'model'}", f"train.run_dir={tmp_path / 'tuned'}"))
+    weights = load_weights(tmp_path / "tuned" / "model" / "model.safetensors")
+    mean, std = StoresDataset(64, 60, 7).statics.value_moments()
+    np.testing.assert_allclose(weights["statics.value_mean"].numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(weights["statics.value_std"].numpy(), std, rtol=1e-6)
