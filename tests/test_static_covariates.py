@@ -256,6 +256,8 @@ def test_a_copied_model_folder_evaluates_as_the_run_does(store_runs, tmp_path):
     elsewhere = assert_ok(cli("evaluate", "--model", str(copied), "--data", "stores"))
     assert original.stdout.splitlines()[-1] == elsewhere.stdout.splitlines()[-1]
     assert json.loads(elsewhere.stdout.splitlines()[-1])["mae"] == pytest.approx(final_eval(store_runs / "with")["eval/mae"])
+    refused = cli("evaluate", "--model", str(copied), "--data", "promo")
+    assert_refused(refused, "--data promo: has no static columns; the model reads store_type (category), size (value)")
     # A model trained without the statics ignores those of the data it is given.
     without = assert_ok(cli("evaluate", "--model", str(store_runs / "without" / "model"), "--data", "stores"))
     assert json.loads(without.stdout.splitlines()[-1])["mae"] == pytest.approx(final_eval(store_runs / "without")["eval/mae"])
