@@ -6,7 +6,8 @@
 The context of each series is its last `data.window` steps as the model was trained on them (the
 target history, then the covariates); a model trained with future-known covariates also reads
 their values over the horizon (`--future`), except calendar columns, which follow from the
-timestamps.
+timestamps. A model trained with static covariates reads each series' static columns from the
+folder, its category codes remapped by name to the model's vocabularies (`align_statics`).
 """
 
 from __future__ import annotations

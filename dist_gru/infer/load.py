@@ -6,7 +6,7 @@
 A model folder (config.json + model.safetensors) is all inference needs: besides the architecture,
 config.json holds `data`, what inference needs to know of the data the model was trained on
 (`data_facts`: the season, the context window and its stride, stream mode's settings, a synthetic
-set's generator parameters). The commands build their config from the run's config.yaml (or
+set's generator parameters, and the static columns with their vocabularies). The commands build their config from the run's config.yaml (or
 --config) < the model's own head, horizon and data facts < the user's overrides, so a model folder
 copied away from its run folder evaluates and forecasts as the run's own does.
 """
