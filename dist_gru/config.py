@@ -100,10 +100,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["adding", "sine", "seed_example", "running_count", "seasonal", "promo", "files"] = Field(
+    name: Literal["adding", "sine", "seed_example", "running_count", "seasonal", "promo", "stores", "files"] = Field(
         "adding",
         description="dataset: adding | sine | seed_example | running_count (per-step labels) | seasonal (series "
-        "to forecast) | promo (series with a future-known covariate) (synthetic) | files (dist_gru.seq/v1 folders)",
+        "to forecast) | promo (series with a future-known covariate) | stores (series with static covariates) (synthetic) | files (dist_gru.seq/v1 folders)",
     )
     seq_len: int = Field(
         50, ge=1, le=1_000_000, description="sequence length of synthetic data (max length if variable)"
@@ -142,6 +142,11 @@ class DataConfig(_Section):
         True,
         description="forecast: feed the horizon's values of future-known covariates (feature role future) to the "
         "forecast; false treats them as past covariates only",
+    )
+    static_covariates: bool = Field(
+        True,
+        description="feed each series' static columns (one value per series: meta.json static) to the model, "
+        "as its initial state; false ignores them",
     )
     season: int = Field(
         1, ge=1, description="season length of the series (seasonal task; seasonal-naive baseline; 1 = naive)"

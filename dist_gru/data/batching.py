@@ -4,7 +4,8 @@ A batch is a dict: `x` float32 [B, T_max, F] zero-padded, `lengths` int64 [B] (k
 packing wants them there), `y` float32 [B, O] or int64 [B] per sequence, or per step float32
 [B, T_max, O] or int64 [B, T_max] zero-padded (consumers mask with `lengths`), `index` int64 [B]
 (global sample ids, which tests use to prove that no sample is trained twice or skipped), and for
-forecast windows with future-known covariates `future` float32 [B, horizon, Ff].
+forecast windows with future-known covariates `future` float32 [B, horizon, Ff], and for series
+with static columns `static_categories` int64 [B, Sc] and `static_values` float32 [B, Sn].
 """
 
 from __future__ import annotations
@@ -42,13 +43,19 @@ def pad_batch(
     }
 
 
+# The batch entries that go to the model as they are, where a batch has them.
+OPTIONAL_INPUTS = ("future", "static_categories", "static_values")
+
+
 def model_inputs(batch: dict, device: torch.device) -> dict[str, Any]:
-    """A batch's keyword arguments of the model: `x` (and `future`, where the batch has it) on
-    `device`, `lengths` on the CPU (packing reads them there)."""
+    """A batch's keyword arguments of the model: `x` (and `future`, `static_categories`,
+    `static_values`, where the batch has them) on `device`, `lengths` on the CPU (packing reads
+    them there)."""
     non_blocking = device.type == "cuda"
     inputs = {"x": batch["x"].to(device, non_blocking=non_blocking), "lengths": batch["lengths"]}
-    if "future" in batch:
-        inputs["future"] = batch["future"].to(device, non_blocking=non_blocking)
+    for name in OPTIONAL_INPUTS:
+        if name in batch:
+            inputs[name] = batch[name].to(device, non_blocking=non_blocking)
     return inputs
 
 

@@ -53,6 +53,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from dist_gru.data.batching import collate_identity, pad_batch
+from dist_gru.data.statics import Statics
 
 __all__ = [
     "FORMAT",
@@ -572,7 +573,9 @@ class SequenceFileDataset(torch.utils.data.Dataset):
     `ds[i]` is `{"x": float32 [T_i, F], "y": float32 [O] or int64 [], "index": i}`.
     `ds.__getitems__(indices)` (what `DataLoader` calls with a batch of indices) returns one padded
     batch `{"x": float32 [B, T_max, F] zero-padded, "lengths": int64 [B], "y": float32 [B, O] or
-    int64 [B], "index": int64 [B]}`, so the loader's `collate_fn` must be `collate_identity`.
+    int64 [B], "index": int64 [B]}` (plus the series' static columns, `static_categories` int64
+    [B, Sc] and `static_values` float32 [B, Sn], where `statics` holds them), so the loader's
+    `collate_fn` must be `collate_identity`.
     A step dataset (`target_kind == "step"`) has `y` per step: `ds[i]["y"]` float32 [T_i, O] or
     int64 [T_i], a batch's float32 [B, T_max, O] or int64 [B, T_max], zero-padded.
 
@@ -593,6 +596,8 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         self.vocab_size: int | None = self.meta.get("vocab_size") if self.meta["feature_dtype"] in TOKEN_DTYPES else None
         self._open(check_contents=True)
         self._series_arrays = load_series_arrays(self.path, self.meta, self._lengths)
+        # The static columns its batches carry (None: none, or ignored by data.static_covariates=false).
+        self.statics: Statics | None = Statics.of(self)
 
     # Per-series facts of a dataset written by `dist-gru prepare --table` (docs/tables.md); each is
     # None for a dataset that does not have it. Arrays are read-only, O(N).
@@ -796,7 +801,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         else:
             batch = pad_batch(sequences, self._targets[index], index)
         self.release_pages()
-        return batch
+        return batch if self.statics is None else {**batch, **self.statics.rows(index)}
 
     def read_steps(
         self, seq: np.ndarray, starts: np.ndarray, feature_steps: int, target_steps: int

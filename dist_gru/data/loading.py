@@ -57,6 +57,8 @@ def build_dataset(cfg: DataConfig, split: str, head: str | None = None) -> Datas
         source = SYNTHETIC[cfg.name](
             size, cfg.seq_len, cfg.seed, offset=offset, variable_length=cfg.variable_length, **extra
         )
+    if not cfg.static_covariates:
+        source.statics = None  # its batches carry no static columns
     if cfg.window is None:
         return source
     from dist_gru.data.windows import WindowDataset

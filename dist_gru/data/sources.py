@@ -32,6 +32,7 @@ from dist_gru.data.loading import (
     make_loader,
     train_stream,
 )
+from dist_gru.data.statics import aligned_statics
 from dist_gru.data.streams import (
     LaneState,
     StreamEvalBatches,
@@ -90,6 +91,10 @@ class SampleSource:
         self.cfg = cfg
         self.train_set = build_dataset(cfg.data, "train", head=cfg.model.head)
         self.val_set = build_dataset(cfg.data, "val", head=cfg.model.head)
+        train_statics = getattr(self.train_set, "statics", None)
+        if self.val_set is not None and train_statics is not None:  # codes as the training vocabularies have them
+            where = cfg.data.val_path if cfg.data.name == "files" else f"data.name={cfg.data.name}"
+            self.val_set.statics = aligned_statics(self.val_set.statics, train_statics.columns, where)
         self.sampler = TrainBatchSampler(
             self.train_set.lengths,
             micro_batch_size(cfg),

@@ -31,12 +31,17 @@ machinery draws windows from them as from files, see `read_steps`):
   from (seed, i, p)); the one covariate is the promotion flag, known for the future
   (`feature_roles = ("future",)`), so a forecast that reads the horizon's flags beats one that
   cannot by about the lift's share of the error.
+- `stores` (static covariates): each series' level is set by its store type, a static category
+  (with a numeric static size), which nothing in its steps' features reveals; the batches carry
+  them (`static_categories`, `static_values`, see `dist_gru.data.statics`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from dist_gru.data.statics import Statics
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -104,6 +109,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     num_features = 1
     output_size = 1
     num_classes = None
+    statics: Statics | None = None  # the series' static columns, for tasks that have them
     _LENGTH_STREAM = 1000  # a stream no task uses
 
     def __init__(self, size: int, seq_len: int, seed: int, offset: int = 0, variable_length: bool = False):
@@ -140,6 +146,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
             "lengths": torch.from_numpy(lengths),
             "y": torch.from_numpy(y),
             "index": torch.from_numpy(local),
+            **(self.statics.rows(local) if self.statics is not None else {}),
         }
 
     def __getitem__(self, i: int) -> dict:
@@ -262,6 +269,36 @@ class PromoDataset(SyntheticSteps):
         return promo[:, :, None].astype(np.float32), value[:, :, None]
 
 
+class StoresDataset(SyntheticSteps):
+    """Series whose level is set by a static category: store i has a type (`mall`, `outlet`,
+    `street`: level 1, -1, 0) and a size in [0.5, 1.5), both drawn from (seed, i); each step's
+    value is the level + 0.3 * (size - 1) + 0.5 * traffic + N(0, 0.1^2) noise, where the one
+    feature, traffic, is U(0, 1) per step."""
+
+    num_features = 1  # traffic
+    noise = 0.1
+    TYPES = ("mall", "outlet", "street")  # sorted, as `prepare --table` stores a vocabulary
+    LEVELS = (1.0, -1.0, 0.0)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        index = np.arange(self.offset, self.offset + self.size)
+        columns = [{"name": "store_type", "kind": "category", "vocabulary": list(self.TYPES)}, {"name": "size", "kind": "value"}]
+        self.statics = Statics(columns, self._types(index)[:, None], self._sizes(index)[:, None].astype(np.float32))
+
+    def _types(self, index: np.ndarray) -> np.ndarray:
+        return np.floor(uniform(self.seed, index, 0, ()) * len(self.TYPES)).astype(np.int64)
+
+    def _sizes(self, index: np.ndarray) -> np.ndarray:
+        return 0.5 + uniform(self.seed, index, 1, ())
+
+    def _steps(self, index, positions):
+        level = np.asarray(self.LEVELS)[self._types(index)] + 0.3 * (self._sizes(index) - 1.0)
+        traffic = uniform_at(self.seed, index, 2, positions)
+        value = level[:, None] + 0.5 * traffic + self.noise * normal_at(self.seed, index, 3, positions)
+        return traffic[:, :, None].astype(np.float32), value[:, :, None]
+
+
 SYNTHETIC = {
     "adding": AddingDataset,
     "sine": SineDataset,
@@ -269,4 +306,5 @@ SYNTHETIC = {
     "running_count": RunningCountDataset,
     "seasonal": SeasonalDataset,
     "promo": PromoDataset,
+    "stores": StoresDataset,
 }

@@ -29,6 +29,9 @@ Modes:
   targets that follow the window [B, H, O]; with future-known covariates (the source's
   `feature_roles` marks them "future"), also `future` = their values over those H steps [B, H, Ff];
 - `last` (head `last`): x as in `step`, y = the targets of the window's last step [B, O] or [B].
+
+In every mode a batch also carries its windows' series' static columns (`static_categories`,
+`static_values`, see `dist_gru.data.statics`) where the source has them.
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ class WindowDataset(torch.utils.data.Dataset):
         roles = getattr(source, "feature_roles", None) or ()
         read_future = mode == "forecast" and future_covariates
         self.future_columns = [i for i, role in enumerate(roles) if role == "future"] if read_future else []
+        # The series' static columns, which every window of a series carries (dist_gru.data.statics).
+        self.statics = getattr(source, "statics", None)
 
     def __len__(self) -> int:
         return int(self._first[-1])
@@ -185,6 +190,7 @@ class WindowDataset(torch.utils.data.Dataset):
             "y": torch.from_numpy(np.ascontiguousarray(y)),
             "index": torch.from_numpy(index),
             **extra,
+            **(self.statics.rows(seq) if self.statics is not None else {}),
         }
 
     def __getitem__(self, i: int) -> dict:
@@ -209,7 +215,8 @@ def _first_starts(eval_from: np.ndarray | None, n: int, window: int, stride: int
 def context_at_end(source: Any, seq: np.ndarray, window: int) -> dict:
     """The forecast context at the end of each series `seq` of `source`, as a forecast window's
     batch holds it: `x` = its last `window` steps of target history and covariates [B, W, O + F]
-    (every series at least `window` steps long), `lengths`, `index` = the series."""
+    (every series at least `window` steps long), `lengths`, `index` = the series, and the series'
+    static columns where `source.statics` holds them."""
     seq = np.asarray(seq, dtype=np.int64)
     lengths = np.asarray(source.lengths, dtype=np.int64)[seq]
     features, targets = source.read_steps(seq, lengths - window, window, window)
@@ -218,6 +225,7 @@ def context_at_end(source: Any, seq: np.ndarray, window: int) -> dict:
         "x": torch.from_numpy(np.ascontiguousarray(np.concatenate([history, features], axis=-1), dtype=np.float32)),
         "lengths": torch.full((len(seq),), window, dtype=torch.int64),
         "index": torch.from_numpy(seq),
+        **(source.statics.rows(seq) if getattr(source, "statics", None) is not None else {}),
     }
 
 # ------------------------------------------------------------------------------ memory benchmark

@@ -8,7 +8,9 @@ The graph takes what a user feeds and returns what a user wants: raw inputs ``x`
 features] and ``lengths`` [batch] (int64, each in [1, time]; padding after each sequence's end)
 in, the model's outputs in the data's units out: input scaling (global or per window), the GRU,
 the head and the inverse scaling are all inside, for every head and both cells. Batch size and
-length are dynamic. ``--stateful`` exports ``GRUModel.step`` instead: ``state`` [num_layers,
+length are dynamic. A model with static covariates also takes ``static_categories`` [batch, Sc]
+(int64 codes into the vocabularies its metadata's ``data.static`` lists; -1 for a category it
+never saw) and/or ``static_values`` [batch, Sn], which set the GRU's initial state. ``--stateful`` exports ``GRUModel.step`` instead: ``state`` [num_layers,
 batch, hidden] is a third input and ``state_out`` a second output, for online use.
 
 ONNX runs the recurrence as ONNX ``GRU`` nodes, one per layer, with ``sequence_lens``: PyTorch's
@@ -77,6 +79,8 @@ def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool
             "the model reads future-known covariates over the horizon, which exported graphs do not take yet; "
             "forecast with `dist-gru forecast --future`"
         )
+    if stateful and model.statics is not None:
+        problems.append("--stateful with static covariates: they set a sequence's first state, a stream carries its own")
     return problems
 
 
@@ -87,7 +91,16 @@ def io_spec(model: GRUModel, stateful: bool) -> dict[str, Any]:
     outputs = {"output": [*task.unit_axes, *task.output_shape()]}
     if stateful:
         inputs["state"] = outputs["state_out"] = [model.num_layers, "batch", model.hidden_size]
+    if model.static_categories:
+        inputs["static_categories"] = ["batch", len(model.static_categories)]
+    if model.static_values:
+        inputs["static_values"] = ["batch", model.static_values]
     return {"inputs": inputs, "outputs": outputs}
+
+
+def static_inputs(model: GRUModel) -> list[str]:
+    """The graph's static covariate inputs, in order (after x and lengths): none, or either or both."""
+    return [name for name, width in (("static_categories", model.static_categories), ("static_values", model.static_values)) if width]
 
 
 def metadata(model: GRUModel, fmt: str, opset: int | None, stateful: bool) -> dict[str, Any]:
@@ -99,6 +112,8 @@ def metadata(model: GRUModel, fmt: str, opset: int | None, stateful: bool) -> di
         "inputs": spec["inputs"],
         "outputs": spec["outputs"],
         "lengths": "int64, valid steps of each sequence, in [1, time]; padding follows each sequence's end",
+        "static": "static_categories: int64 codes into the vocabularies of data.static (-1: a category the model "
+        "never saw); static_values: float32, in the data's units",
         "model_config": model.config,
         # What inference needs to know of the data (window, season ...): None for a model saved without it.
         "data": model.data,
@@ -167,14 +182,22 @@ class OnnxGraph(nn.Module):
             for name, value in zip("WRB", _onnx_gru_weights(model, layer), strict=True):
                 self.register_buffer(f"{name}{layer}", value)
 
-    def forward(self, x: Tensor, lengths: Tensor, state: Tensor | None = None) -> Any:
+    def forward(self, x: Tensor, lengths: Tensor, *rest: Tensor) -> Any:
+        """``rest``: ``state`` (stateful), or the static inputs (``static_inputs``), or nothing."""
         model = self.model
         directions = model.encoder.directions
+        state = rest[0] if self.stateful else None
+        if model.statics is not None:  # their state starts every layer and direction
+            state = model.statics(*_static_pair(model, rest))
         x, lengths, affine = model.scaler(x, lengths)
         layer_input = x.transpose(0, 1)  # ONNX GRU is time-major
         states = []
         for layer in range(model.num_layers):
-            h0 = state[layer : layer + 1] if state is not None else x.new_zeros(directions, x.shape[0], model.hidden_size)
+            h0 = (
+                state[layer * directions : (layer + 1) * directions]
+                if state is not None
+                else x.new_zeros(directions, x.shape[0], model.hidden_size)
+            )
             y, h_n = _OnnxGRULayer.apply(
                 layer_input, getattr(self, f"W{layer}"), getattr(self, f"R{layer}"), getattr(self, f"B{layer}"),
                 lengths, h0, model.hidden_size, self.linear_before_reset,
@@ -197,9 +220,35 @@ class TorchGraph(nn.Module):
         if isinstance(model.encoder.rnn, SeedGRU):
             model.encoder.rnn.scan = torch.jit.script(seed_scan)
 
-    def forward(self, x: Tensor, lengths: Tensor, state: Tensor | None = None) -> Any:
-        out, state = self.model(x, lengths, state)
+    def forward(self, x: Tensor, lengths: Tensor, *rest: Tensor) -> Any:
+        if self.model.statics is not None:
+            categories, values = _static_pair(self.model, rest)
+            return self.model(x, lengths, static_categories=categories, static_values=values)[0]
+        out, state = self.model(x, lengths, *rest)
         return (out, state) if self.stateful else out
+
+
+def _static_pair(model: GRUModel, given: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """(static_categories, static_values) of the graph's static inputs (``static_inputs`` order)."""
+    named = dict(zip(static_inputs(model), given, strict=True))
+    return named.get("static_categories"), named.get("static_values")
+
+
+def random_statics(model: GRUModel, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Static inputs of a verification batch: every code of each vocabulary and -1 (unseen), values
+    on the scale of the training data; empty for a model without static covariates."""
+    if model.statics is None:
+        return {}
+    statics = {}
+    if model.static_categories:
+        sizes = torch.tensor(model.static_categories)
+        codes = (torch.rand(batch, len(sizes), generator=generator) * (sizes + 1)).long() - 1
+        statics["static_categories"] = codes
+    if model.static_values:
+        encoder = model.statics
+        noise = torch.randn(batch, model.static_values, generator=generator)
+        statics["static_values"] = (encoder.value_mean + encoder.value_std * noise).float()
+    return statics
 
 
 def random_batch(model: GRUModel, batch: int, steps: int, generator: torch.Generator, padded: bool = True
@@ -224,9 +273,10 @@ def _quiet() -> Iterator[None]:
 
 def _example(model: GRUModel, stateful: bool) -> tuple[Tensor, ...]:
     # A padded example, so that tracing records the padded path (exact for full lengths as well).
-    x, _, state = random_batch(model, 3, 5, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    x, _, state = random_batch(model, 3, 5, generator)
     lengths = torch.tensor([5, 3, 2])
-    return (x, lengths, state) if stateful else (x, lengths)
+    return (x, lengths, state) if stateful else (x, lengths, *random_statics(model, 3, generator).values())
 
 
 def write_export(model_dir: str | Path, fmt: str, out: Path, opset: int, stateful: bool) -> dict[str, Any]:
@@ -243,6 +293,7 @@ def write_export(model_dir: str | Path, fmt: str, out: Path, opset: int, statefu
             dynamic = {"x": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "output": units}
             if stateful:
                 dynamic.update(state={1: "batch"}, state_out={1: "batch"})
+            dynamic.update({name: {0: "batch"} for name in static_inputs(model)})
             buffer = io.BytesIO()
             torch.onnx.export(
                 OnnxGraph(model, stateful), example, buffer, dynamo=False, opset_version=opset,
@@ -322,8 +373,9 @@ def verify(path: str | Path, fmt: str, model: GRUModel, stateful: bool, seed: in
                     got, got_state = runner(x.numpy(), lengths.numpy(), state.numpy())
                     worst = max(worst, max_difference(got_state, want_state.numpy()))
                 else:
-                    want, _ = model(x, lengths)
-                    (got,) = runner(x.numpy(), lengths.numpy())
+                    statics = random_statics(model, batch, generator)
+                    want, _ = model(x, lengths, **statics)
+                    (got,) = runner(x.numpy(), lengths.numpy(), *(t.numpy() for t in statics.values()))
                 if not bool(torch.isfinite(want).all()):
                     raise NonFiniteError(
                         f"the model's own outputs hold NaN or infinity on a batch of {batch} x {steps} inputs on the "

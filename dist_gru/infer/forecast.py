@@ -6,7 +6,8 @@
 The context of each series is its last `data.window` steps as the model was trained on them (the
 target history, then the covariates); a model trained with future-known covariates also reads
 their values over the horizon (`--future`), except calendar columns, which follow from the
-timestamps.
+timestamps. A model trained with static covariates reads each series' static columns from the
+folder, its category codes remapped by name to the model's vocabularies (`align_statics`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dist_gru.data.files import DataFormatError, SequenceFileDataset
 from dist_gru.data.table_series import calendar_features, calendar_names
 from dist_gru.data.windows import context_at_end
 from dist_gru.infer.load import (
+    align_statics,
     check_features,
     checked_out,
     command_parser,
@@ -264,6 +266,7 @@ def forecast_main(argv: list[str] | None = None) -> int:
     require_forecaster(model, args.model, "dist-gru forecast")
     cfg = inference_config(args, model)
     dataset = checked_data(args, model)
+    align_statics(dataset, model, f"--data {args.data}")
     times = forecast_times(dataset, model.horizon)
     future = read_future(args.future, model, dataset, times)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,7 +6,7 @@
 A model folder (config.json + model.safetensors) is all inference needs: besides the architecture,
 config.json holds `data`, what inference needs to know of the data the model was trained on
 (`data_facts`: the season, the context window and its stride, stream mode's settings, a synthetic
-set's generator parameters). The commands build their config from the run's config.yaml (or
+set's generator parameters, and the static columns with their vocabularies). The commands build their config from the run's config.yaml (or
 --config) < the model's own head, horizon and data facts < the user's overrides, so a model folder
 copied away from its run folder evaluates and forecasts as the run's own does.
 """
@@ -94,6 +94,7 @@ def inference_config(args: argparse.Namespace, model: GRUModel, extra: list[str]
     )
     overrides = [f"model.head={model.head_kind}", f"data.horizon={model.horizon}"]
     overrides.append(f"data.future_covariates={str(bool(model.future_channels)).lower()}")
+    overrides.append(f"data.static_covariates={str(model.statics is not None).lower()}")
     overrides += [*fact_overrides(model, args.data, args.config is not None), *extra, *args.overrides]
     if Path(args.data).exists():
         overrides += ["data.name=files", f"data.val_path={args.data}", f"data.train_path={args.data}"]
@@ -142,6 +143,7 @@ def data_for_model(args: argparse.Namespace, model: GRUModel, extra: list[str] =
             f"--data {args.data}: its future-known covariates are input channels {given}, the model reads "
             f"{model.future_channels} (mark the same feature columns as future-known)"
         )
+    align_statics(dataset, model, f"--data {args.data}")
     return cfg, dataset
 
 
@@ -157,6 +159,17 @@ def checked_out(args: argparse.Namespace, suffixes: tuple[str, ...]) -> Path:
     if problem:
         raise ConfigError(problem)
     return out
+
+
+def align_statics(dataset: Any, model: GRUModel, where: str) -> None:
+    """Give `dataset`'s batches the model's static columns: the data's category codes remapped by
+    name to the model's vocabularies (`dist_gru.data.statics`); none for a model without statics.
+    Data whose static columns differ from the model's is refused (DataFormatError naming both)."""
+    from dist_gru.data.statics import aligned_statics
+
+    if model.statics is not None and model.static_columns is None:
+        raise ConfigError(f"{where}: the model reads static columns, but its config.json does not name them (data.static)")
+    dataset.statics = aligned_statics(getattr(dataset, "statics", None), model.static_columns, where)
 
 
 def output_inside_input(out: str | Path, inputs: dict[str, str | Path | None]) -> str | None:

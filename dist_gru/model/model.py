@@ -7,7 +7,8 @@ The parts (each its own module of this package): ``scaler`` (``Scaler``: checked
 and per-window scaling, token embeddings), ``encoder`` (``Encoder``: ``nn.GRU`` or the seed
 equations' ``SeedGRU``, one or both directions, exact on padded batches) and ``head``
 (``dist_gru.model.heads``: ``last``, ``step``, ``forecast``, with a point, gaussian or quantile
-output layout). Construction picks them from the arguments; ``forward`` composes them. The module
+output layout), and for series with static covariates ``statics`` (``StaticEncoder``: their
+initial state). Construction picks them from the arguments; ``forward`` composes them. The module
 holds no training logic (losses and metrics: ``dist_gru.tasks``).
 """
 
@@ -31,6 +32,7 @@ from dist_gru.data.files import follow_umask
 from dist_gru.model.encoder import CELLS, Encoder
 from dist_gru.model.heads import HEADS, OUTPUTS, build_head, build_layout
 from dist_gru.model.scaler import Scaler, TokenScaler
+from dist_gru.model.static import StaticEncoder
 from dist_gru.tasks.functional import DEFAULT_QUANTILES
 
 log = logging.getLogger(__name__)
@@ -91,11 +93,29 @@ def checked_arguments(args: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"future_channels with head={head!r}: only head='forecast' reads future covariates")
     if args["vocab_size"] is not None:
         integer("vocab_size", 2)
+    problems += _static_problems(args)
     if args["data"] is not None and not isinstance(args["data"], dict):
         problems.append(f"data={args['data']!r}: expected a dict (what inference needs to know of the data) or None")
     if problems:
         raise ValueError("invalid GRUModel arguments: " + "; ".join(problems))
     return args
+
+
+def _static_problems(args: dict[str, Any]) -> list[str]:
+    """``static_categories`` (a vocabulary size >= 1 per category column, or None) and
+    ``static_values`` (numeric columns, >= 0), made plain; none of either is None and 0."""
+    problems, sizes, values = [], args["static_categories"], args["static_values"]
+    if sizes is not None:
+        plain = isinstance(sizes, Sequence) and not isinstance(sizes, str)
+        if not plain or not all(isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in sizes):
+            problems.append(f"static_categories={sizes!r}: expected a list of vocabulary sizes >= 1 (or None)")
+        else:
+            args["static_categories"] = [int(v) for v in sizes] or None
+    if not (isinstance(values, Integral) and not isinstance(values, bool) and values >= 0):
+        problems.append(f"static_values={values!r}: expected an integer >= 0 (numeric static columns)")
+    else:
+        args["static_values"] = int(values)
+    return problems
 
 
 def _forecast_problems(args: dict[str, Any], integer: Any) -> list[str]:
@@ -131,6 +151,7 @@ def saved_config(args: dict[str, Any]) -> dict[str, Any]:
     config = {name: args[name] for name in first}
     signature = inspect.signature(GRUModel.__init__).parameters
     later = ("head", "bidirectional", "output", "quantiles", "horizon", "scaling", "vocab_size", "future_channels")
+    later += ("static_categories", "static_values")
     for name in (*later, "data"):
         default = signature[name].default
         if args[name] != (list(default) if name == "quantiles" else default):
@@ -192,6 +213,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         scaling: str = "none",
         vocab_size: int | None = None,
         future_channels: Sequence[int] | None = None,
+        static_categories: Sequence[int] | None = None,
+        static_values: int = 0,
         data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -199,7 +222,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers, "dropout": dropout,
             "task": task, "output_size": output_size, "cell": cell, "head": head, "bidirectional": bidirectional,
             "output": output, "quantiles": quantiles, "horizon": horizon, "scaling": scaling,
-            "vocab_size": vocab_size, "future_channels": future_channels, "data": data,
+            "vocab_size": vocab_size, "future_channels": future_channels, "static_categories": static_categories,
+            "static_values": static_values, "data": data,
         })
         args.update(dropout=float(dropout), horizon=int(args["horizon"]), quantiles=[float(q) for q in quantiles])
         # What save_pretrained writes to config.json. The mixin records the raw call
@@ -227,6 +251,14 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         layout = build_layout(output, self.output_size, self.quantiles)
         head_inputs = self.encoder.output_size + self.horizon * len(self.future_channels)
         self.head = build_head(head, head_inputs, layout, self.horizon)
+        # Static covariates set the initial state; a model without them has no such module (and
+        # the state-dict keys it always had).
+        self.static_categories: list[int] = list(args["static_categories"] or [])
+        self.static_values: int = args["static_values"]
+        self.statics: StaticEncoder | None = None
+        if self.static_categories or self.static_values:
+            states = self.num_layers * self.encoder.directions
+            self.statics = StaticEncoder(self.static_categories, self.static_values, self.hidden_size, states)
         self.register_state_dict_post_hook(_to_saved_names)
         self.register_load_state_dict_pre_hook(_from_saved_names)
 
@@ -254,14 +286,31 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         """Re-pack ``nn.GRU`` weights for cuDNN after a move or load; seed: no-op."""
         self.encoder.flatten_parameters()
 
+    @property
+    def static_columns(self) -> list[dict] | None:
+        """The static columns of the training data (names, kinds, vocabularies), which inference
+        aligns its data's to; None for a model without static covariates."""
+        if self.statics is None:
+            return None
+        return (self.data or {}).get("static")
+
     def forward(
-        self, x: Tensor, lengths: Tensor | None = None, state: Tensor | None = None, future: Tensor | None = None
+        self,
+        x: Tensor,
+        lengths: Tensor | None = None,
+        state: Tensor | None = None,
+        future: Tensor | None = None,
+        static_categories: Tensor | None = None,
+        static_values: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``x`` [B, T, F] (token ids [B, T] with ``vocab_size``), ``lengths`` [B] (None: all T),
         ``state`` (None: zeros) -> ``(outputs, state)``; outputs as the class docstring says, state
         ``[num_layers * D, B, H]`` after each sequence's last valid step. ``future`` [B, horizon,
         len(future_channels)]: the horizon's values of the future-known covariates, in the units of
         their channels of ``x`` (a model with ``future_channels`` needs them, any other takes none).
+        ``static_categories`` [B, Sc] (codes into the training vocabularies; -1: unseen) and
+        ``static_values`` [B, Sn]: each sequence's static columns, which set its initial state (a
+        model built with ``static_categories`` / ``static_values`` needs them, any other takes none).
 
         Streams: a ``state`` from ``initial_state`` or a previous call continues each sequence where
         that call left it, so feeding a sequence chunk by chunk gives what one call on the whole
@@ -272,6 +321,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         if state is not None:
             self.encoder.check_state(state, x.shape[0])
             self.scaler.check_stream()
+        state = self._static_state(state, static_categories, static_values)
         x, lengths, affine = self.scaler(x, lengths)
         out, state = self.encoder(x, lengths, state)
         summary = self.encoder.summary(state)
@@ -279,6 +329,17 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             planned = self.scaler.future(future, self.future_channels, self.horizon)
             summary = torch.cat([summary, planned.to(summary.dtype)], -1)
         return self.head(out, summary, affine), state
+
+    def _static_state(self, state: Tensor | None, categories: Tensor | None, values: Tensor | None) -> Tensor | None:
+        """The encoder's initial state: ``state`` (a stream's), or the statics' (None: zeros)."""
+        given = categories is not None or values is not None
+        if self.statics is None:
+            if given:
+                raise ValueError("static_categories/static_values: this model reads no static covariates")
+            return state
+        if state is not None:  # a stream's state already holds what its statics would set
+            raise ValueError("a model with static covariates does not run in stream mode (a carried state)")
+        return self.statics(categories, values)
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> Tensor:
         """The state a stream starts from: zeros ``[num_layers, batch, hidden_size]``."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_gru.config import Config
+from dist_gru.config import Config, ConfigError
 from dist_gru.data.streams import max_token
 from dist_gru.tasks.base import DataInfo, Task
 from dist_gru.tasks.classification import ClassificationTask, TokenTask
@@ -137,7 +137,7 @@ def epoch_samples(cfg: Config, dataset: Any) -> int:
 
 def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
     """``GRUModel`` arguments of a job: the architecture from ``cfg.model``, sizes and task from the
-    training ``dataset`` (its ``num_features``, ``output_size``, ``task``, ``target_kind``), scaling
+    training ``dataset`` (its ``num_features``, ``output_size``, ``task``, ``target_kind``, ``statics``), scaling
     and horizon from ``cfg.data``. A model section that cannot fit the data is a ConfigError."""
     model, data = cfg.model, cfg.data
     tokens = getattr(dataset, "vocab_size", None) is not None
@@ -159,6 +159,25 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "future_channels": getattr(dataset, "future_channels", None) or None,
         # What inference needs to know of the data: window, season, names ...
         "data": {**data_facts(cfg), **dataset_facts(dataset)},
+        **static_kwargs(cfg, dataset),
     }
     task_for(kwargs).check_fits(data_info(cfg, dataset, "train"))
+    if "static_categories" in kwargs:  # inference aligns its data's static columns to these by name
+        kwargs["data"]["static"] = dataset.statics.columns
     return kwargs
+
+
+def static_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
+    """``static_categories`` and ``static_values`` of a job's model from its training data's static
+    columns (none under ``data.static_covariates=false``); a stream job with them is refused."""
+    statics = getattr(dataset, "statics", None)
+    if cfg.train.tbptt and cfg.data.static_covariates:
+        statics = getattr(getattr(dataset, "source", None), "statics", None)
+        if statics is not None:
+            raise ConfigError(
+                f"data.train_path={cfg.data.train_path}: has static columns, which stream mode (train.tbptt) cannot "
+                "read (a stream carries its state from chunk to chunk); set data.static_covariates=false"
+            )
+    if statics is None:
+        return {}
+    return {"static_categories": statics.category_sizes or None, "static_values": statics.num_values}

@@ -173,6 +173,8 @@ def _assemble(
         job.init_record = finetune.init_weights(cfg.train.init_from, model, model_config)
     elif cfg.data.scaling == "global":
         model.set_normalization(*_global_moments(source.train_set, accelerator))
+    if resume is None and model.statics is not None:  # fine-tuning loads rnn and head only; every rank holds them whole
+        model.statics.set_normalization(*source.train_set.statics.value_moments())
     if isinstance(source, Stateful):  # stream mode: the lanes' carried state
         job.checkpointer.register("lanes", source)
     job.checkpointer.register("selection", selection)
