@@ -42,8 +42,9 @@ def shop_table(path: Path) -> pd.DataFrame:
     for shop, (start, days) in {"north": ("2024-01-01", 120), "south": ("2024-01-20", 90), "east": ("2024-02-03", 100)}.items():
         for ds in pd.date_range(start, periods=days, freq="D"):
             promo = int(rng.random() < 0.2)
-            rows.append((shop, ds.strftime("%Y-%m-%d"), promo, 10 + 3 * promo + rng.normal(0, 0.2)))
-    frame = pd.DataFrame(rows, columns=["shop", "day", "promo", "units"])
+            region = "coast" if shop == "east" else "inland"  # a static column: one value per shop
+            rows.append((shop, region, ds.strftime("%Y-%m-%d"), promo, 10 + 3 * promo + rng.normal(0, 0.2)))
+    frame = pd.DataFrame(rows, columns=["shop", "region", "day", "promo", "units"])
     frame.sample(frac=1.0, random_state=0).to_csv(path, index=False)  # rows in any order
     return frame
 
@@ -54,7 +55,7 @@ def shops(tmp_path_factory):
     frame = shop_table(root / "shops.csv")
     prepared = cli(
         "prepare", "--table", str(root / "shops.csv"), "--id-column", "shop", "--time-column", "day",
-        "--target-columns", "units", "--future-columns", "promo", "--calendar", "dayofweek",
+        "--target-columns", "units", "--future-columns", "promo", "--calendar", "dayofweek", "--static-columns", "region",
         "--val-last", "20", "--out", str(root / "data"),
     )
     assert_ok(prepared)
@@ -89,7 +90,8 @@ def test_a_forecast_table_has_ids_and_the_days_after_each_series(shops, tmp_path
     assert facts["feature_names"] == ["promo", "dayofweek_sin", "dayofweek_cos"]
     assert facts["feature_roles"] == ["future"] * 3 and facts["target_names"] == ["units"]
     assert (facts["freq"], facts["calendar"]) == ("D", ["dayofweek"])
-    assert list(table.columns) == ["shop", "day", "units"]
+    assert list(table.columns) == ["shop", "region", "day", "units"]
+    assert table.groupby("shop").region.first().to_dict() == {"east": "coast", "north": "inland", "south": "inland"}
     assert len(table) == 3 * HORIZON
     for shop, days in frame.groupby("shop")["day"]:
         expected = pd.date_range(pd.Timestamp(days.max()) + pd.Timedelta(days=1), periods=HORIZON, freq="D")

@@ -24,12 +24,13 @@ def labelled(tmp_path_factory):
         for ts in pd.date_range(start, periods=hours, freq="h"):
             value = rng.random()
             band = "low" if value < 0.33 else ("mid" if value < 0.66 else "high")
-            rows.append((sensor, ts.strftime("%Y-%m-%d %H:%M"), value, band))
-    frame = pd.DataFrame(rows, columns=["sensor", "time", "reading", "band"])
+            rows.append((sensor, "v2" if sensor == "s2" else "v1", ts.strftime("%Y-%m-%d %H:%M"), value, band))
+    frame = pd.DataFrame(rows, columns=["sensor", "version", "time", "reading", "band"])
     frame.to_csv(root / "sensors.csv", index=False)
     assert_ok(cli(
         "prepare", "--table", str(root / "sensors.csv"), "--id-column", "sensor", "--time-column", "time",
-        "--target-columns", "band", "--past-columns", "reading", "--task", "classification", "--out", str(root / "data"),
+        "--target-columns", "band", "--past-columns", "reading", "--static-columns", "version", "--task", "classification",
+        "--out", str(root / "data"),
     ))
     train = [*TINY, "data.name=files", f"data.train_path={root / 'data'}", f"data.val_path={root / 'data'}",
              "model.head=step", "train.global_batch_size=3", "train.max_steps=150", "optim.lr=0.02",
@@ -45,8 +46,9 @@ def test_labels_come_out_under_their_names_keyed_by_series_and_time(labelled, tm
     result = assert_ok(cli("predict", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "p.csv")))
     assert json.loads(result.stdout.splitlines()[-1])["shape"] == [len(frame)]
     table = pd.read_csv(tmp_path / "p.csv")
-    assert list(table.columns) == ["sensor", "time", "band"]
+    assert list(table.columns) == ["sensor", "version", "time", "band"]
     expected = frame.assign(time=pd.to_datetime(frame.time)).sort_values(["sensor", "time"], kind="stable")
+    assert table.version.tolist() == expected.version.tolist()  # the static column, by name
     assert table.sensor.tolist() == expected.sensor.tolist()
     assert pd.to_datetime(table.time).tolist() == expected.time.tolist()
     assert set(table.band) <= {"high", "low", "mid"}
@@ -61,7 +63,7 @@ def test_labels_come_out_under_their_names_keyed_by_series_and_time(labelled, tm
     assert_ok(cli("predict", "--model", str(model), "--data", str(data), "--probabilities",
                   "--out", str(tmp_path / "p.parquet")))
     probs = pd.read_parquet(tmp_path / "p.parquet")
-    assert list(probs.columns) == ["sensor", "time", "p_high", "p_low", "p_mid"]
+    assert list(probs.columns) == ["sensor", "version", "time", "p_high", "p_low", "p_mid"]
     np.testing.assert_allclose(probs[["p_high", "p_low", "p_mid"]].sum(axis=1), 1.0, rtol=1e-5)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial file left behind
 

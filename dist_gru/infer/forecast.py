@@ -37,7 +37,7 @@ from dist_gru.infer.load import (
     json_line,
     load_model,
 )
-from dist_gru.infer.tables import write_table
+from dist_gru.infer.tables import static_columns, write_table
 from dist_gru.model import GRUModel
 from dist_gru.tasks import task_for
 
@@ -210,6 +210,7 @@ def forecast_frame(outputs: np.ndarray, model: GRUModel, dataset: Any, times: np
     count, horizon = outputs.shape[:2]
     ids = dataset.series_ids if dataset.series_ids is not None else np.arange(count)
     frame = {dataset.id_column or "id": np.repeat(ids, horizon)}
+    frame.update({name: np.repeat(column, horizon) for name, column in static_columns(dataset, np.arange(count)).items()})
     if times is not None:
         frame[dataset.time_column or "ds"] = times.reshape(-1)
     else:

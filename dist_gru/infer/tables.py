@@ -50,9 +50,12 @@ def row_keys(dataset: Any, samples: np.ndarray, per_step: bool) -> tuple[np.ndar
 
 
 def key_columns(dataset: Any, seq: np.ndarray, step: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The columns that say what a row is: the series id, the series' static columns (category names,
+    values), and for a row per step its time (or its position)."""
     source = getattr(dataset, "source", dataset)
     ids = getattr(source, "series_ids", None)
     columns = {getattr(source, "id_column", None) or "id": ids[seq] if ids is not None else seq}
+    columns.update(static_columns(source, seq))
     if step is None:
         return columns
     starts, freq = getattr(source, "series_start", None), getattr(source, "freq", None)
@@ -61,6 +64,21 @@ def key_columns(dataset: Any, seq: np.ndarray, step: np.ndarray | None) -> dict[
     else:
         columns["step"] = step
     return columns
+
+
+def static_columns(source: Any, seq: np.ndarray) -> dict[str, np.ndarray]:
+    """Each static column of series `seq` as the data stores it: category names, numeric values."""
+    columns, codes, values = getattr(source, "static", None) or [], 0, 0
+    out = {}
+    for column in columns:
+        if column["kind"] == "category":
+            vocabulary = np.asarray(column["vocabulary"], dtype=object)
+            out[column["name"]] = vocabulary[source.static_categories[seq, codes]]
+            codes += 1
+        else:
+            out[column["name"]] = source.static_values[seq, values]
+            values += 1
+    return out
 
 
 def prediction_frames(rows: np.ndarray, offsets: np.ndarray, dataset: Any, model: Any, probabilities: bool):
