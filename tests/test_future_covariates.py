@@ -186,3 +186,18 @@ def test_a_copied_model_folder_evaluates_as_the_run_does(promo_runs, tmp_path):
         elsewhere = assert_ok(cli("evaluate", "--model", str(copied), "--data", "promo"))
         assert original.stdout.splitlines()[-1] == elsewhere.stdout.splitlines()[-1]
         assert json.loads(elsewhere.stdout.splitlines()[-1])["mae"] == pytest.approx(final_eval(promo_runs / name)["eval/mae"])
+
+
+@pytest.mark.parametrize("task", ["promo", "stores"])
+def test_a_resumed_run_with_covariates_equals_the_uninterrupted_one(task, tmp_path):
+    """Future-known (promo) and static (stores) covariates: 6 steps, then the same run raised to 12
+    resumes from its checkpoint and ends with the weights of 12 steps in one go."""
+    args = [*TINY, f"data.name={task}", "data.seq_len=60", "data.window=12", "data.horizon=4", "model.head=forecast",
+            "data.train_size=64", "data.val_size=8", "data.scaling=global", "log.mode=disabled", "checkpoint.every=6",
+            "optim.schedule=constant"]  # a cosine schedule follows max_steps, which the resumed run raises
+    assert_ok(cli("train", *args, "train.max_steps=12", f"train.run_dir={tmp_path / 'once'}"))
+    assert_ok(cli("train", *args, "train.max_steps=6", f"train.run_dir={tmp_path / 'twice'}"))
+    resumed = assert_ok(cli("train", *args, "train.max_steps=12", f"train.run_dir={tmp_path / 'twice'}"))
+    assert "resuming from" in resumed.stdout and "(step 6)" in resumed.stdout
+    once, twice = (load_weights(tmp_path / run / "model" / "model.safetensors") for run in ("once", "twice"))
+    assert max_abs_diff(once, twice) == 0.0
