@@ -90,7 +90,7 @@ EXPECTED = {
     ),
     "last_gaussian": (
         (3.5371165276, 3),
-        {"loss": 1.1790388409, "num_samples": 3, "mse": 0.3957828526, "mae": 0.5903982818},
+        {"loss": 1.1790388409, "num_samples": 3, "mse": 0.3957828526, "mae": 0.5903982818, "coverage_95": 1.0},
     ),
     "step_quantile": (
         (1.9229723215, 6),
@@ -359,3 +359,13 @@ def test_stream_mode_token_rules_are_check_fits_rules() -> None:
     info = data_info(cfg, build_dataset(cfg.data, "train", head="step"), "train")
     assert (info.vocab_size, info.model_vocab, info.max_token) == (None, None, None)
     task_for(floats).check_fits(info)
+
+
+def test_gaussian_coverage_counts_the_values_inside_the_95_percent_interval() -> None:
+    """mean 0, scale 1: the interval is +-1.96; 0.5 and -1.9 are inside, 2.5 and -2.0 outside."""
+    task = task_for({"task": "regression", "output_size": 1, "output": "gaussian"})
+    output = torch.tensor([[[0.0, 1.0]]] * 4)
+    target = torch.tensor([[0.5], [2.5], [-1.9], [-2.0]])
+    sums = task.metric_sums()
+    sums.update(output, target, None, None)
+    assert sums.results()["coverage_95"] == 0.5

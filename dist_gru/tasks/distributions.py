@@ -13,6 +13,8 @@ from torch import Tensor
 from dist_gru.tasks.functional import gaussian_nll, median_index, pinball
 from dist_gru.tasks.metrics import MetricSums, SumsView, ratio
 
+Z_95 = 1.959964  # the standard normal's 97.5% quantile: mean +- Z_95 scale holds 95%
+
 
 class PointOutput:
     """One value per target value; squared-error loss (MSE)."""
@@ -72,7 +74,18 @@ class GaussianOutput(PointOutput):
 
     def interval(self, output: Tensor) -> tuple[Tensor, Tensor, str] | None:
         mean, scale = output.unbind(-1)
-        return mean - 1.96 * scale, mean + 1.96 * scale, "95% interval"
+        return mean - Z_95 * scale, mean + Z_95 * scale, "95% interval"
+
+    def sum_sizes(self) -> dict[str, int]:
+        return {"covered": 1}
+
+    def update_sums(self, sums: MetricSums, output: Tensor, target: Tensor) -> None:
+        low, high, _ = self.interval(output)
+        sums.add("covered", ((low <= target) & (target <= high)).sum().to(sums.sums.device))
+
+    def results(self, sums: SumsView, elements: float) -> dict[str, float]:
+        """``coverage_95``: the fraction of values inside mean +- 1.96 scale (0.95 when calibrated)."""
+        return {"coverage_95": ratio(sums.scalar("covered"), elements)}
 
 
 class QuantileOutput(PointOutput):
