@@ -72,3 +72,36 @@ def test_a_table_needs_a_table_suffix(labelled, tmp_path):
     root, _ = labelled
     result = cli("predict", "--model", str(root / "run" / "model"), "--data", str(root / "data"), "--out", str(tmp_path / "p.txt"))
     assert_refused(result, "--out", "expected a file name ending in .npy, .csv, .parquet")
+
+
+def test_new_data_without_targets_is_predicted_on_and_refused_for_training(tmp_path):
+    """`prepare --features X.npy` without `--targets` stores unlabelled data (no task, no targets);
+    predict reads it, and gives the rows it gives for the same sequences stored with labels;
+    evaluate and train refuse it in one line."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 8, 2)).astype(np.float32)
+    y = (x[:, :, 0].sum(1) > 0).astype(np.int64)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    assert_ok(cli("prepare", "--features", str(tmp_path / "x.npy"), "--targets", str(tmp_path / "y.npy"),
+                  "--task", "classification", "--out", str(tmp_path / "labelled")))
+    assert_ok(cli("prepare", "--features", str(tmp_path / "x.npy"), "--out", str(tmp_path / "new")))
+    meta = json.loads((tmp_path / "new" / "meta.json").read_text())
+    assert meta["target_kind"] == "none" and "task" not in meta and "num_classes" not in meta
+    assert not (tmp_path / "new" / "targets.npy").exists()
+    run = tmp_path / "run"
+    assert_ok(cli("train", *TINY, "data.name=files", f"data.train_path={tmp_path / 'labelled'}",
+                  "train.global_batch_size=32", "log.mode=disabled", f"train.run_dir={run}"))
+    for data in ("labelled", "new"):
+        assert_ok(cli("predict", "--model", str(run / "model"), "--data", str(tmp_path / data),
+                      "--out", str(tmp_path / f"{data}.npy")))
+    np.testing.assert_array_equal(np.load(tmp_path / "new.npy"), np.load(tmp_path / "labelled.npy"))
+    assert_ok(cli("predict", "--model", str(run / "model"), "--data", str(tmp_path / "new"),
+                  "--out", str(tmp_path / "new.csv")))
+    table = pd.read_csv(tmp_path / "new.csv")
+    assert list(table.columns) == ["id", "label"] and table.id.tolist() == list(range(96))
+    refused = "holds no targets (unlabelled data): dist-gru predict reads it"
+    assert_refused(cli("evaluate", "--model", str(run / "model"), "--data", str(tmp_path / "new")), refused)
+    assert_refused(cli("train", *TINY, "data.name=files", f"data.train_path={tmp_path / 'new'}",
+                       f"train.run_dir={tmp_path / 'never'}"), refused)
+    assert not (tmp_path / "never").exists()

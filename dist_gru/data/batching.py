@@ -26,11 +26,17 @@ def pad_steps(arrays: Sequence[np.ndarray], lengths: np.ndarray, dtype: type = n
 
 
 def pad_batch(
-    sequences: Sequence[np.ndarray], targets: np.ndarray | Sequence[np.ndarray], indices: Sequence[int]
+    sequences: Sequence[np.ndarray], targets: np.ndarray | Sequence[np.ndarray] | None, indices: Sequence[int]
 ) -> dict:
     """One batch: sequences zero-padded; `targets` an array [B, ...] (one per sequence) or a list of
-    per-step arrays [T_i] / [T_i, O], padded like the sequences."""
+    per-step arrays [T_i] / [T_i, O], padded like the sequences; None: unlabelled, no `y`."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    if targets is None:
+        return {
+            "x": torch.from_numpy(pad_steps(sequences, lengths)),
+            "lengths": torch.from_numpy(lengths),
+            "index": torch.as_tensor(np.asarray(indices, dtype=np.int64)),
+        }
     if isinstance(targets, np.ndarray):
         y = np.ascontiguousarray(targets)
     else:

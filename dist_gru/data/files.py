@@ -160,6 +160,35 @@ def write_sequences(
     return path
 
 
+def write_features(path: str | os.PathLike, sequences: Sequence[np.ndarray] | np.ndarray) -> Path:
+    """Unlabelled sequences (`[T_i, F]` each, or one [N, T, F] array) as a `dist_gru.seq/v1` dataset
+    without targets (`"target_kind": "none"`, no task): new data to `dist-gru predict` on. Checked and
+    written atomically like `write_sequences`; returns `path`."""
+    path, where = Path(path), f"writing {path}"
+    sequences, lengths, num_features = _check_sequences(sequences, where)
+    check_destination(path)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    meta = {
+        "format": FORMAT,
+        "num_sequences": len(lengths),
+        "num_features": num_features,
+        "target_kind": "none",
+        "feature_dtype": "float32",
+        "total_steps": int(offsets[-1]),
+        "min_length": int(lengths.min()),
+        "max_length": int(lengths.max()),
+        "created_by": f"dist_gru {package_version()}",
+    }
+    with staged_dataset(path, meta) as staging:
+        features = open_memmap(staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), num_features))
+        _fill_features(features, sequences, offsets, f"{where}: sequences")
+        features.flush()
+        del features
+        np.save(staging / OFFSETS_FILE, offsets)
+    return path
+
+
 @contextlib.contextmanager
 def staged_dataset(path: Path, meta: dict[str, Any]) -> Iterator[Path]:
     """A temporary sibling folder to write a dataset's arrays into; on success `meta` is written
@@ -587,11 +616,12 @@ class SequenceFileDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.meta = _read_meta(self.path)
-        self.task: str = self.meta["task"]
+        # None for unlabelled data (target_kind "none", float features): predicted on, never trained on.
+        self.task: str | None = self.meta.get("task")
         self.target_kind: str = self.meta.get("target_kind", "sequence")
         self.num_features: int = self.meta["num_features"]
         self.num_classes: int | None = self.meta.get("num_classes") if self.task == "classification" else None
-        self.output_size: int = self.num_classes if self.task == "classification" else self.meta["target_dim"]
+        self.output_size: int | None = self.num_classes if self.task == "classification" else self.meta.get("target_dim")
         # Token streams only: ids in [0, vocab_size); None for float features.
         self.vocab_size: int | None = self.meta.get("vocab_size") if self.meta["feature_dtype"] in TOKEN_DTYPES else None
         self._open(check_contents=True)
@@ -763,7 +793,7 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         return i + n if i < 0 else i
 
     def _refuse_tokens(self) -> None:
-        if self.target_kind == "none" or self.vocab_size is not None:
+        if self.vocab_size is not None:
             raise DataFormatError(
                 f"{self.path}: is a token stream (feature_dtype {self.meta['feature_dtype']}, no stored targets); "
                 "it trains in stream mode only: set train.tbptt, data.targets=next and model.vocab_size"
@@ -774,6 +804,8 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         self._refuse_tokens()
         i = self._index(i)
         x = np.array(self._feature_rows[self._offsets[i] : self._offsets[i + 1]])
+        if self.target_kind == "none":  # unlabelled
+            return {"x": torch.from_numpy(x), "index": i}
         if self.target_kind == "step":
             y = torch.from_numpy(np.array(self._targets[self._offsets[i] : self._offsets[i + 1]]))
         elif self.task == "classification":
@@ -798,6 +830,8 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         if self.target_kind == "step":
             targets = self._targets.view(np.ndarray)
             batch = pad_batch(sequences, [targets[start:end] for start, end in zip(starts, ends, strict=True)], index)
+        elif self.target_kind == "none":  # unlabelled: the batch has no `y`
+            batch = pad_batch(sequences, None, index)
         else:
             batch = pad_batch(sequences, self._targets[index], index)
         self.release_pages()
@@ -909,7 +943,8 @@ def _read_meta(path: Path) -> dict:
         raise DataFormatError(f"{meta_file}: holds a JSON {type(meta).__name__}; expected an object")
     if meta.get("format") != FORMAT:
         raise DataFormatError(f'{meta_file}: "format" is {meta.get("format")!r}; expected {FORMAT!r}')
-    if meta.get("task") not in TASKS:
+    unlabelled = meta.get("target_kind") == "none" and meta.get("feature_dtype") not in TOKEN_DTYPES
+    if meta.get("task") not in TASKS and not (unlabelled and meta.get("task") is None):
         raise DataFormatError(
             f'{meta_file}: "task" is {meta.get("task")!r}; expected one of {", ".join(map(repr, TASKS))}'
         )
@@ -918,10 +953,10 @@ def _read_meta(path: Path) -> dict:
             f'{meta_file}: "target_kind" is {meta["target_kind"]!r}; expected one of '
             f"{', '.join(map(repr, STORED_KINDS))} (absent means sequence)"
         )
-    size_key = "num_classes" if meta["task"] == "classification" else "target_dim"
-    for key in ("num_sequences", "num_features", size_key, "total_steps"):
+    size_key = {"classification": "num_classes", "regression": "target_dim"}.get(meta.get("task"))
+    for key in ("num_sequences", "num_features", *([size_key] if size_key else []), "total_steps"):
         if key not in meta:
-            raise DataFormatError(f'{meta_file}: missing key "{key}" (a {meta["task"]} dataset needs it)')
+            raise DataFormatError(f'{meta_file}: missing key "{key}" (a {meta.get("task")} dataset needs it)')
         low = 0 if key == "num_features" and meta.get("target_kind") == "step" else 1
         if not _is_int(meta[key]) or meta[key] < low:
             raise DataFormatError(f'{meta_file}: "{key}" is {meta[key]!r}; expected an integer >= {low}')
@@ -941,11 +976,6 @@ def _read_meta(path: Path) -> dict:
                 f'"num_features": 1 and an integer "vocab_size" >= 2; got num_features={meta["num_features"]!r}, '
                 f"vocab_size={vocab!r}"
             )
-    elif meta.get("target_kind") == "none":
-        raise DataFormatError(
-            f'{meta_file}: "target_kind" "none" (no targets.npy) is for token streams only; float features need '
-            'per-sequence or per-step targets'
-        )
     if meta["total_steps"] < meta["num_sequences"]:
         raise DataFormatError(
             f'{meta_file}: "total_steps" is {meta["total_steps"]} < "num_sequences" {meta["num_sequences"]}; '
@@ -972,12 +1002,12 @@ def _check_table_meta(meta: dict, meta_file: Path) -> None:
     width = meta["num_features"]
     _check_names(meta, "feature_names", width, meta_file)
     _check_names(meta, "feature_roles", width, meta_file, FEATURE_ROLES)
-    targets = 1 if meta["task"] == "classification" else meta.get("target_dim")
+    targets = 1 if meta.get("task") == "classification" else meta.get("target_dim")
     _check_names(meta, "target_names", targets, meta_file)
-    if meta["task"] == "classification":
+    if meta.get("task") == "classification":
         _check_names(meta, "class_names", meta["num_classes"], meta_file)
     elif "class_names" in meta:
-        raise DataFormatError(f'{meta_file}: "class_names" given for a regression dataset; expected none')
+        raise DataFormatError(f'{meta_file}: "class_names" given for a dataset without classes; expected none')
     _check_names(meta, "series_arrays", None, meta_file, tuple(SERIES_ARRAYS))
     _check_names(meta, "calendar", None, meta_file)
     for key in ("freq", "time_column", "id_column"):

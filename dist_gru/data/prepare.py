@@ -47,6 +47,7 @@ from dist_gru.data.files import (
     check_destination,
     check_inputs,
     validate,
+    write_features,
     write_sequences,
 )
 
@@ -201,13 +202,13 @@ def _run(args: argparse.Namespace) -> dict:
             raise _UsageError("--num-classes applies to classification; CSV windows are regression")
         return _write_splits(args.out, _csv_splits(args), "regression", None)
 
+    if args.features is not None and args.targets is None:
+        return _unlabelled(args)
     if args.task is None:
         raise _UsageError(f"--task is required with --features/--npz; expected one of {', '.join(TASKS)}")
     if args.task == "regression" and args.num_classes is not None:
         raise _UsageError("--num-classes applies to --task classification")
     if args.features is not None:
-        if args.targets is None:
-            raise _UsageError("--features needs --targets")
         sequences, targets = _load_npy(args.features, args.targets)
         where, targets_where = str(args.features), str(args.targets)
     else:
@@ -277,6 +278,22 @@ def _load_npy(features_file: Path, targets_file: Path) -> tuple[np.ndarray, np.n
             f"holds {len(features)} sequences; expected one target per sequence"
         )
     return features, targets
+
+
+def _unlabelled(args: argparse.Namespace) -> dict:
+    """`--features` without `--targets`: new data to predict on, stored without targets or task."""
+    given = [flag for flag, value in (("--task", args.task), ("--num-classes", args.num_classes),
+                                      ("--val-fraction", args.val_fraction)) if value is not None]
+    if given:
+        raise _UsageError(f"{given[0]} applies to labelled data; --features without --targets stores unlabelled data")
+    if args.out is None:
+        raise _UsageError("--out DIR is required")
+    features = _load(args.features, mmap=True)
+    if not isinstance(features, np.ndarray):
+        raise DataFormatError(f"{args.features}: is an .npz archive; use --npz for archives")
+    sequences = _as_nt_f(features, str(args.features))
+    write_features(args.out, sequences)
+    return {"path": str(args.out), "num_sequences": len(sequences), "num_features": int(sequences.shape[2]), "target_kind": "none"}
 
 
 def _load_npz(file: Path) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:

@@ -39,9 +39,11 @@ def json_line(record: dict) -> str:
     return json.dumps({**clean, "nonfinite": nonfinite} if nonfinite else clean, allow_nan=False)
 
 
-def batch_to(batch: dict, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
-    """(the model's inputs, y) of a loader's batch (`dist_gru.data.batching.model_inputs`), y on `device`."""
-    return model_inputs(batch, device), batch["y"].to(device, non_blocking=device.type == "cuda")
+def batch_to(batch: dict, device: torch.device) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """(the model's inputs, y) of a loader's batch (`dist_gru.data.batching.model_inputs`), y on
+    `device` (None for unlabelled data)."""
+    y = batch.get("y")
+    return model_inputs(batch, device), None if y is None else y.to(device, non_blocking=device.type == "cuda")
 
 
 def load_model(model_dir: str | Path) -> GRUModel:
@@ -118,15 +120,21 @@ def check_features(args: argparse.Namespace, model: GRUModel, num_features: int)
         )
 
 
-def load_for_inference(args: argparse.Namespace, extra: list[str] = ()) -> tuple[Config, GRUModel, Any]:
-    """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name)."""
+def load_for_inference(
+    args: argparse.Namespace, extra: list[str] = (), unlabelled: bool = False
+) -> tuple[Config, GRUModel, Any]:
+    """Model from `--model`, dataset from `--data` (a seq folder or a synthetic name); `unlabelled`:
+    data without targets is welcome (predict)."""
     model = load_model(Path(args.model))
-    cfg, dataset = data_for_model(args, model, extra)
+    cfg, dataset = data_for_model(args, model, extra, unlabelled)
     return cfg, model, dataset
 
 
-def data_for_model(args: argparse.Namespace, model: GRUModel, extra: list[str] = ()) -> tuple[Config, Any]:
-    """The job's config and the dataset of `--data` as `model` reads it, checked against the model."""
+def data_for_model(
+    args: argparse.Namespace, model: GRUModel, extra: list[str] = (), unlabelled: bool = False
+) -> tuple[Config, Any]:
+    """The job's config and the dataset of `--data` as `model` reads it, checked against the model
+    (unlabelled data, which has no targets to check, only with `unlabelled`)."""
     cfg = inference_config(args, model, list(extra))
     if cfg.train.tbptt:  # a stream-mode run: its validation data are streams, evaluated chunk by chunk
         from dist_gru.data.streams import build_stream_dataset
@@ -134,7 +142,8 @@ def data_for_model(args: argparse.Namespace, model: GRUModel, extra: list[str] =
         dataset = build_stream_dataset(cfg, "val")
     else:
         dataset = build_dataset(cfg.data, "val", head=model.head_kind)
-    task_for(model.config).check_fits(data_info(cfg, dataset, "val"))  # as training checks its data
+    if not (unlabelled and getattr(dataset, "target_kind", None) == "none"):
+        task_for(model.config).check_fits(data_info(cfg, dataset, "val"))  # as training checks its data
     if getattr(dataset, "vocab_size", None) is None:  # token ids have no feature count to compare
         check_features(args, model, dataset.num_features)
     given = getattr(dataset, "future_channels", [])

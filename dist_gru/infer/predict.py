@@ -71,7 +71,7 @@ def _inputs(argv: list[str] | None) -> tuple[argparse.Namespace, Path, Any, torc
         )
     # Whole sequences, not training windows: per-step outputs line up with the stored steps.
     extra = ["data.window=null"] if model.head_kind == "step" else []
-    cfg, model, dataset = load_for_inference(args, extra)
+    cfg, model, dataset = load_for_inference(args, extra, unlabelled=True)
     if cfg.train.tbptt:
         raise ConfigError(
             f"--model {args.model}: a stream-mode model (train.tbptt); dist-gru predict reads whole sequences: use "

@@ -203,6 +203,11 @@ class Task:
 
     def check_fits(self, data: DataInfo) -> None:
         """A ConfigError listing every way the training data cannot train this task."""
+        if data.target_kind == "none" and data.vocab_size is None:
+            raise ConfigError(
+                f"{data.source} holds no targets (unlabelled data): dist-gru predict reads it; training and "
+                "evaluation need data with targets"
+            )
         problems = token_problems(data) + self.target_problems(data)
         if self.per_step and data.target_kind != "step":
             problems.append(
