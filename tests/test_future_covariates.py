@@ -160,6 +160,8 @@ def test_forecast_reads_the_future_values_and_refuses_without_them(promo_runs, t
         cli("forecast", "--model", str(without), "--data", str(tmp_path / "shop"), "--out", str(out), "--future", str(bad)),
         "the model reads no future-known covariates given by a file; leave it out",
     )
+    table = cli("predict", "--model", str(model), "--data", str(tmp_path / "shop"), "--out", str(tmp_path / "p.csv"))
+    assert_refused(table, "a forecast model's rows are whole horizons")
     export = cli("export", "--model", str(model), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
     assert_refused(export, "future-known covariates")
 

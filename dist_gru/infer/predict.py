@@ -69,6 +69,11 @@ def _inputs(argv: list[str] | None) -> tuple[argparse.Namespace, Path, Any, torc
             f"--probabilities: the model at --model {args.model} is a regression model; class probabilities "
             "need a classification model (its outputs are written as they are)"
         )
+    if out.suffix in TABLES and model.head_kind == "forecast":  # a row holds a whole horizon
+        raise ConfigError(
+            f"--out {out}: a forecast model's rows are whole horizons; write them as .npy, or use dist-gru forecast "
+            "(the horizon after each series, as a table) or dist-gru backtest (scored origins)"
+        )
     # Whole sequences, not training windows: per-step outputs line up with the stored steps.
     extra = ["data.window=null"] if model.head_kind == "step" else []
     cfg, model, dataset = load_for_inference(args, extra, unlabelled=True)
