@@ -105,3 +105,25 @@ def test_new_data_without_targets_is_predicted_on_and_refused_for_training(tmp_p
     assert_refused(cli("train", *TINY, "data.name=files", f"data.train_path={tmp_path / 'new'}",
                        f"train.run_dir={tmp_path / 'never'}"), refused)
     assert not (tmp_path / "never").exists()
+
+
+def test_an_unlabelled_table_is_predicted_on_with_its_ids_times_and_statics(labelled, tmp_path):
+    """`prepare --table` without `--target-columns`: new readings to label, stored with their ids,
+    timestamps and static columns but no targets; predict writes them keyed by sensor and hour."""
+    root, frame = labelled
+    new = frame.drop(columns="band")
+    new.to_csv(tmp_path / "new.csv", index=False)
+    assert_ok(cli("prepare", "--table", str(tmp_path / "new.csv"), "--id-column", "sensor", "--time-column", "time",
+                  "--past-columns", "reading", "--static-columns", "version", "--out", str(tmp_path / "new")))
+    meta = json.loads((tmp_path / "new" / "meta.json").read_text())
+    assert meta["target_kind"] == "none" and meta["task"] is None and not (tmp_path / "new" / "targets.npy").exists()
+    model = root / "run" / "model"
+    assert_ok(cli("predict", "--model", str(model), "--data", str(tmp_path / "new"), "--out", str(tmp_path / "new.csv.out.csv")))
+    assert_ok(cli("predict", "--model", str(model), "--data", str(root / "data"), "--out", str(tmp_path / "old.csv")))
+    unlabelled, labelled_rows = pd.read_csv(tmp_path / "new.csv.out.csv"), pd.read_csv(tmp_path / "old.csv")
+    pd.testing.assert_frame_equal(unlabelled, labelled_rows)  # the same readings, the same rows
+    assert_refused(
+        cli("prepare", "--table", str(tmp_path / "new.csv"), "--id-column", "sensor", "--time-column", "time",
+            "--past-columns", "reading", "--val-last", "5", "--out", str(tmp_path / "cut")),
+        "--val-last needs --target-columns",
+    )

@@ -656,9 +656,14 @@ def _table(args: argparse.Namespace) -> dict:
     if given:
         hint = " (cut in time with --val-from or --val-last)" if "--val-fraction" in given else ""
         raise _UsageError(f"{', '.join(given)} does not apply to --table{hint}")
-    for option in ("out", "time_column", "target_columns"):
+    for option in ("out", "time_column"):
         if getattr(args, option) is None:
             raise _UsageError(f"--table needs --{option.replace('_', '-')}")
+    if args.target_columns is None:  # new data to predict on: no targets, no task, no time cut
+        given = [flag for flag in ("--task", "--val-from", "--val-last", "--test-from", "--test-last")
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given:
+            raise _UsageError(f"{given[0]} needs --target-columns (without them the table is unlabelled data to predict on)")
     calendar = _names(args.calendar)
     unknown = [name for name in calendar if name not in CALENDAR]
     if unknown:
@@ -666,7 +671,7 @@ def _table(args: argparse.Namespace) -> dict:
     memory_mb = 1024 if args.memory_mb is None else args.memory_mb
     if memory_mb < 16:
         raise _UsageError(f"--memory-mb {memory_mb}; expected an integer >= 16")
-    task = args.task or "regression"
+    task = None if args.target_columns is None else args.task or "regression"
     roles = Roles(
         id=args.id_column,
         time=args.time_column,

@@ -89,7 +89,7 @@ class TableSpec:
     calendar: list[str] = dataclasses.field(default_factory=list)
     missing: str = "error"
     memory_mb: int = 1024
-    task: str = "regression"
+    task: str | None = "regression"  # None: unlabelled (no target columns)
     cuts: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
 
@@ -475,7 +475,10 @@ def _allocate(staging: Path, ends: np.ndarray, width: int, target_dim: int | Non
     np.save(staging / OFFSETS_FILE, offsets)
     total = int(offsets[-1])
     shape, dtype = ((total,), np.int64) if target_dim is None else ((total, target_dim), np.float32)
-    targets = open_memmap(staging / TARGETS_FILE, mode="w+", dtype=dtype, shape=shape)
+    if target_dim == 0:  # unlabelled data: no targets.npy
+        targets = np.zeros(shape, dtype=dtype)
+    else:
+        targets = open_memmap(staging / TARGETS_FILE, mode="w+", dtype=dtype, shape=shape)
     if width:
         features = open_memmap(staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(total, width))
     else:  # a zero-byte array cannot be memory-mapped; nothing to fill
@@ -524,6 +527,8 @@ def _series_rows(
 def _meta(spec: TableSpec, series: Series, layout: Layout, split: str, names: list[str], roles_: list[str]) -> dict:
     roles, ends = spec.roles, layout.ends[split]
     sizes = {"num_classes": series.num_classes} if roles.label else {"target_dim": len(roles.targets)}
+    if not roles.targets:  # unlabelled data to predict on: no task, no targets
+        sizes = {"target_kind": "none"}
     arrays = ["series_ids"] * (roles.id is not None) + ["series_start"]
     arrays += ["static_categories"] * bool(series.static_categories.shape[1])
     arrays += ["static_values"] * bool(series.static_values.shape[1]) + ["eval_from"] * (split in layout.eval_from)
@@ -532,8 +537,8 @@ def _meta(spec: TableSpec, series: Series, layout: Layout, split: str, names: li
         "num_sequences": len(series.ids),
         "num_features": len(names),
         "task": spec.task,
-        **sizes,
         "target_kind": "step",
+        **sizes,
         "feature_dtype": "float32",
         "total_steps": int(ends.sum()),
         "min_length": int(ends.min()),
@@ -577,5 +582,5 @@ def _summary(spec: TableSpec, series: Series, layout: Layout, destinations: dict
         summary["num_classes"] = series.num_classes
     else:
         summary["target_dim"] = len(spec.roles.targets)
-    summary.update(target_kind="step", freq=layout.freq.freqstr, missing=missing)
+    summary.update(target_kind="step" if spec.roles.targets else "none", freq=layout.freq.freqstr, missing=missing)
     return summary
