@@ -294,6 +294,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def one_and_two_processes(root: Path, *train_args: str) -> tuple[dict, dict]:
+    """`dist-gru train` with 1 process (root/one) and under torchrun with 2 (root/two); the two
+    model folders' weights."""
+    assert_ok(cli("train", *train_args, f"train.run_dir={root / 'one'}"))
+    assert_ok(torchrun(2, "train", *train_args, f"train.run_dir={root / 'two'}"))
+    return tuple(load_weights(root / run / "model" / "model.safetensors") for run in ("one", "two"))
+
+
 def load_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -15,7 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_ok, assert_refused, cli, load_weights, max_abs_diff, read_metrics, run_all, torchrun
+from conftest import (
+    TINY,
+    assert_ok,
+    assert_refused,
+    cli,
+    load_weights,
+    max_abs_diff,
+    one_and_two_processes,
+    read_metrics,
+    run_all,
+)
 
 from dist_gru.config import load_config
 from dist_gru.data.files import write_sequences
@@ -169,10 +179,7 @@ def test_forecast_reads_the_future_values_and_refuses_without_them(promo_runs, t
 def test_two_processes_train_like_one_with_future_covariates(tmp_path):
     args = [*TINY, *PROMO, "data.train_size=64", "data.val_size=16", "train.max_steps=12", "log.mode=disabled"]
     args += ["data.scaling=global", "train.eval_every=12"]
-    one = assert_ok(cli("train", *args, f"train.run_dir={tmp_path / 'one'}"))
-    two = assert_ok(torchrun(2, "train", *args, f"train.run_dir={tmp_path / 'two'}"))
-    assert one.returncode == two.returncode == 0
-    diff = max_abs_diff(*(load_weights(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two")))
+    diff = max_abs_diff(*one_and_two_processes(tmp_path, *args))
     print(f"\nfuture covariates, 12 steps: max |w(1 proc) - w(2 procs)| = {diff:.3g}")
     assert diff <= 1e-5
     evals = [final_eval(tmp_path / run) for run in ("one", "two")]

@@ -23,9 +23,9 @@ from conftest import (
     cli,
     load_weights,
     max_abs_diff,
+    one_and_two_processes,
     read_metrics,
     run_all,
-    torchrun,
 )
 
 from dist_gru.config import ConfigError, load_config
@@ -273,10 +273,7 @@ def test_a_copied_model_folder_evaluates_as_the_run_does(store_runs, tmp_path):
 def test_two_processes_train_like_one_with_statics(tmp_path):
     args = [*TINY, *STORES, "model.head=step", "data.train_size=64", "data.val_size=16", "train.max_steps=12"]
     args += ["log.mode=disabled", "train.eval_every=12"]
-    one = assert_ok(cli("train", *args, f"train.run_dir={tmp_path / 'one'}"))
-    two = assert_ok(torchrun(2, "train", *args, f"train.run_dir={tmp_path / 'two'}"))
-    assert one.returncode == two.returncode == 0
-    weights = [load_weights(tmp_path / run / "model" / "model.safetensors") for run in ("one", "two")]
+    weights = one_and_two_processes(tmp_path, *args)
     assert "statics.project.weight" in weights[0]
     diff = max_abs_diff(*weights)
     print(f"\nstatic covariates, 12 steps: max |w(1 proc) - w(2 procs)| = {diff:.3g}")

@@ -596,6 +596,11 @@ def package_version() -> str:
 # --------------------------------------------------------------------------------------- reading
 
 
+def meta_key(key: str, doc: str) -> property:
+    """A read-only property: `meta.json`'s `key`, None when the folder has none."""
+    return property(lambda self: self.meta.get(key), doc=doc)
+
+
 class SequenceFileDataset(torch.utils.data.Dataset):
     """A `dist_gru.seq/v1` directory as a map-style dataset, memory-mapped, never read whole.
 
@@ -658,46 +663,20 @@ class SequenceFileDataset(torch.utils.data.Dataset):
         """float32 [N, Sn]: per series, each numeric static column."""
         return self._series_arrays.get("static_values")
 
-    @property
-    def static(self) -> list[dict] | None:
-        """The static columns: [{"name", "kind": "category" (with "vocabulary") | "value"}, ...]."""
-        return self.meta.get("static")
-
-    @property
-    def freq(self) -> str | None:
-        """The pandas offset alias of the time step (e.g. "h", "D", "MS")."""
-        return self.meta.get("freq")
-
-    @property
-    def feature_names(self) -> list[str] | None:
-        return self.meta.get("feature_names")
-
-    @property
-    def feature_roles(self) -> list[str] | None:
-        """Per feature column: "past" (observed up to the forecast origin) or "future" (known ahead)."""
-        return self.meta.get("feature_roles")
-
-    @property
-    def target_names(self) -> list[str] | None:
-        return self.meta.get("target_names")
-
-    @property
-    def class_names(self) -> list[str] | None:
-        """Classification: the name of each class id 0..C-1."""
-        return self.meta.get("class_names")
+    # What `prepare --table` stores of the data, None for other folders (docs/tables.md).
+    static = meta_key("static", 'The static columns: [{"name", "kind": "category" (with "vocabulary") | "value"}, ...].')
+    freq = meta_key("freq", 'The pandas offset alias of the time step (e.g. "h", "D", "MS").')
+    feature_names = meta_key("feature_names", "The name of each feature column.")
+    feature_roles = meta_key("feature_roles", 'Per feature column: "past" (up to the forecast origin) or "future" (known ahead).')
+    target_names = meta_key("target_names", "The name of each target column.")
+    class_names = meta_key("class_names", "Classification: the name of each class id 0..C-1.")
+    time_column = meta_key("time_column", "The table's time column.")
+    id_column = meta_key("id_column", "The table's series id column.")
 
     @property
     def calendar(self) -> list[str]:
         """The calendar fields (`prepare --table --calendar`) whose columns follow from the timestamps."""
         return list(self.meta.get("calendar", []))
-
-    @property
-    def time_column(self) -> str | None:
-        return self.meta.get("time_column")
-
-    @property
-    def id_column(self) -> str | None:
-        return self.meta.get("id_column")
 
     def _check_token_ids(self) -> None:
         """Every token id in [0, vocab_size), in one chunked pass (a stream is checked like its targets)."""
