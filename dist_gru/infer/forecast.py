@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pandas.tseries.frequencies import to_offset
 
 from dist_gru.config import ConfigError
 from dist_gru.data.batching import model_inputs
@@ -37,7 +36,7 @@ from dist_gru.infer.load import (
     json_line,
     load_model,
 )
-from dist_gru.infer.tables import static_columns, write_table
+from dist_gru.infer.tables import series_columns, step_times, value_names, write_table
 from dist_gru.model import GRUModel
 from dist_gru.tasks import task_for
 
@@ -93,12 +92,8 @@ def forecast_times(dataset: Any, horizon: int) -> np.ndarray | None:
     starts, freq = dataset.series_start, dataset.freq
     if starts is None or freq is None:
         return None
-    offset = to_offset(freq)
-    times = np.empty((len(starts), horizon), dtype="datetime64[ns]")
-    for i, (start, length) in enumerate(zip(starts.tolist(), dataset.lengths.tolist(), strict=True)):
-        last = pd.Timestamp(start) + (length - 1) * offset
-        times[i] = pd.date_range(last, periods=horizon + 1, freq=offset)[1:].to_numpy()
-    return times
+    steps = np.asarray(dataset.lengths, dtype=np.int64)[:, None] + np.arange(horizon)  # [N, horizon]
+    return step_times(np.repeat(starts, horizon), steps.reshape(-1), freq).reshape(len(starts), horizon)
 
 
 def future_names(model: GRUModel, dataset: Any) -> list[str]:
@@ -208,14 +203,12 @@ def forecast_frame(outputs: np.ndarray, model: GRUModel, dataset: Any, times: np
     """The forecast as a long table: id, time (or the step after the end), then per target its
     point forecast and what the output kind adds (gaussian: scale; quantile: each level)."""
     count, horizon = outputs.shape[:2]
-    ids = dataset.series_ids if dataset.series_ids is not None else np.arange(count)
-    frame = {dataset.id_column or "id": np.repeat(ids, horizon)}
-    frame.update({name: np.repeat(column, horizon) for name, column in static_columns(dataset, np.arange(count)).items()})
+    frame = series_columns(dataset, np.repeat(np.arange(count), horizon))
     if times is not None:
         frame[dataset.time_column or "ds"] = times.reshape(-1)
     else:
         frame["step"] = np.tile(np.arange(1, horizon + 1), count)
-    names = dataset.target_names or (["y"] if model.output_size == 1 else [f"y{c}" for c in range(model.output_size)])
+    names = value_names(model, dataset.target_names)
     rows = outputs.reshape(count * horizon, *outputs.shape[2:])
     frame.update(task_for(model.config).table_columns(rows, names))
     return pd.DataFrame(frame)

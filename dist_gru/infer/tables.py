@@ -49,13 +49,30 @@ def row_keys(dataset: Any, samples: np.ndarray, per_step: bool) -> tuple[np.ndar
     return seq, np.arange(int(lengths.sum()), dtype=np.int64) - first
 
 
-def key_columns(dataset: Any, seq: np.ndarray, step: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The columns that say what a row is: the series id, the series' static columns (category names,
-    values), and for a row per step its time (or its position)."""
-    source = getattr(dataset, "source", dataset)
+def series_columns(source: Any, seq: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns that say which series a row is of: its id (its index without stored ids), then
+    its static columns (category names, values)."""
     ids = getattr(source, "series_ids", None)
     columns = {getattr(source, "id_column", None) or "id": ids[seq] if ids is not None else seq}
     columns.update(static_columns(source, seq))
+    return columns
+
+
+def value_names(model: Any, names: list[str] | None) -> list[str]:
+    """The names of a model's output columns: the data's target names, else `label` (classes) or
+    `y` (`y0`, `y1`, ... for several targets)."""
+    if names:
+        return names
+    if model.task == "classification":
+        return ["label"]
+    return ["y"] if model.output_size == 1 else [f"y{c}" for c in range(model.output_size)]
+
+
+def key_columns(dataset: Any, seq: np.ndarray, step: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The columns that say what a row is: its series (`series_columns`), and for a row per step its
+    time (or its position)."""
+    source = getattr(dataset, "source", dataset)
+    columns = series_columns(source, seq)
     if step is None:
         return columns
     starts, freq = getattr(source, "series_start", None), getattr(source, "freq", None)
@@ -84,9 +101,7 @@ def static_columns(source: Any, seq: np.ndarray) -> dict[str, np.ndarray]:
 def prediction_frames(rows: np.ndarray, offsets: np.ndarray, dataset: Any, model: Any, probabilities: bool):
     """The table in chunks of samples (DataFrames), keys then values."""
     task, facts = task_for(model.config), model.data or {}
-    names = facts.get("target_names") or (["y"] if model.output_size == 1 else [f"y{c}" for c in range(model.output_size)])
-    if model.task == "classification":
-        names = facts.get("target_names") or ["label"]
+    names = value_names(model, facts.get("target_names"))
     for first in range(0, len(offsets) - 1, CHUNK_SAMPLES):
         samples = np.arange(first, min(first + CHUNK_SAMPLES, len(offsets) - 1))
         seq, step = row_keys(dataset, samples, task.per_step)
