@@ -124,30 +124,14 @@ def write_sequences(
         where, sequences, targets, task=task, num_classes=num_classes, scan_features=False, target_kind=target_kind
     )
     check_destination(path)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "num_sequences": len(lengths),
-        "num_features": num_features,
+    labels = {
         "task": task,
         **({"num_classes": num_classes} if task == "classification" else {"target_dim": target_dim}),
         **({"target_kind": "step"} if kind == "step" else {}),
-        "feature_dtype": "float32",
-        "total_steps": int(offsets[-1]),
-        "min_length": int(lengths.min()),
-        "max_length": int(lengths.max()),
-        "created_by": f"dist_gru {package_version()}",
     }
-
+    offsets, meta = _layout(lengths, num_features, labels)
     with staged_dataset(path, meta) as staging:
-        features = open_memmap(
-            staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), num_features)
-        )
-        _fill_features(features, sequences, offsets, f"{where}: sequences")
-        features.flush()
-        del features
-        np.save(staging / OFFSETS_FILE, offsets)
+        _write_rows(staging, sequences, offsets, num_features, where)
         if kind == "step":
             shape = (int(offsets[-1]),) if task == "classification" else (int(offsets[-1]), target_dim)
             dtype = np.int64 if task == "classification" else np.float32
@@ -167,26 +151,37 @@ def write_features(path: str | os.PathLike, sequences: Sequence[np.ndarray] | np
     path, where = Path(path), f"writing {path}"
     sequences, lengths, num_features = _check_sequences(sequences, where)
     check_destination(path)
+    offsets, meta = _layout(lengths, num_features, {"target_kind": "none"})
+    with staged_dataset(path, meta) as staging:
+        _write_rows(staging, sequences, offsets, num_features, where)
+    return path
+
+
+def _layout(lengths: np.ndarray, num_features: int, labels: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """(offsets, meta.json) of sequences of `lengths`; `labels` says what targets they have."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     meta = {
         "format": FORMAT,
         "num_sequences": len(lengths),
         "num_features": num_features,
-        "target_kind": "none",
+        **labels,
         "feature_dtype": "float32",
         "total_steps": int(offsets[-1]),
         "min_length": int(lengths.min()),
         "max_length": int(lengths.max()),
         "created_by": f"dist_gru {package_version()}",
     }
-    with staged_dataset(path, meta) as staging:
-        features = open_memmap(staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), num_features))
-        _fill_features(features, sequences, offsets, f"{where}: sequences")
-        features.flush()
-        del features
-        np.save(staging / OFFSETS_FILE, offsets)
-    return path
+    return offsets, meta
+
+
+def _write_rows(staging: Path, sequences: Any, offsets: np.ndarray, num_features: int, where: str) -> None:
+    """features.npy (every sequence's rows, copied in bounded chunks) and offsets.npy."""
+    features = open_memmap(staging / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), num_features))
+    _fill_features(features, sequences, offsets, f"{where}: sequences")
+    features.flush()
+    del features
+    np.save(staging / OFFSETS_FILE, offsets)
 
 
 @contextlib.contextmanager
