@@ -157,18 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _renamed_horizon(args: argparse.Namespace) -> None:
+    """`--horizon`, the old name of `--ahead`: taken as it, with a warning (not next to `--ahead`)."""
+    if args.old_horizon is None:
+        return
+    if args.horizon is not None:
+        raise _UsageError("--horizon is the old name of --ahead; give only --ahead")
+    print(
+        "dist-gru prepare: warning: --horizon is now --ahead (the one target that many rows after each window; "
+        "data.horizon is a multi-step forecast)",
+        file=sys.stderr,
+    )
+    args.horizon = args.old_horizon
+
+
 def _run(args: argparse.Namespace) -> dict:
     if args.check is not None:
         return _check(args.check)
-    if args.old_horizon is not None:
-        if args.horizon is not None:
-            raise _UsageError("--horizon is the old name of --ahead; give only --ahead")
-        print(
-            "dist-gru prepare: warning: --horizon is now --ahead (the one target that many rows after each window; "
-            "data.horizon is a multi-step forecast)",
-            file=sys.stderr,
-        )
-        args.horizon = args.old_horizon
+    _renamed_horizon(args)
     _check_source_options(args)
     if args.table is not None:
         return _table(args)
