@@ -147,17 +147,22 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_gru.infer.forecast_plot import forecast_parser, plot_forecasts
-
     argv = sys.argv[1:] if argv is None else argv
     if "--model" in argv:  # forecasts against actuals (dist_gru.infer.forecast_plot)
+        from dist_gru.infer.forecast_plot import forecast_parser, plot_forecasts
+
         paths = plot_forecasts(forecast_parser().parse_intermixed_args(argv))
         print("\n".join(str(p) for p in paths), flush=True)
         return 0
+    epilog = None
+    if "-h" in argv or "--help" in argv:  # the forecast options need torch: imported only to show them
+        from dist_gru.infer.forecast_plot import forecast_parser
+
+        epilog = "With --model, forecasts against actuals:\n" + forecast_parser().format_help()
     parser = argparse.ArgumentParser(
         prog="dist-gru plot",
         description=__doc__.split("\n\n")[0],
-        epilog="With --model, forecasts against actuals:\n" + forecast_parser().format_help(),
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", help="a run folder (train.run_dir) holding metrics.jsonl")

@@ -34,7 +34,15 @@ from dist_gru.config import ConfigError
 from dist_gru.data.loading import SampleEvalBatches
 from dist_gru.data.windows import WindowDataset
 from dist_gru.infer.forecast import require_forecaster
-from dist_gru.infer.load import batch_to, checked_out, command_parser, data_for_model, json_line, load_model
+from dist_gru.infer.load import (
+    batch_to,
+    checked_out,
+    command_parser,
+    data_for_model,
+    json_line,
+    load_model,
+    require_positive,
+)
 from dist_gru.infer.tables import TABLES, write_table
 from dist_gru.tasks import ForecastTask, task_for
 
@@ -174,9 +182,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, help="steps between origins (default: the model's horizon)")
     parser.add_argument("--out", help="the per-series table: .csv or .parquet")
     args = parser.parse_intermixed_args(argv)
-    for option, value in (("--origins", args.origins), ("--stride", args.stride), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{option} {value}: expected an integer >= 1")
+    require_positive(args, "--origins", "--stride", "--batch-size")
     return args
 
 

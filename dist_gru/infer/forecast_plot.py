@@ -23,7 +23,7 @@ from dist_gru.config import ConfigError
 from dist_gru.data.batching import model_inputs
 from dist_gru.infer.backtest import OriginWindows, check_origins, series_names
 from dist_gru.infer.forecast import require_forecaster
-from dist_gru.infer.load import command_parser, data_for_model, load_model
+from dist_gru.infer.load import command_parser, data_for_model, load_model, require_positive
 from dist_gru.infer.tables import step_times
 from dist_gru.tasks import task_for
 
@@ -94,9 +94,7 @@ def series_figure(source: Any, series: int, name: Any, drawn: list[dict], contex
 
 def plot_forecasts(args: argparse.Namespace) -> list[Path]:
     """`dist-gru plot --model M --data DIR`: one PNG per chosen series in `--out`."""
-    for option, value in (("--origins", args.origins), ("--stride", args.stride), ("--series", args.series)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{option} {value}: expected an integer >= 1")
+    require_positive(args, "--origins", "--stride", "--series")
     model = load_model(args.model)
     require_forecaster(model, args.model, "dist-gru plot --model")
     _, windows = data_for_model(args, model)

@@ -156,6 +156,14 @@ def data_for_model(
     return cfg, dataset
 
 
+def require_positive(args: argparse.Namespace, *options: str) -> None:
+    """ConfigError naming the first of the integer `options` (`--origins`, ...) given below 1."""
+    for option in options:
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} {value}: expected an integer >= 1")
+
+
 def checked_out(args: argparse.Namespace, suffixes: tuple[str, ...]) -> Path:
     """`--out`: a file name ending in one of `suffixes`, in a folder that exists, and outside the
     command's inputs (which writing it would overwrite); else a ConfigError naming it."""
