@@ -206,13 +206,18 @@ def max_token(source: SequenceFileDataset) -> int:
 # ----------------------------------------------------------------------------------- sampling
 
 
+def chunks_per_stream(lengths: np.ndarray, chunk: int) -> np.ndarray:
+    """int64 [streams]: the chunks of `chunk` steps each stream splits into (its last may be shorter)."""
+    return -(-np.asarray(lengths, dtype=np.int64) // chunk)
+
+
 class StreamSampler:
     """Which chunk every lane reads at each optimizer step (see the module docstring)."""
 
     def __init__(self, lengths: np.ndarray, lanes: int, chunk: int, rank: int, world_size: int, seed: int):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.lanes, self.chunk, self.seed = lanes, chunk, seed
-        self.counts = -(-self.lengths // chunk)  # chunks per stream
+        self.counts = chunks_per_stream(self.lengths, chunk)
         self.total_chunks = int(self.counts.sum())
         self.steps_per_epoch = self.total_chunks // lanes  # 0: Task.check_fits refuses the job
         self.per_rank = lanes // world_size

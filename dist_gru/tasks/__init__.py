@@ -15,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from dist_gru.config import Config, ConfigError
-from dist_gru.data.streams import max_token
+from dist_gru.data.streams import chunks_per_stream, max_token
 from dist_gru.tasks.base import DataInfo, Task
 from dist_gru.tasks.classification import ClassificationTask, TokenTask
 from dist_gru.tasks.distributions import distribution
@@ -131,7 +129,7 @@ def epoch_samples(cfg: Config, dataset: Any) -> int:
     """Samples of one training epoch: sequences or windows, or in stream mode chunks of
     ``train.tbptt`` steps (a stream's last chunk may be shorter)."""
     if cfg.train.tbptt:
-        return int((-(-np.asarray(dataset.lengths, dtype=np.int64) // cfg.train.tbptt)).sum())
+        return int(chunks_per_stream(dataset.lengths, cfg.train.tbptt).sum())
     return len(dataset)
 
 
