@@ -139,7 +139,7 @@ def _forecast_problems(args: dict[str, Any], integer: Any) -> list[str]:
                 f"[output_size, input_size) = [{output_size}, {input_size})"
             )
         else:
-            args["future_channels"] = [int(c) for c in channels] or None
+            args["future_channels"] = [int(c) for c in channels]
     return problems
 
 
