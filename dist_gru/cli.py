@@ -7,6 +7,7 @@
     dist-gru export   --model runs/adding/model --format onnx --out adding.onnx
     dist-gru prepare  --npz arrays.npz --out data/ --task classification --num-classes 3 --val-fraction 0.1
     dist-gru sample   --model runs/bytes/model --prompt "def " --bytes 200 --temperature 0.8 --seed 0
+    dist-gru tune     --config configs/adding.yaml --space space.yaml --study runs/tune --trials 16
     dist-gru bench    --compare-bare
     dist-gru plot     runs/adding
 
@@ -40,6 +41,7 @@ COMMANDS = {
     "export": ("dist_gru.infer.export", "main", "export a saved model to ONNX or TorchScript, checked against its runtime"),
     "prepare": ("dist_gru.data.prepare", "main", "convert .npy/.npz/.csv data to the dist_gru.seq/v1 format"),
     "sample": ("dist_gru.infer.sample", "main", "generate text from a byte-level stream-mode model"),
+    "tune": ("dist_gru.tune.command", "main", "search hyperparameters: trials as resumable runs, any number of workers"),
     "bench": ("dist_gru.bench.throughput", "main", "measure training throughput"),
     "plot": ("dist_gru.plot", "main", "draw PNG curves from a run's metrics.jsonl"),
 }

@@ -353,6 +353,20 @@ class LogConfig(_Section):
     quiet: bool = Field(False, description="no progress bar; periodic one-line summaries instead (batch jobs)")
 
 
+class TuneConfig(_Section):
+    # Written by `dist-gru tune` into each trial's command line; a trial is otherwise an ordinary run.
+    study: str | None = Field(
+        None, description="the study folder of `dist-gru tune` this run is a trial of (set by tune; null = no study)"
+    )
+    trial: int | None = Field(None, ge=0, description="this run's trial number in tune.study (set by tune)")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TuneConfig:
+        if (self.study is None) != (self.trial is None):
+            raise ValueError(f"tune.study={self.study!r} and tune.trial={self.trial!r}: set both or neither")
+        return self
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -360,6 +374,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Config:

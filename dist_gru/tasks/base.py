@@ -62,6 +62,8 @@ class Task:
     """
 
     kind = ""  # the data's task this one trains on: regression | classification
+    # The evaluation metric a search optimises unless told otherwise (``dist-gru tune``).
+    main_metric = "loss"
 
     def __init__(self, head: str, output_size: int):
         self.head, self.output_size = head, output_size

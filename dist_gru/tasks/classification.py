@@ -23,6 +23,7 @@ class ClassificationTask(Task):
     scikit-learn's ``f1_score(average="macro")`` does), per valid step for head ``step``."""
 
     kind = "classification"
+    main_metric = "accuracy"
 
     def unit_losses(self, output: Tensor, target: Tensor) -> Tensor:
         flat = F.cross_entropy(output.flatten(0, -2), target.flatten(), reduction="none")
@@ -88,6 +89,8 @@ class TokenTask(ClassificationTask):
     """The next token of a stream at every step (``output_size`` = vocabulary size). Adds
     ``bits_per_token`` (the loss in bits) and ``unigram_bits_per_token``: the entropy of the
     evaluated tokens' own frequencies, the baseline of a model that knows no context."""
+
+    main_metric = "loss"  # next-token cross-entropy (bits_per_token is the same in bits)
 
     def sum_sizes(self) -> dict[str, int]:
         return super().sum_sizes() | {"tokens": self.output_size}

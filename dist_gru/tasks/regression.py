@@ -119,6 +119,8 @@ class ForecastTask(RegressionTask):
     ``mae / seasonal_naive_mae`` on the same windows. The history is the first ``O`` input channels
     of ``x``, in raw units (the forecast data contract)."""
 
+    main_metric = "mase"  # unit-free: comparable across series and scalings
+
     def __init__(self, output_size: int, distribution: PointOutput, horizon: int):
         super().__init__("forecast", output_size, distribution)
         self.horizon = horizon

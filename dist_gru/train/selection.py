@@ -85,7 +85,7 @@ class Watch:
 class Selection:
     """`checkpoint.best` and `train.early_stopping` of one run (see the module docstring)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, reporter: Any = None):
         best, stopping = cfg.checkpoint.best, cfg.train.early_stopping
         self.best = Watch(best, direction(best, cfg.checkpoint.best_mode)) if best else None
         self.stopping = (
@@ -94,12 +94,17 @@ class Selection:
             else None
         )
         self.patience = stopping.patience
+        # A trial of `dist-gru tune`: every rank takes part in the decision, global rank 0 alone
+        # holds the `reporter` that asks the study's pruner (dist_gru.tune.prune).
+        self.trial = cfg.tune.study is not None
+        self.reporter = reporter
+        self.pruned = False
         self.stopped: str | None = None  # why the run stopped early
         self.evaluated_step = -1  # the last evaluation counted (a resume may evaluate its step again)
 
     @property
     def active(self) -> bool:
-        return self.best is not None or self.stopping is not None
+        return self.best is not None or self.stopping is not None or self.trial
 
     def check(self, metric_names: list[str], has_val_set: bool) -> None:
         """Refuse, before anything is written, a watched metric this model never logs."""
@@ -123,15 +128,22 @@ class Selection:
         `can_stop` is False at the last step, where the run ends anyway."""
         from accelerate.utils import broadcast
 
-        new_best = stop = False
+        new_best = stop = pruned = False
         if step > self.evaluated_step:  # every rank holds the same evaluated_step: all skip or none
             self.evaluated_step = step
             new_best = self.best.update(metrics, step) if self.best is not None else False
             if self.stopping is not None:
                 self.stopping.update(metrics, step)
                 stop = can_stop and self.stopping.since_best >= self.patience
-        decision = torch.tensor([int(new_best), int(stop)], device=device)
-        new_best, stop = (bool(v) for v in broadcast(decision, from_process=0).tolist())  # rank 0's, everywhere
+            if self.reporter is not None:
+                self.stopped = self.reporter.report(metrics, step, can_stop and not stop)
+                pruned = self.stopped is not None
+        decision = torch.tensor([int(new_best), int(stop), int(pruned)], device=device)
+        new_best, stop, pruned = (bool(v) for v in broadcast(decision, from_process=0).tolist())  # rank 0's
+        if pruned:
+            self.stopped = self.stopped or f"pruned by the study at step {step}"  # ranks > 0 hold no reporter
+            self.pruned = True
+            return new_best, True
         if stop:
             watch = self.stopping
             self.stopped = (
@@ -139,6 +151,13 @@ class Selection:
                 f"(patience {self.patience}; best {watch.value:.6g} at step {watch.step}); stopped at step {step}"
             )
         return new_best, stop
+
+    def stop_record(self) -> dict[str, float]:
+        """What the trackers log at the step the run stopped early."""
+        if self.pruned:
+            return {"tune/pruned": 1}
+        watch = self.stopping
+        return {"early_stopping/stopped": 1, "early_stopping/best": watch.value, "early_stopping/best_step": watch.step}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint's state.json holds of this (training state)."""

@@ -49,6 +49,7 @@ from dist_gru.train.run_lock import RunLock, lock_run_folder
 from dist_gru.train.selection import BEST, Selection, save_best
 from dist_gru.train.stateful import Checkpointer, Count, ScalerState, Stateful
 from dist_gru.train.tracking import active_trackers, make_tracker
+from dist_gru.tune.prune import trial_reporter
 
 # Exit code after a preemption signal made every rank checkpoint: "try again later" (sysexits
 # EX_TEMPFAIL), distinct from success (0) and from failures; the contract is in checkpoint.py.
@@ -148,7 +149,7 @@ def _assemble(
     task = task_for(model_config)
     if source.val_set is not None:  # the validation data must fit the model as the training data does
         task.check_fits(data_info(cfg, source.val_set, "val"))
-    selection = Selection(cfg)
+    selection = Selection(cfg, trial_reporter(cfg, accelerator.is_main_process))
     selection.check(task.metric_names(), source.val_set is not None)
     job = Job(
         cfg=cfg,
@@ -370,11 +371,7 @@ def _select(job: Job, metrics: dict[str, float], step: int, can_stop: bool = Tru
         path = save_best(job.run_dir, acc.unwrap_model(job.model), selection.best)
         tqdm.write(f"best {selection.best.metric}={selection.best.value:.6g} at step {step}: {path}")
     if stop:
-        watch = selection.stopping
-        job.tracker.log(
-            {"early_stopping/stopped": 1, "early_stopping/best": watch.value, "early_stopping/best_step": watch.step},
-            step=step,
-        )
+        job.tracker.log(selection.stop_record(), step=step)
         if acc.is_main_process:
             tqdm.write(f"dist-gru: {selection.stopped}")
     return stop
