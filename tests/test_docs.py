@@ -259,13 +259,14 @@ COMMAND = re.compile(r"(?:\bdist-gru|-m dist_gru|\bslurm/\w+\.sbatch|\blaunch/to
 
 def commands_in(text: str) -> list[tuple[str, list[str]]]:
     """(subcommand, its --flags) of every command shown in code; the Slurm and torchrun scripts
-    take `dist-gru train`'s arguments."""
+    take `dist-gru train`'s arguments, slurm/tune.sbatch those of `dist-gru tune`."""
     found = []
     for line in code_lines(text):
         for match in COMMAND.finditer(line):
             head = match.group(0)
             if head.startswith(("slurm/", "launch/")):
-                name, rest = "train", head.split(" ", 1)[1] if " " in head else ""
+                name = "tune" if head.startswith("slurm/tune.") else "train"
+                rest = head.split(" ", 1)[1] if " " in head else ""
             else:
                 name, rest = match.group(1), match.group(2)
             if name is None or (head.startswith("dist-gru") and name not in COMMANDS and not rest.startswith(" ")):

@@ -35,6 +35,8 @@ from slurm_helpers import (
     rendezvous_port,
     requires_slurm_multinode,
     sbatch_train,
+    submit,
+    train_job_env,
     usable_nodes,
     wait_for,
     wait_state,
@@ -44,6 +46,7 @@ pytestmark = [pytest.mark.slurm_multinode, requires_slurm_multinode]
 
 TORCHRUN_SBATCH = REPO / "slurm" / "train.sbatch"
 TASKS_SBATCH = REPO / "slurm" / "train_tasks.sbatch"
+TUNE_SBATCH = REPO / "slurm" / "tune.sbatch"
 # No W&B service: these tests are about the launch, and it costs seconds per start.
 SHORT = [*TINY, "log.mode=disabled"]
 # Long enough to be preempted or killed mid-run, short enough for a loaded 2-core machine.
@@ -257,11 +260,51 @@ def same_folder_jobs(folder: Path, jobs: list[int]) -> dict:
             "run_dir": run_dir}
 
 
+def tune_arrays(folder: Path, jobs: list[int]) -> dict:
+    """One study, worked on by a 2-task array on each node (4 workers); one array task is sent the
+    preemption notice while its trial trains, and requeues."""
+    study = folder / "study"
+    base = folder / "base.yaml"
+    base.write_text(
+        "model: {hidden_size: 8, num_layers: 1}\n"
+        "data: {name: adding, seq_len: 10, train_size: 256, val_size: 64}\n"
+        "train: {global_batch_size: 16, max_steps: 80, log_every: 10, eval_every: 40}\n"
+        "checkpoint: {every: 10}\nlog: {mode: disabled}\n"
+    )
+    space = folder / "space.yaml"
+    space.write_text(
+        "sampler: {name: random, seed: 0}\npruner: {name: none}\n"
+        "params:\n  optim.lr: {low: 1.0e-3, high: 1.0e-2, log: true}\n  model.hidden_size: {choices: [4, 8]}\n"
+    )
+    args = ("--config", str(base), "--space", str(space), "--study", str(study), "--trials", "6")
+    arrays = {}
+    for node in ("node1", "node2"):
+        arrays[node] = submit(
+            TUNE_SBATCH, f"--output={folder}/slurm-%A_%a.out", "--array=0-1", f"--nodelist={node}",
+            "--cpus-per-task=1", "--time=10", env=train_job_env(PY), cwd=folder, script_args=args,
+        )  # fmt: skip
+        jobs.append(arrays[node])
+    first = folder / f"slurm-{arrays['node1']}_0.out"
+    wait_for(lambda: first.is_file() and "tune: starting trial" in first.read_text(), JOB_TIMEOUT_S, "a trial")
+    preempted = int(re.findall(r"tune: starting trial (\d+)", first.read_text())[-1])
+    assert cancel(f"{arrays['node1']}_0", signal="USR1", batch=True)
+    wait_for(lambda: not queued(arrays.values()), timeout_s=JOB_TIMEOUT_S * 2, what="the arrays to finish")
+    outputs = {path.name: path.read_text() for path in sorted(folder.glob("slurm-*.out"))}
+    return {"study": study, "arrays": arrays, "preempted": preempted, "outputs": outputs}
+
+
+def queued(job_ids) -> bool:
+    import subprocess
+
+    listed = subprocess.run(["squeue", "-h", "-j", ",".join(map(str, job_ids))], capture_output=True, text=True, timeout=60)
+    return bool(listed.stdout.strip())
+
+
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
     jobs: list[int] = []
     futures: dict[str, Future] = {}
-    with ThreadPoolExecutor(max_workers=7) as pool:
+    with ThreadPoolExecutor(max_workers=8) as pool:
         # Submitted in this order, so the two-node pair starts first, together.
         for name, fn in [
             ("two_node", two_node_jobs),
@@ -271,6 +314,7 @@ def scenarios(tmp_path_factory):
             ("early_notice", early_notice_job),
             ("restart", restarted_job),
             ("same_folder", same_folder_jobs),
+            ("tune", tune_arrays),
         ]:
             futures[name] = pool.submit(fn, tmp_path_factory.mktemp(name), jobs)
             time.sleep(0.5)
@@ -451,3 +495,31 @@ def test_a_second_job_on_another_node_refuses_the_run_folder(scenarios):
     assert len(errors) == 1, out
     assert f"train.run_dir={same['run_dir']} is in use by another job" in errors[0], out
     assert f"on host node1, Slurm job {same['first']}" in errors[0], out
+
+
+@pytest.mark.timeout(1200)
+def test_slurm_arrays_on_two_nodes_run_one_study_to_the_end_through_a_requeue(scenarios):
+    from dist_gru.tune.study import open_existing
+
+    r = result(scenarios, "tune")
+    outputs, study, preempted = r["outputs"], r["study"], r["preempted"]
+    everything = "\n".join(f"--- {name}\n{text}" for name, text in outputs.items())
+    trials = open_existing(study).study().get_trials()
+    assert [t.number for t in trials] == list(range(6)), everything
+    assert {t.state.name for t in trials} == {"COMPLETE"}, everything
+    # Workers on both nodes ran trials, each trial was started by one worker only.
+    ran = {name: re.findall(r"tune: starting trial (\d+)", text) for name, text in outputs.items()}
+    started = sorted(int(n) for numbers in ran.values() for n in numbers)
+    assert started == list(range(6)), everything
+    hosts = {m for name, text in outputs.items() if ran[name] for m in re.findall(r" on (node[12]),", text)}
+    assert hosts == {"node1", "node2"}, everything
+    # The notified task: its trial saved and exited 75, the task requeued itself and ran again.
+    requeued = outputs[f"slurm-{r['arrays']['node1']}_0.out"]
+    assert f"tune: trial {preempted} stopped by a signal" in requeued and "preempted; requeued" in requeued, requeued
+    assert "SLURM_RESTART_COUNT=1" in requeued and requeued.rstrip().endswith("worker exited with code 0"), requeued
+    # Some worker (the requeued task, or another that got there first) resumed that trial from its checkpoint.
+    assert f"tune: resuming trial {preempted}" in everything, everything
+    log = (study / "logs" / f"{preempted:04d}.log").read_text()
+    assert "preempted by signal 10" in log and "dist-gru: resuming from" in log, log
+    for text in outputs.values():
+        assert text.rstrip().endswith("worker exited with code 0"), everything
