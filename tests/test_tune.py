@@ -241,6 +241,20 @@ def test_pruning_stops_a_two_process_trial_on_every_rank_at_one_step(tmp_path):
     assert "world_size=2" in log and log.count("Traceback") == 0
 
 
+def test_trials_are_w_and_b_runs_grouped_by_the_study_offline_too(tmp_path):
+    from wandb_reader import find_offline_runs, read_run
+
+    offline = {**BASE, "log": {"mode": "offline"}}
+    base, space = study_files(tmp_path, base=offline)
+    study = tmp_path / "my-study"
+    assert_ok(cli("tune", "--config", str(base), "--space", str(space), "--study", str(study), "--trials", "2"))
+    for number in (0, 1):
+        [folder] = find_offline_runs(study / "trials" / f"{number:04d}")
+        run = read_run(folder)
+        assert (run.group, run.display_name) == ("my-study", f"my-study-{number:04d}")
+        assert run.history[-1]["eval/loss"] == pytest.approx(trials(study)[number].value, rel=1e-6)
+
+
 def test_the_worker_passes_a_preemption_signal_to_its_trial_and_leaves_it_resumable(tmp_path):
     long = {**BASE, "train": {**BASE["train"], "max_steps": 400, "eval_every": 100, "log_every": 10}}
     base, space = study_files(tmp_path, base=long)

@@ -68,6 +68,8 @@ class OfflineRun:
     path: Path
     run_id: str
     project: str
+    group: str = ""
+    display_name: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -291,7 +293,7 @@ def read_run(run_dir: Path) -> OfflineRun:
     wandb_file = _wandb_file_of(run_dir)
     records = read_records(wandb_file)
 
-    run_id = project = ""
+    run_id = project = group = display_name = ""
     resumed = False
     history: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
@@ -305,6 +307,8 @@ def read_run(run_dir: Path) -> OfflineRun:
             r = rec.run
             run_id = run_id or r.run_id
             project = project or r.project
+            group = group or r.run_group
+            display_name = display_name or r.display_name
             resumed = resumed or bool(r.resume) or bool(r.resumed)
             _apply_items(config, r.config)
             _apply_items(summary, r.summary)
@@ -328,6 +332,8 @@ def read_run(run_dir: Path) -> OfflineRun:
         path=run_dir,
         run_id=run_id,
         project=project,
+        group=group,
+        display_name=display_name,
         history=history,
         config=config,
         summary=summary,
