@@ -229,7 +229,12 @@ def test_forecast_outputs_are_mapped_back_through_global_statistics() -> None:
         ({"head": "forecast"}, r"horizon=0: expected an integer >= 1"),
         ({"head": "step", "horizon": 2}, r"horizon=2 with head='step'"),
         ({"head": "forecast", "horizon": 2, "output_size": 4}, r"input_size=3 < output_size=4"),
-        ({"scaling": "robust"}, r"scaling='robust'"),
+        ({"scaling": "bogus"}, r"scaling='bogus': expected one of none, global, window, last, robust, revin"),
+        ({"loss_units": "pixels"}, r"loss_units='pixels': expected one of raw, scaled"),
+        ({"point_loss": "huber"}, r"point_loss='huber': expected one of mse, mae"),
+        ({"loss_units": "scaled", "scaling": "window"}, r"loss_units='scaled' with head='last'.*needs head='forecast'"),
+        ({"head": "forecast", "horizon": 2, "loss_units": "scaled"}, r"scaling='none'.*a scaling other than 'none'"),
+        ({"output": "quantile", "point_loss": "mae"}, r"point_loss='mae' with output='quantile': applies to output='point'"),
     ],
 )
 def test_bad_head_arguments_name_the_value(kwargs: dict, message: str) -> None:
