@@ -189,10 +189,11 @@ def test_window_scaling_makes_outputs_invariant_to_each_samples_own_affine_trans
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("scaling", ["window", "last", "robust", "revin"])
 @pytest.mark.parametrize("output", ["point", "gaussian", "quantile"])
-def test_window_scaled_forecasts_follow_the_target_history_back_to_raw_units(output: str) -> None:
+def test_window_scaled_forecasts_follow_the_target_history_back_to_raw_units(output: str, scaling: str) -> None:
     # Channels 0-1 are the target history (output_size=2), channel 2 a covariate.
-    model = GRUModel(3, 8, head="forecast", horizon=3, output_size=2, output=output, scaling="window").eval()
+    model = GRUModel(3, 8, head="forecast", horizon=3, output_size=2, output=output, scaling=scaling).eval()
     x, lengths = loud_padded_batch(3)
     scale, shift = torch.tensor([5.0, 0.2, 3.0]), torch.tensor([1000.0, -4.0, 7.0])
     base, moved = model(x, lengths)[0], model(x * scale + shift, lengths)[0]
