@@ -76,7 +76,9 @@ class ModelConfig(_Section):
         False, description="also read each sequence backwards from its last valid step (heads last, step, forecast)"
     )
     output: Literal["point", "gaussian", "quantile"] = Field(
-        "point", description="point (MSE / cross-entropy) | gaussian (mean, scale; NLL) | quantile (pinball loss)"
+        "point",
+        description="point (MSE or MAE: model.point_loss / cross-entropy) | gaussian (mean, scale; NLL) | quantile "
+        "(pinball loss)",
     )
     quantiles: list[float] = Field(
         default_factory=lambda: [0.1, 0.5, 0.9],
@@ -90,6 +92,14 @@ class ModelConfig(_Section):
         "null = float features",
     )
     embedding_dim: int = Field(64, ge=1, le=65536, description="token embedding size (with model.vocab_size)")
+    point_loss: Literal["mse", "mae"] = Field(
+        "mse", description="loss of regression with output=point: mse (squared error) | mae (absolute error)"
+    )
+    loss_units: Literal["raw", "scaled"] = Field(
+        "raw",
+        description="forecast loss units: raw (the data's: windows of large spread weigh more) | scaled (each "
+        "window's own scaler units, data.scaling: every window weighs the same; model.head=forecast)",
+    )
 
     @model_validator(mode="after")
     def _quantile_levels(self) -> ModelConfig:
@@ -125,10 +135,11 @@ class DataConfig(_Section):
     normalize: bool = Field(
         False, description="alias of scaling=global: standardise inputs with training-split statistics"
     )
-    scaling: Literal["none", "global", "window"] = Field(
+    scaling: Literal["none", "global", "window", "last", "robust", "revin"] = Field(
         "none",
-        description="none | global (training-split statistics, saved with the model) | window (each context "
-        "window centred and scaled by its own statistics, outputs mapped back)",
+        description="none | global (training-split statistics, saved with the model) | per context window, outputs "
+        "mapped back: window (its mean and std) | last (its last value and std) | robust (its median and "
+        "interquartile range) | revin (mean and std, then a learned per-channel affine)",
     )
     window: int | None = Field(
         None,
@@ -177,7 +188,7 @@ class DataConfig(_Section):
         # normalize=true is the old spelling of scaling=global; the two are kept equal so code and
         # saved configs reading either key agree.
         if self.normalize:
-            if self.scaling == "window" or (self.scaling == "none" and "scaling" in self.model_fields_set):
+            if self.scaling not in ("none", "global") or (self.scaling == "none" and "scaling" in self.model_fields_set):
                 raise ValueError(
                     f"data.normalize=true means data.scaling=global, but data.scaling={self.scaling!r} was given: "
                     "set only data.scaling"
@@ -396,6 +407,7 @@ class Config(_Section):
                 f"model.head=forecast needs data.window (the context length) and data.horizon >= 1 (the steps to "
                 f"forecast); got data.window={data.window}, data.horizon={data.horizon}"
             )
+        problems += loss_problems(self)
         if model.head == "forecast" and data.window is not None and data.season > data.window:
             problems.append(
                 f"data.season={data.season} is longer than data.window={data.window}: the seasonal-naive forecast "
@@ -428,6 +440,28 @@ class Config(_Section):
         """A short hash of the trajectory-defining keys (`trajectory`): equal digests, the same run."""
         blob = json.dumps(trajectory(self.to_dict()), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def loss_problems(cfg: Config) -> list[str]:
+    """What `model.loss_units` and `model.point_loss` need of the model and the data's scaling."""
+    model, data = cfg.model, cfg.data
+    problems = []
+    if model.loss_units == "scaled" and model.head != "forecast":
+        problems.append(
+            f"model.loss_units=scaled with model.head={model.head}: the loss in the scaler's units is a forecast's "
+            "(model.head=forecast)"
+        )
+    elif model.loss_units == "scaled" and data.scaling == "none":
+        problems.append(
+            "model.loss_units=scaled with data.scaling=none: there are no scaler units to compute the loss in "
+            "(set data.scaling, e.g. window or last)"
+        )
+    if model.point_loss != "mse" and model.output != "point":
+        problems.append(
+            f"model.point_loss={model.point_loss} with model.output={model.output}: the point loss is for "
+            f"model.output=point ({model.output} outputs have their own loss)"
+        )
+    return problems
 
 
 def stream_problems(cfg: Config) -> list[str]:

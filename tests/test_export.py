@@ -36,6 +36,10 @@ def save_model(folder: Path, **kwargs) -> GRUModel:
         args.setdefault("horizon", 3)
     model = GRUModel(**args)
     model.set_normalization(torch.tensor([1.0, -2.0, 0.5]), torch.tensor([2.0, 0.5, 1.5]))
+    if args["scaling"] == "revin":  # a learned affine away from its identity start, as after training
+        with torch.no_grad():
+            model.scaler.revin_raw_weight.copy_(torch.tensor([1.5, -2.0, 0.3]))
+            model.scaler.revin_bias.copy_(torch.tensor([0.4, -0.7, 1.1]))
     model.save_pretrained(folder)
     return GRUModel.from_pretrained(folder)
 
@@ -46,6 +50,10 @@ CASES = {
     "step-quantile": {"head": "step", "output": "quantile"},
     "forecast-gaussian-window": {"head": "forecast", "output": "gaussian", "scaling": "window"},
     "bidirectional-step-window": {"head": "step", "bidirectional": True, "scaling": "window"},
+    "forecast-quantile-last": {"head": "forecast", "output": "quantile", "scaling": "last"},
+    "forecast-gaussian-robust": {"head": "forecast", "output": "gaussian", "scaling": "robust"},
+    "forecast-point-revin": {"head": "forecast", "scaling": "revin"},
+    "forecast-quantile-revin": {"head": "forecast", "output": "quantile", "scaling": "revin"},
     "bidirectional-last": {"head": "last", "bidirectional": True, "output": "quantile"},
 }
 
@@ -129,6 +137,7 @@ def test_cli_exports_checks_and_reports(tmp_path: Path, capsys: pytest.CaptureFi
         ({}, ["--format", "tflite"], "--format tflite: expected one of onnx, torchscript"),
         ({"bidirectional": True}, ["--format", "onnx", "--stateful"], "--stateful with a bidirectional model"),
         ({"scaling": "window"}, ["--format", "torchscript", "--stateful"], "--stateful with data.scaling=window"),
+        ({"scaling": "robust"}, ["--format", "onnx", "--stateful"], "--stateful with data.scaling=robust: per-window"),
     ],
 )
 def test_bad_input_is_one_error_and_writes_nothing(

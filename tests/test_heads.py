@@ -189,10 +189,11 @@ def test_window_scaling_makes_outputs_invariant_to_each_samples_own_affine_trans
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("scaling", ["window", "last", "robust", "revin"])
 @pytest.mark.parametrize("output", ["point", "gaussian", "quantile"])
-def test_window_scaled_forecasts_follow_the_target_history_back_to_raw_units(output: str) -> None:
+def test_window_scaled_forecasts_follow_the_target_history_back_to_raw_units(output: str, scaling: str) -> None:
     # Channels 0-1 are the target history (output_size=2), channel 2 a covariate.
-    model = GRUModel(3, 8, head="forecast", horizon=3, output_size=2, output=output, scaling="window").eval()
+    model = GRUModel(3, 8, head="forecast", horizon=3, output_size=2, output=output, scaling=scaling).eval()
     x, lengths = loud_padded_batch(3)
     scale, shift = torch.tensor([5.0, 0.2, 3.0]), torch.tensor([1000.0, -4.0, 7.0])
     base, moved = model(x, lengths)[0], model(x * scale + shift, lengths)[0]
@@ -229,7 +230,12 @@ def test_forecast_outputs_are_mapped_back_through_global_statistics() -> None:
         ({"head": "forecast"}, r"horizon=0: expected an integer >= 1"),
         ({"head": "step", "horizon": 2}, r"horizon=2 with head='step'"),
         ({"head": "forecast", "horizon": 2, "output_size": 4}, r"input_size=3 < output_size=4"),
-        ({"scaling": "robust"}, r"scaling='robust'"),
+        ({"scaling": "bogus"}, r"scaling='bogus': expected one of none, global, window, last, robust, revin"),
+        ({"loss_units": "pixels"}, r"loss_units='pixels': expected one of raw, scaled"),
+        ({"point_loss": "huber"}, r"point_loss='huber': expected one of mse, mae"),
+        ({"loss_units": "scaled", "scaling": "window"}, r"loss_units='scaled' with head='last'.*needs head='forecast'"),
+        ({"head": "forecast", "horizon": 2, "loss_units": "scaled"}, r"scaling='none'.*a scaling other than 'none'"),
+        ({"output": "quantile", "point_loss": "mae"}, r"point_loss='mae' with output='quantile': applies to output='point'"),
     ],
 )
 def test_bad_head_arguments_name_the_value(kwargs: dict, message: str) -> None:

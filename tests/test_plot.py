@@ -129,7 +129,7 @@ def test_forecasts_against_actuals_one_png_per_series_with_the_models_interval(t
 
     from dist_gru.data.loading import build_dataset
     from dist_gru.infer.backtest import OriginWindows
-    from dist_gru.infer.forecast_plot import origin_forecasts
+    from dist_gru.infer.forecast_plot import forecast_errors, origin_forecasts
     from dist_gru.infer.load import inference_config, load_model
 
     run = tmp_path / "run"
@@ -161,3 +161,11 @@ def test_forecasts_against_actuals_one_png_per_series_with_the_models_interval(t
     np.testing.assert_array_equal(low, out[1, :, 0, 0].numpy())
     np.testing.assert_array_equal(drawn[1]["point"], out[1, :, 0, 1].numpy())
     np.testing.assert_array_equal(high, out[1, :, 0, 2].numpy())
+    # The error panel: the drawn forecasts' bias and MAE per horizon step against the actual values.
+    actual = origins.__getitems__([0, 1])["y"][:, :, 0].double().numpy()
+    np.testing.assert_array_equal(drawn[1]["actual"], actual[1])
+    errors = forecast_errors(drawn)
+    signed = out[:, :, 0, 1].double().numpy() - actual
+    assert errors["bias"] == pytest.approx(signed.mean(), rel=1e-12)
+    assert errors["mae_by_step"] == pytest.approx(np.abs(signed).mean(0).tolist(), rel=1e-12)
+    assert errors["bias_by_step"] == pytest.approx(signed.mean(0).tolist(), rel=1e-12)

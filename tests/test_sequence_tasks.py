@@ -4,7 +4,8 @@
 
 - head `step` on variable-length sequences: ranks hold different numbers of valid steps, and the loss
   is the mean over the valid steps of the whole global batch, so 2 processes compute what 1 does;
-- head `forecast` on windows drawn from long series (per-window scaling): 1 vs 2 processes, and a
+- head `forecast` on windows drawn from long series (per-window scaling: window, last, robust, revin,
+  with the loss in scaled units and the MAE): 1 vs 2 processes, and a
   run stopped mid-epoch and continued (on the same and on another world size) equals the run that
   went straight through;
 - both synthetic tasks are learned clearly better than their baselines.
@@ -99,10 +100,30 @@ def forecast_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+# Per-window scalers and the loss options (each a short run on 1 and on 2 processes; window: the
+# resume test's runs): the loss in scaled units and the MAE keep N ranks computing what 1 does.
+SCALER_RUNS = {
+    "window": [],
+    "last": ["model.loss_units=scaled"],
+    "robust": ["model.point_loss=mae"],
+    "revin": ["model.loss_units=scaled", "model.point_loss=mae"],
+}
+
+
 @pytest.mark.timeout(600)
-def test_forecast_windows_two_processes_train_like_one(forecast_runs):
-    diff = max_abs_diff(_weights(forecast_runs["1x16"]), _weights(forecast_runs["2x16"]))
-    print(f"\nhead forecast, windows, window scaling: max |w(1 proc) - w(2 procs)| = {diff:.3g}")
+@pytest.mark.parametrize("scaling", list(SCALER_RUNS))
+def test_forecast_windows_two_processes_train_like_one(request, tmp_path, scaling):
+    if scaling == "window":
+        runs = request.getfixturevalue("forecast_runs")
+        one, two = runs["1x16"], runs["2x16"]
+    else:
+        args = [a for a in FORECAST if not a.startswith("data.scaling=")]
+        args += [f"data.scaling={scaling}", *SCALER_RUNS[scaling], "train.max_steps=8"]
+        one, two = tmp_path / "one", tmp_path / "two"
+        _train(1, one, *args)
+        _train(2, two, *args)
+    diff = max_abs_diff(_weights(one), _weights(two))
+    print(f"\nhead forecast, windows, {scaling} scaling {SCALER_RUNS[scaling]}: max |w(1 proc) - w(2 procs)| = {diff:.3g}")
     assert diff <= WEIGHT_TOL
 
 

@@ -107,6 +107,9 @@ def test_state_is_the_encoders_final_state() -> None:
     [
         ({"bidirectional": True}, "step() needs a unidirectional model"),
         ({"scaling": "window"}, 'step() cannot scale per window'),
+        ({"scaling": "last"}, 'step() cannot scale per window (scaling="last" needs the whole sequence)'),
+        ({"scaling": "robust"}, 'step() cannot scale per window (scaling="robust"'),
+        ({"scaling": "revin"}, 'step() cannot scale per window (scaling="revin"'),
     ],
 )
 def test_step_refuses_what_cannot_stream(kwargs: dict, message: str) -> None:

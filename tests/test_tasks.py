@@ -118,6 +118,7 @@ EXPECTED = {
             "naive_mae": 0.8462257832,
             "seasonal_naive_mae": 0.8162948042,
             "mase": 0.5847722866,
+            "bias": -0.1130517026,  # mean of output - target
         },
     ),
     "forecast_quantile": (
@@ -132,6 +133,7 @@ EXPECTED = {
             "naive_mae": 0.8462257832,
             "seasonal_naive_mae": 0.8162948042,
             "mase": 0.9327418674,
+            "bias": -0.7613923401,  # every median forecast under its target: -mae
             "pinball": 0.3195476257,
             "coverage_0.1": 0.0,
             "coverage_0.5": 0.0,
@@ -184,6 +186,18 @@ def test_loss_units_and_metrics_are_the_ones_before_the_tasks(name: str) -> None
     for key, value in metrics.items():
         assert results[key] == pytest.approx(value, rel=1e-7, abs=1e-9), key
     assert task.metric_names() == list(metrics)
+    # The list-valued metrics, for reports: a forecast's MAE at each horizon step (their mean is mae).
+    breakdowns = sums.results(breakdowns=True)
+    assert list(breakdowns) == list(metrics) + list(BY_STEP.get(name, {}))
+    for key, value in BY_STEP.get(name, {}).items():
+        assert breakdowns[key] == pytest.approx(value, rel=1e-7), key
+
+
+# The MAE at horizon steps 1 and 2 of the forecast CASES, computed with numpy.
+BY_STEP = {
+    "forecast_point": {"mae_by_step": [0.5114696224530538, 0.4432235360145569]},
+    "forecast_quantile": {"mae_by_step": [0.839678555727005, 0.6831061244010925]},
+}
 
 
 class Sampler:

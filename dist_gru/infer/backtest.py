@@ -12,7 +12,9 @@ window + horizon + (K - 1) * S steps: a folder with a shorter series is refused,
 that every series is scored on the same K origins.
 
 The metrics are those `dist-gru evaluate` reports for the model's task (mae, rmse, smape, mase =
-mae / the seasonal-naive forecast's mae on the same windows, quantile coverage, ...), and the
+mae / the seasonal-naive forecast's mae on the same windows, bias = the mean of forecast - actual,
+quantile coverage, ..., and the MAE per horizon step: `mae_by_step` in the JSON line, columns
+`mae_step_1` ... in the table), and the
 point metrics of the two baselines (`naive_mae`, `seasonal_naive_rmse`, ...). A series loses to
 the baselines when its model MAE is above the lower of theirs.
 
@@ -90,23 +92,26 @@ class SeriesSums:
         self.widths = [len(part.sums) for part in self.parts.values()]
         self.rows = torch.zeros(num_series, sum(self.widths), dtype=torch.float64, device=device)
 
-    def update(self, series: np.ndarray, output: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor, x: torch.Tensor) -> None:
+    def update(self, series: np.ndarray, output: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor,
+               x: torch.Tensor, units: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add one batch: `series` [B] of its windows, the model's `output`, as `MetricSums.update`."""
         forecasts = {"model": output, **self.task.baseline_forecasts(x, lengths, self.season)}
         for s in np.unique(series):
             rows = torch.from_numpy(np.flatnonzero(series == s))
             on = rows.to(y.device)
+            # The loss's units: per window [B, 1, O] (this series' windows), or global [O].
+            own = None if units is None else tuple(t[on] if t.dim() == 3 else t for t in units)
             for name, part in self.parts.items():
                 part.sums.zero_()  # a scratch vector: this series' sums of this batch
-                part.update(forecasts[name][on], y[on], lengths[rows], x[on])
+                part.update(forecasts[name][on], y[on], lengths[rows], x[on], own)
             self.rows[int(s)] += torch.cat([part.sums for part in self.parts.values()])
 
-    def results(self, row: torch.Tensor) -> dict[str, float]:
+    def results(self, row: torch.Tensor) -> dict[str, Any]:
         """The metrics of one row of sums (a series, or the sum of all rows): the model's as
-        evaluate names them, then `<baseline>_<metric>` of each baseline."""
-        metrics: dict[str, float] = {}
+        evaluate names them (its `mae_by_step` list too), then `<baseline>_<metric>` of each baseline."""
+        metrics: dict[str, Any] = {}
         for (name, part), values in zip(self.parts.items(), row.split(self.widths), strict=True):
-            found = part.results(values)
+            found = part.results(values, breakdowns=name == "model")
             if name == "model":
                 metrics |= {key: value for key, value in found.items() if key not in MODEL_OMITTED}
             else:
@@ -128,7 +133,8 @@ def backtest(model: torch.nn.Module, origins: OriginWindows, sums: SeriesSums, a
         inputs, y = batch_to(batch, accelerator.device)
         with accelerator.autocast():
             out, _ = model(**inputs)
-        sums.update(origins.series(batch["index"]), out, y, inputs["lengths"], inputs["x"])
+        units = sums.task.loss_units(model, inputs["x"], inputs["lengths"])
+        sums.update(origins.series(batch["index"]), out, y, inputs["lengths"], inputs["x"], units)
     if accelerator.num_processes > 1:
         return accelerator.reduce(sums.rows, reduction="sum")
     return sums.rows
@@ -161,13 +167,25 @@ def check_out(args: argparse.Namespace) -> None:
         checked_out(args, TABLES)
 
 
+def step_columns(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` with the list `mae_by_step` as one table column per horizon step, in its place:
+    `mae_step_1` ... `mae_step_H`."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key == "mae_by_step":
+            flat |= {f"mae_step_{h}": step for h, step in enumerate(value, start=1)}
+        else:
+            flat[key] = value
+    return flat
+
+
 def report(sums: SeriesSums, rows: torch.Tensor, origins: OriginWindows, stride: int) -> tuple[list[dict], dict]:
     """(the table: a row per series, the JSON record: pooled metrics and the losing series)."""
     rows = rows.cpu()
     names = series_names(origins.windows.source, np.arange(len(rows)))
     table = []
     for name, row in zip(names, rows, strict=True):
-        metrics = sums.results(row)
+        metrics = step_columns(sums.results(row))
         table.append({"id": name, "origins": origins.origins, **metrics, "loses_to_baseline": loses(metrics)})
     losing = [entry["id"] for entry in table if entry["loses_to_baseline"]]
     record = {"series": len(table), "origins": origins.origins, "stride": stride, "windows": len(origins)}

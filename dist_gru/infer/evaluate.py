@@ -37,25 +37,30 @@ def loss_fn(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Any, accelerator: Any, season: int = 1) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, batches: Any, accelerator: Any, season: int = 1, breakdowns: bool = False
+) -> dict[str, Any]:
     """Metrics of the model's task over every unit of `batches`, the one evaluator of every kind of
     data: samples (`SampleEvalBatches`) or streams (`StreamEvalBatches`), which say what state a
     batch starts from (`carried`) and take the state after it (`keep`).
 
     All ranks participate (one reduce of float64 sums at the end). `season` is `data.season`: the
-    seasonal-naive baseline of head `forecast`."""
+    seasonal-naive baseline of head `forecast`. `breakdowns`: also the list-valued metrics (a
+    forecast's `mae_by_step`), for reports; training logs numbers only."""
     was_training = model.training
     model.eval()
-    sums = task_for(model.config).metric_sums(season, accelerator.device)
+    task = task_for(model.config)
+    sums = task.metric_sums(season, accelerator.device)
     for batch in batches:
         inputs, y = batch_to(batch, accelerator.device)
         with accelerator.autocast():
             out, state = model(**inputs, state=batches.carried(batch))
         batches.keep(state)
-        sums.update(out, y, inputs["lengths"], inputs["x"])
+        units = task.loss_units(model, inputs["x"], inputs["lengths"])  # None: the loss in the data's units
+        sums.update(out, y, inputs["lengths"], inputs["x"], units)
     reduced = accelerator.reduce(sums.sums, reduction="sum") if accelerator.num_processes > 1 else sums.sums
     model.train(was_training)
-    return sums.results(reduced)
+    return sums.results(reduced, breakdowns)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
@@ -68,7 +73,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     model = model.to(accelerator.device)
     model.flatten_parameters()
     batches = evaluation_batches(cfg, dataset, model, accelerator, args.batch_size)
-    metrics = evaluate(model, batches, accelerator, season=cfg.data.season)
+    metrics = evaluate(model, batches, accelerator, season=cfg.data.season, breakdowns=True)
     if accelerator.is_main_process:
         print(json_line(metrics), flush=True)
     exit_process(0)

@@ -6,7 +6,7 @@
 
 The graph takes what a user feeds and returns what a user wants: raw inputs ``x`` [batch, time,
 features] and ``lengths`` [batch] (int64, each in [1, time]; padding after each sequence's end)
-in, the model's outputs in the data's units out: input scaling (global or per window), the GRU,
+in, the model's outputs in the data's units out: input scaling (global, per window, RevIN), the GRU,
 the head and the inverse scaling are all inside, for every head and both cells. Batch size and
 length are dynamic. A model with static covariates also takes ``static_categories`` [batch, Sc]
 (int64 codes into the vocabularies its metadata's ``data.static`` lists; -1 for a category it
@@ -48,6 +48,7 @@ from dist_gru.config import ConfigError
 from dist_gru.data.files import follow_umask
 from dist_gru.infer.load import load_model, output_inside_input
 from dist_gru.model import GRUModel, SeedGRU, seed_scan
+from dist_gru.model.scaler import PER_WINDOW
 from dist_gru.tasks import task_for
 from dist_gru.train.checkpoint import NonFiniteError, require_finite
 
@@ -72,8 +73,8 @@ def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool
             problems.append(f"--opset {opset}: unsupported; expected an ONNX opset in {MIN_OPSET}..{MAX_OPSET}")
     if stateful and model.bidirectional:
         problems.append("--stateful with a bidirectional model: a backward direction needs the whole sequence")
-    if stateful and model.scaling == "window":
-        problems.append("--stateful with data.scaling=window: per-window scaling needs the whole sequence")
+    if stateful and model.scaling in PER_WINDOW:
+        problems.append(f"--stateful with data.scaling={model.scaling}: per-window scaling needs the whole sequence")
     if model.future_channels:  # the exported graphs take (x, lengths[, state]) only
         problems.append(
             "the model reads future-known covariates over the horizon, which exported graphs do not take yet; "

@@ -4,8 +4,10 @@
 
 For each chosen series (the first `--series` ones, or those named by `--ids`), the series' last
 steps and the forecasts of its `--origins` last forecast origins (the windows `dist-gru backtest`
-scores), with the interval the model has (quantile: the outer levels; gaussian: 95%) shaded. The
-x axis is the data's time where the folder stores it, else the step. One process, Agg canvas.
+scores), with the interval the model has (quantile: the outer levels; gaussian: 95%) shaded, and
+below them a panel of the drawn forecasts' errors: the mean signed error (forecast - actual) and
+the MAE at each horizon step, and the bias over all of them in its title. The x axis is the data's
+time where the folder stores it, else the step. One process, Agg canvas.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def chosen_series(source: Any, count: int, ids: str | None) -> np.ndarray:
 
 @torch.no_grad()
 def origin_forecasts(model: Any, origins: OriginWindows, series: int) -> list[dict]:
-    """Per origin of `series`: its forecast steps (positions in the series), point forecast and interval."""
+    """Per origin of `series`: its forecast steps (positions in the series), point forecast, interval,
+    and the actual values of its horizon (the first target)."""
     task, k = task_for(model.config), origins.origins
     batch = origins.__getitems__(list(range(series * k, series * k + k)))
     out = model(**model_inputs(batch, torch.device("cpu")))[0].float()
@@ -63,9 +66,34 @@ def origin_forecasts(model: Any, origins: OriginWindows, series: int) -> list[di
         drawn.append({
             "steps": np.arange(first, first + origins.windows.horizon),
             "point": task.point_forecast(out[j : j + 1])[0, :, 0].numpy(),
+            "actual": batch["y"][j, :, 0].double().numpy(),
             "interval": None if interval is None else (interval[0][0, :, 0].numpy(), interval[1][0, :, 0].numpy(), interval[2]),
         })
     return drawn
+
+
+def forecast_errors(drawn: list[dict]) -> dict[str, Any]:
+    """The drawn forecasts' errors (forecast - actual): `bias` (their mean), and per horizon step
+    `bias_by_step` and `mae_by_step` (means over the origins)."""
+    errors = np.stack([d["point"].astype(np.float64) - d["actual"] for d in drawn])  # [origins, horizon]
+    return {
+        "bias": float(errors.mean()),
+        "bias_by_step": errors.mean(0).tolist(),
+        "mae_by_step": np.abs(errors).mean(0).tolist(),
+    }
+
+
+def error_panel(ax: Any, drawn: list[dict]) -> None:
+    """Bars of the mean signed error per horizon step, the MAE per step as a line, the bias in the title."""
+    errors = forecast_errors(drawn)
+    steps = np.arange(1, len(errors["mae_by_step"]) + 1)
+    ax.bar(steps, errors["bias_by_step"], color="tab:red", alpha=0.6, label="mean error (forecast - actual)")
+    ax.plot(steps, errors["mae_by_step"], color="black", marker="o", linewidth=1, label="MAE")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(steps)
+    ax.set_xlabel("horizon step")
+    ax.set_title(f"bias {errors['bias']:+.4g} over {len(drawn)} forecasts (positive: over-forecast)")
+    ax.legend(loc="upper left")
 
 
 def series_figure(source: Any, series: int, name: Any, drawn: list[dict], context: int) -> Figure:
@@ -77,8 +105,8 @@ def series_figure(source: Any, series: int, name: Any, drawn: list[dict], contex
     starts = getattr(source, "series_start", None)
     freq = getattr(source, "freq", None)
     axis = (lambda s: step_times(np.full(len(s), starts[series]), s, freq)) if starts is not None and freq else (lambda s: s)
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    ax = figure.add_subplot()
+    figure = Figure(figsize=(10, 6), layout="constrained")
+    ax, errors = figure.subplots(2, 1, height_ratios=[2, 1])
     ax.plot(axis(steps), targets.reshape(len(steps), -1)[:, 0], color="black", linewidth=1, label="actual")
     for k, d in enumerate(drawn):
         label = "forecast" if k == 0 else None
@@ -89,6 +117,7 @@ def series_figure(source: Any, series: int, name: Any, drawn: list[dict], contex
     target = (getattr(source, "target_names", None) or ["value"])[0]
     ax.set_title(f"series {name}: {target}, {len(drawn)} forecast origins")
     ax.legend(loc="upper left")
+    error_panel(errors, drawn)
     return figure
 
 

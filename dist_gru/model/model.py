@@ -31,14 +31,16 @@ from dist_gru.config import quantile_problems
 from dist_gru.data.files import follow_umask
 from dist_gru.model.encoder import CELLS, Encoder
 from dist_gru.model.heads import HEADS, OUTPUTS, build_head, build_layout
-from dist_gru.model.scaler import Scaler, TokenScaler
+from dist_gru.model.scaler import SCALINGS, Affine, Scaler, TokenScaler
 from dist_gru.model.static import StaticEncoder
 from dist_gru.tasks.functional import DEFAULT_QUANTILES
 
 log = logging.getLogger(__name__)
 
 TASKS = ("regression", "classification")
-SCALINGS = ("none", "global", "window")
+# How the forecast loss is computed (`model.loss_units`, `model.point_loss`): read by the task.
+LOSS_UNITS = ("raw", "scaled")
+POINT_LOSSES = ("mse", "mae")
 # Where the parts' state lived before the model was split into scaler, encoder and head. Saved
 # files keep these names, so model folders and checkpoints load across releases both ways.
 SAVED_NAMES = {
@@ -77,6 +79,8 @@ def checked_arguments(args: dict[str, Any]) -> dict[str, Any]:
     choice("head", HEADS)
     choice("output", OUTPUTS)
     choice("scaling", SCALINGS)
+    choice("loss_units", LOSS_UNITS)
+    choice("point_loss", POINT_LOSSES)
     if not isinstance(args["bidirectional"], bool):
         problems.append(f"bidirectional={args['bidirectional']!r}: expected true or false")
     problems += quantile_problems("quantiles", args["quantiles"])
@@ -93,7 +97,7 @@ def checked_arguments(args: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"future_channels with head={head!r}: only head='forecast' reads future covariates")
     if args["vocab_size"] is not None:
         integer("vocab_size", 2)
-    problems += _static_problems(args)
+    problems += _static_problems(args) + _loss_problems(args)
     if args["data"] is not None and not isinstance(args["data"], dict):
         problems.append(f"data={args['data']!r}: expected a dict (what inference needs to know of the data) or None")
     if problems:
@@ -115,6 +119,20 @@ def _static_problems(args: dict[str, Any]) -> list[str]:
         problems.append(f"static_values={values!r}: expected an integer >= 0 (numeric static columns)")
     else:
         args["static_values"] = int(values)
+    return problems
+
+
+def _loss_problems(args: dict[str, Any]) -> list[str]:
+    """``loss_units='scaled'`` needs a forecast head and a scaling to take its units from; the
+    point loss applies to point outputs only (the others have their own: NLL, pinball)."""
+    problems = []
+    if args["loss_units"] == "scaled" and (args["head"] != "forecast" or args["scaling"] == "none"):
+        problems.append(
+            f"loss_units='scaled' with head={args['head']!r}, scaling={args['scaling']!r}: the loss in the scaler's "
+            "units needs head='forecast' and a scaling other than 'none'"
+        )
+    if args["point_loss"] != "mse" and args["output"] != "point":
+        problems.append(f"point_loss={args['point_loss']!r} with output={args['output']!r}: applies to output='point'")
     return problems
 
 
@@ -151,7 +169,7 @@ def saved_config(args: dict[str, Any]) -> dict[str, Any]:
     config = {name: args[name] for name in first}
     signature = inspect.signature(GRUModel.__init__).parameters
     later = ("head", "bidirectional", "output", "quantiles", "horizon", "scaling", "vocab_size", "future_channels")
-    later += ("static_categories", "static_values")
+    later += ("static_categories", "static_values", "loss_units", "point_loss")
     for name in (*later, "data"):
         default = signature[name].default
         if args[name] != (list(default) if name == "quantiles" else default):
@@ -188,8 +206,9 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
     direction's state at step 0. A forecast head predicts in the scaled units of the first
     ``output_size`` input channels (the target history, by the forecast data contract), and its
     outputs are mapped back through the scaler's transforms (``scaling``: "global" uses the
-    ``set_normalization`` buffers, which apply always; "window" also scales each sample by the mean
-    and std of its own valid steps).
+    ``set_normalization`` buffers, which apply always; "window", "last", "robust" and "revin" also
+    scale each sample by statistics of its own valid steps: see ``dist_gru.model.scaler``).
+    ``loss_units`` and ``point_loss`` change no output: they say how the task computes the loss.
 
     ``save_pretrained(dir)`` writes ``config.json`` (the init arguments) and
     ``model.safetensors``; ``GRUModel.from_pretrained(dir)`` reads them back (a local
@@ -215,6 +234,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         future_channels: Sequence[int] | None = None,
         static_categories: Sequence[int] | None = None,
         static_values: int = 0,
+        loss_units: str = "raw",
+        point_loss: str = "mse",
         data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -223,7 +244,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "task": task, "output_size": output_size, "cell": cell, "head": head, "bidirectional": bidirectional,
             "output": output, "quantiles": quantiles, "horizon": horizon, "scaling": scaling,
             "vocab_size": vocab_size, "future_channels": future_channels, "static_categories": static_categories,
-            "static_values": static_values, "data": data,
+            "static_values": static_values, "loss_units": loss_units, "point_loss": point_loss, "data": data,
         })
         args.update(dropout=float(dropout), horizon=int(args["horizon"]), quantiles=[float(q) for q in quantiles])
         # What save_pretrained writes to config.json. The mixin records the raw call
@@ -242,11 +263,10 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         self.data = dict(data) if data is not None else None
 
         # Built in this order so that parameters (and an optimizer's state) keep the order they had.
-        window = scaling == "window"
         if vocab_size is None:
-            self.scaler: Scaler = Scaler(self.input_size, window)
+            self.scaler: Scaler = Scaler(self.input_size, scaling)
         else:
-            self.scaler = TokenScaler(self.input_size, self.vocab_size, window)
+            self.scaler = TokenScaler(self.input_size, self.vocab_size, scaling)
         self.encoder = Encoder(self.input_size, self.hidden_size, self.num_layers, self.dropout, cell, bidirectional)
         layout = build_layout(output, self.output_size, self.quantiles)
         head_inputs = self.encoder.output_size + self.horizon * len(self.future_channels)
@@ -315,7 +335,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         Streams: a ``state`` from ``initial_state`` or a previous call continues each sequence where
         that call left it, so feeding a sequence chunk by chunk gives what one call on the whole
         sequence gives (``step`` heads: the chunk's steps; ``last`` and ``forecast``: the sequence so
-        far). Unidirectional models only, and not with ``scaling="window"`` (both need the whole
+        far). Unidirectional models only, and not with a per-window scaling (both need the whole
         sequence). The trainer calls the model through DDP, so through ``forward``.
         """
         if state is not None:
@@ -329,6 +349,15 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             planned = self.scaler.future(future, self.future_channels, self.horizon)
             summary = torch.cat([summary, planned.to(summary.dtype)], -1)
         return self.head(out, summary, affine), state
+
+    @torch.no_grad()
+    def target_scale(self, x: Tensor, lengths: Tensor | None = None) -> Affine:
+        """How the target channels of the inputs ``x`` were standardised, per window (global and
+        per-window statistics, not RevIN's learned affine, and no gradient): the units in which
+        ``loss_units='scaled'`` computes the forecast loss. The learned affine stays out of it, or
+        the model could shrink its loss by shrinking the weight instead of the error."""
+        _, _, affine = self.scaler.standardise(x, lengths)
+        return Affine(*affine.channels(self.output_size))
 
     def _static_state(self, state: Tensor | None, categories: Tensor | None, values: Tensor | None) -> Tensor | None:
         """The encoder's initial state: ``state`` (a stream's), or the statics' (None: zeros)."""

@@ -46,20 +46,23 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "quantiles": DEFAULT_QUANTILES,
     "horizon": 0,
     "vocab_size": None,
+    "loss_units": "raw",
+    "point_loss": "mse",
 }
 
 
 def task_for(model_config: Mapping[str, Any]) -> Task:
     """The task of a model with these ``GRUModel`` arguments (``model.config``; omitted ones take
-    their defaults). A gaussian or quantile output, or head ``forecast``, is a regression task even
-    if ``task`` says otherwise, so that ``check_fits`` can name the mismatch with the data."""
+    their defaults). A gaussian or quantile output, a point loss other than MSE, or head ``forecast``,
+    is a regression task even if ``task`` says otherwise, so that ``check_fits`` can name the mismatch
+    with the data."""
     config = {**CONFIG_DEFAULTS, **model_config}
     head, output, size = config["head"], config["output"], config["output_size"]
-    if config["task"] == "regression" or output != "point" or head == "forecast":
-        values = distribution(output, config["quantiles"])
-        return (
-            ForecastTask(size, values, config["horizon"]) if head == "forecast" else RegressionTask(head, size, values)
-        )
+    if config["task"] == "regression" or output != "point" or head == "forecast" or config["point_loss"] != "mse":
+        values = distribution(output, config["quantiles"], config["point_loss"])
+        if head == "forecast":
+            return ForecastTask(size, values, config["horizon"], scaled_loss=config["loss_units"] == "scaled")
+        return RegressionTask(head, size, values)
     if config["vocab_size"] is not None:
         return TokenTask(head, size)
     return ClassificationTask(head, size)
@@ -153,6 +156,8 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "quantiles": list(model.quantiles),
         "horizon": data.horizon,
         "scaling": data.scaling,
+        "loss_units": model.loss_units,
+        "point_loss": model.point_loss,
         "vocab_size": model.vocab_size if tokens else None,
         "future_channels": getattr(dataset, "future_channels", None) or None,
         # What inference needs to know of the data: window, season, names ...

@@ -47,6 +47,10 @@ class DataInfo:
     tbptt: int | None = None
 
 
+# (shift, scale) of the target channels, [B, 1, O] or [O]: a loss in the units (value - shift) / scale.
+Units = tuple[Tensor, Tensor]
+
+
 class StepCounter(Protocol):
     """A training sampler that knows the valid steps of every global batch (head ``step``)."""
 
@@ -81,11 +85,18 @@ class Task:
         """``target`` with its padded steps (``mask`` False) made harmless for the loss."""
         return target
 
-    def loss_sum(self, output: Tensor, target: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, int]:
+    def loss_units(self, model: Any, x: Tensor, lengths: Tensor | None) -> Units | None:
+        """The units the loss is computed in, from the model and its input batch: None for the
+        data's own (every task but a forecast with ``loss_units='scaled'``)."""
+        return None
+
+    def loss_sum(
+        self, output: Tensor, target: Tensor, lengths: Tensor | None = None, units: Units | None = None
+    ) -> tuple[Tensor, int]:
         """(sum of the per-unit losses, number of units) of one batch; see the module docstring.
 
         ``lengths`` [B] matters for head ``step`` only: steps at ``t >= length`` count nowhere,
-        whatever the padded targets hold there."""
+        whatever the padded targets hold there. ``units``: what ``loss_units`` returned."""
         output = at_least_fp32(output)
         if not self.per_step:
             return self.unit_losses(output, target).sum(), int(target.shape[0])
@@ -122,12 +133,18 @@ class Task:
         return {"loss": 1, "units": 1, "samples": 1, **({"steps": 1} if self.per_step else {})}
 
     def update_sums(
-        self, sums: MetricSums, output: Tensor, target: Tensor, lengths: Tensor | None, x: Tensor | None
+        self,
+        sums: MetricSums,
+        output: Tensor,
+        target: Tensor,
+        lengths: Tensor | None,
+        x: Tensor | None,
+        loss_units: Units | None = None,
     ) -> None:
         """Add one batch to ``sums`` (the loss and counts here, the rest in ``update_values``)."""
         # float64 from here on: sums of float64 terms reduce to the same totals on any world size.
         output = output.double()
-        total, units = self.loss_sum(output, target, lengths)
+        total, units = self.loss_sum(output, target, lengths, loss_units)
         sums.add("loss", total)
         sums.add("units", float(units))
         sums.add("samples", float(target.shape[0]))
@@ -153,6 +170,11 @@ class Task:
         if self.per_step:
             metrics["num_steps"] = int(sums.scalar("steps"))
         return metrics
+
+    def breakdowns(self, sums: SumsView) -> dict[str, list[float]]:
+        """Metrics that are lists (a forecast's error per horizon step), from (reduced) sums: for
+        the reports of evaluate and backtest, not logged in training, where a metric is one number."""
+        return {}
 
     def summary_lines(self, final: dict[str, float], mse_baseline: str | None = None) -> list[str]:
         """The metric lines of the end-of-training summary, from the final evaluation's metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from dist_gru.tasks.functional import gaussian_nll, median_index, pinball
@@ -17,14 +18,23 @@ Z_95 = 1.959964  # the standard normal's 97.5% quantile: mean +- Z_95 scale hold
 
 
 class PointOutput:
-    """One value per target value; squared-error loss (MSE)."""
+    """One value per target value; squared-error loss (MSE), or absolute error with ``loss="mae"``
+    (its best point forecast is the median, not the mean: robust to outliers and spikes)."""
 
     name = "point"
     extra_shape: tuple[int, ...] = ()  # output axes after the O channels
 
+    def __init__(self, loss: str = "mse"):
+        self.point_loss = loss
+
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Loss of every target value: ``target`` [..., O] -> [..., O]."""
-        return (output - target) ** 2
+        error = output - target
+        return error.abs() if self.point_loss == "mae" else error**2
+
+    def to_units(self, output: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        """``output`` in the units ``(value - shift) / scale`` (``shift``, ``scale``: [..., O])."""
+        return (output - shift) / scale
 
     def point(self, output: Tensor) -> Tensor:
         """One value per output channel."""
@@ -66,6 +76,10 @@ class GaussianOutput(PointOutput):
     def point(self, output: Tensor) -> Tensor:
         return output[..., 0]
 
+    def to_units(self, output: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        mean, spread = output.unbind(-1)
+        return torch.stack([(mean - shift) / scale, spread / scale], dim=-1)
+
     def about(self) -> dict[str, Any]:
         return {"values": "mean, scale"}
 
@@ -96,6 +110,7 @@ class QuantileOutput(PointOutput):
     name = "quantile"
 
     def __init__(self, quantiles: Sequence[float]):
+        super().__init__()
         self.quantiles = tuple(float(q) for q in quantiles)
         self.extra_shape = (len(self.quantiles),)
 
@@ -104,6 +119,9 @@ class QuantileOutput(PointOutput):
 
     def point(self, output: Tensor) -> Tensor:
         return output[..., median_index(self.quantiles)]
+
+    def to_units(self, output: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        return (output - shift.unsqueeze(-1)) / scale.unsqueeze(-1)
 
     def about(self) -> dict[str, Any]:
         return {"values": "quantiles", "quantiles": list(self.quantiles)}
@@ -131,6 +149,9 @@ class QuantileOutput(PointOutput):
         return metrics
 
 
-def distribution(output: str, quantiles: Sequence[float]) -> PointOutput:
-    """The distribution of ``GRUModel(output=...)``: point | gaussian | quantile (at ``quantiles``)."""
-    return {"point": PointOutput, "gaussian": GaussianOutput, "quantile": lambda: QuantileOutput(quantiles)}[output]()
+def distribution(output: str, quantiles: Sequence[float], point_loss: str = "mse") -> PointOutput:
+    """The distribution of ``GRUModel(output=...)``: point (``point_loss``: mse | mae) | gaussian |
+    quantile (at ``quantiles``)."""
+    if output == "gaussian":
+        return GaussianOutput()
+    return QuantileOutput(quantiles) if output == "quantile" else PointOutput(point_loss)

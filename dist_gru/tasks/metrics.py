@@ -13,7 +13,7 @@ so the metrics equal the 1-process ones. Which sums and which metrics: the model
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -43,10 +43,18 @@ class SumsLayout(Protocol):
     def sum_sizes(self) -> dict[str, int]: ...
 
     def update_sums(
-        self, sums: MetricSums, output: Tensor, target: Tensor, lengths: Tensor | None, x: Tensor | None
+        self,
+        sums: MetricSums,
+        output: Tensor,
+        target: Tensor,
+        lengths: Tensor | None,
+        x: Tensor | None,
+        loss_units: tuple[Tensor, Tensor] | None = None,
     ) -> None: ...
 
     def results(self, sums: SumsView) -> dict[str, float]: ...
+
+    def breakdowns(self, sums: SumsView) -> dict[str, list[float]]: ...
 
 
 class MetricSums:
@@ -69,12 +77,21 @@ class MetricSums:
         self.sums[self.slots[name]] += torch.as_tensor(value, dtype=torch.float64, device=self.sums.device)
 
     @torch.no_grad()
-    def update(self, output: Tensor, target: Tensor, lengths: Tensor | None, x: Tensor | None = None) -> None:
+    def update(
+        self,
+        output: Tensor,
+        target: Tensor,
+        lengths: Tensor | None,
+        x: Tensor | None = None,
+        loss_units: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         """Add one batch: model ``output``, ``target`` and ``lengths`` as the batch holds them;
-        ``x`` (the raw model input) is needed for head ``forecast``'s naive baselines."""
-        self.layout.update_sums(self, output, target, lengths, x)
+        ``x`` (the raw model input) is needed for head ``forecast``'s naive baselines, and
+        ``loss_units`` (``Task.loss_units``) for a loss in the scaler's units."""
+        self.layout.update_sums(self, output, target, lengths, x, loss_units)
 
-    def results(self, sums: Tensor | None = None) -> dict[str, float]:
-        """The metrics from (reduced) sums; ``sums`` defaults to this rank's own."""
-        values = (self.sums if sums is None else sums).double().cpu()
-        return self.layout.results(SumsView(values, self.slots))
+    def results(self, sums: Tensor | None = None, breakdowns: bool = False) -> dict[str, Any]:
+        """The metrics from (reduced) sums; ``sums`` defaults to this rank's own. ``breakdowns``:
+        also the list-valued ones (per horizon step), after the numbers."""
+        view = SumsView((self.sums if sums is None else sums).double().cpu(), self.slots)
+        return self.layout.results(view) | (self.layout.breakdowns(view) if breakdowns else {})

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dist_gru.tasks.base import DataInfo, Task
+from dist_gru.tasks.base import DataInfo, Task, Units
 from dist_gru.tasks.distributions import PointOutput
-from dist_gru.tasks.functional import seasonal_naive
+from dist_gru.tasks.functional import at_least_fp32, seasonal_naive
 from dist_gru.tasks.metrics import MetricSums, SumsView, ratio
 
 
@@ -102,8 +102,16 @@ class RegressionTask(Task):
         return self.output_shape(), np.dtype(np.float32), self.distribution.about()
 
     def target_problems(self, data: DataInfo) -> list[str]:
-        if data.task != "classification" or self.distribution.name == "point":
+        if data.task != "classification":
             return []
+        if self.distribution.name == "point":
+            if self.distribution.point_loss == "mse":
+                return []
+            return [
+                f"model.point_loss={self.distribution.point_loss} needs a regression task, but {data.source} is a "
+                f"classification task with {data.output_size} classes: classification trains with cross-entropy "
+                "(model.point_loss=mse)"
+            ]
         return [
             f"model.output={self.distribution.name} needs a regression task, but {data.source} is a classification "
             f"task with {data.output_size} classes: use model.output=point (class logits, cross-entropy)"
@@ -115,21 +123,39 @@ class ForecastTask(RegressionTask):
 
     Adds ``rmse``, ``smape`` (in percent, 0..200: the mean of ``200 |y - f| / (|y| + |f|)``, 0
     where both are 0), ``naive_mae`` (the last observed value repeated), ``seasonal_naive_mae``
-    (the last ``season`` observed values repeated; season 1 is the naive forecast) and ``mase`` =
-    ``mae / seasonal_naive_mae`` on the same windows. The history is the first ``O`` input channels
-    of ``x``, in raw units (the forecast data contract)."""
+    (the last ``season`` observed values repeated; season 1 is the naive forecast), ``mase`` =
+    ``mae / seasonal_naive_mae`` on the same windows, and ``bias``, the mean signed error
+    (forecast - actual: positive when it over-shoots); ``breakdowns``: ``mae_by_step``, the MAE at
+    each horizon step. The history is the first ``O`` input channels of ``x``, in raw units (the
+    forecast data contract). With ``scaled_loss`` the loss of a window is computed in its scaler's
+    units (``GRUModel.target_scale``), so that every window weighs the same, whatever its spread."""
 
     main_metric = "mase"  # unit-free: comparable across series and scalings
 
-    def __init__(self, output_size: int, distribution: PointOutput, horizon: int):
+    def __init__(self, output_size: int, distribution: PointOutput, horizon: int, scaled_loss: bool = False):
         super().__init__("forecast", output_size, distribution)
-        self.horizon = horizon
+        self.horizon, self.scaled_loss = horizon, scaled_loss
+
+    def loss_units(self, model: Any, x: Tensor, lengths: Tensor | None) -> Units | None:
+        return model.target_scale(x, lengths) if self.scaled_loss else None
+
+    def loss_sum(
+        self, output: Tensor, target: Tensor, lengths: Tensor | None = None, units: Units | None = None
+    ) -> tuple[Tensor, int]:
+        if self.scaled_loss:
+            if units is None:
+                raise ValueError("loss_units='scaled': the loss needs the units of every window (Task.loss_units)")
+            output = at_least_fp32(output)
+            shift, scale = (t.to(output.device, output.dtype) for t in units)
+            output = self.distribution.to_units(output, shift, scale)
+            target = (target.to(output.dtype) - shift) / scale
+        return super().loss_sum(output, target, lengths)
 
     def unit_losses(self, output: Tensor, target: Tensor) -> Tensor:
         return super().unit_losses(output, target).mean(-1)  # over the horizon: one unit per window
 
     def baseline_sizes(self) -> dict[str, int]:
-        return {"smape": 1, "naive": 1, "seasonal_naive": 1}
+        return {"smape": 1, "naive": 1, "seasonal_naive": 1, "signed": 1, "step_absolute": self.horizon}
 
     def baseline_forecasts(self, x: Tensor | None, lengths: Tensor | None, season: int) -> dict[str, Tensor]:
         """The baselines' forecasts [B, horizon, O] (float64) from the model input ``x``, whose first
@@ -149,9 +175,12 @@ class ForecastTask(RegressionTask):
             sums.add(name, (forecast - target).abs().sum())
 
     def update_errors(self, sums: MetricSums, point: Tensor, target: Tensor) -> None:
-        error, denominator = (point - target).abs(), point.abs() + target.abs()
+        signed = point - target  # [B, horizon, O]
+        error, denominator = signed.abs(), point.abs() + target.abs()
         ratios = torch.where(denominator > 0, error / denominator.clamp_min(1e-300), 0.0)
         sums.add("smape", 200.0 * ratios.sum())
+        sums.add("signed", signed.sum())
+        sums.add("step_absolute", error.sum((0, 2)))
 
     def baseline_results(self, sums: SumsView, metrics: dict[str, float]) -> dict[str, float]:
         elements = sums.scalar("elements")
@@ -161,7 +190,12 @@ class ForecastTask(RegressionTask):
             "naive_mae": ratio(sums.scalar("naive"), elements),
             "seasonal_naive_mae": ratio(sums.scalar("seasonal_naive"), elements),
             "mase": ratio(sums.scalar("absolute"), sums.scalar("seasonal_naive")),
+            "bias": ratio(sums.scalar("signed"), elements),
         }
+
+    def breakdowns(self, sums: SumsView) -> dict[str, list[float]]:
+        per_step = sums.scalar("elements") / self.horizon  # every window has every step
+        return {"mae_by_step": [ratio(float(total), per_step) for total in sums["step_absolute"]]}
 
     def summary_lines(self, final: dict[str, float], mse_baseline: str | None = None) -> list[str]:
         lines = super().summary_lines(final, mse_baseline)

@@ -307,6 +307,7 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
 
     Returns (epoch, this rank's loss of the step, its micro-batches: `guard` reads them)."""
     acc, model, accum = job.accelerator, job.model, job.cfg.train.grad_accum_steps
+    plain = acc.unwrap_model(model)  # what the task reads the loss's units from (model.loss_units)
     # Scaled so that DDP's mean over ranks and Accelerate's division by the accumulation steps leave
     # the mean over every unit (sample or valid time step) of the global batch, which every rank
     # knows from the sampling contract without a collective (`Task.units`). A per-rank mean instead
@@ -320,9 +321,11 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
         seen.append(batch)
         y = batch["y"].to(acc.device, non_blocking=True)
         with acc.accumulate(model):
-            output, state = model(**model_inputs(batch, acc.device), state=job.source.carried(batch))
+            inputs = model_inputs(batch, acc.device)
+            output, state = model(**inputs, state=job.source.carried(batch))
             job.source.keep(state)  # stream mode: carried into the lane's next chunk, detached
-            total, _ = job.task.loss_sum(output, y, batch["lengths"])
+            units = job.task.loss_units(plain, inputs["x"], inputs["lengths"])  # None: the data's units
+            total, _ = job.task.loss_sum(output, y, batch["lengths"], units)
             loss = total.float() * scale
             acc.backward(guard.spread(loss))
         step_loss += loss.detach() / accum
