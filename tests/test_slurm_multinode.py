@@ -268,8 +268,8 @@ def tune_arrays(folder: Path, jobs: list[int]) -> dict:
     base.write_text(
         "model: {hidden_size: 8, num_layers: 1}\n"
         "data: {name: adding, seq_len: 10, train_size: 256, val_size: 64}\n"
-        "train: {global_batch_size: 16, max_steps: 80, log_every: 10, eval_every: 40}\n"
-        "checkpoint: {every: 10}\nlog: {mode: disabled}\n"
+        "train: {global_batch_size: 16, max_steps: 400, log_every: 20, eval_every: 200}\n"
+        "checkpoint: {every: 20}\nlog: {mode: disabled}\n"
     )
     space = folder / "space.yaml"
     space.write_text(
@@ -287,6 +287,9 @@ def tune_arrays(folder: Path, jobs: list[int]) -> dict:
     first = folder / f"slurm-{arrays['node1']}_0.out"
     wait_for(lambda: first.is_file() and "tune: starting trial" in first.read_text(), JOB_TIMEOUT_S, "a trial")
     preempted = int(re.findall(r"tune: starting trial (\d+)", first.read_text())[-1])
+    checkpoints = study / "trials" / f"{preempted:04d}" / "checkpoints"
+    # Mid-training, with a checkpoint to resume from (the trial has 400 steps, saved every 20).
+    wait_for(lambda: any(checkpoints.glob("step-*/COMPLETE")), JOB_TIMEOUT_S, "the trial's first checkpoint")
     assert cancel(f"{arrays['node1']}_0", signal="USR1", batch=True)
     wait_for(lambda: not queued(arrays.values()), timeout_s=JOB_TIMEOUT_S * 2, what="the arrays to finish")
     outputs = {path.name: path.read_text() for path in sorted(folder.glob("slurm-*.out"))}

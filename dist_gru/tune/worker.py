@@ -56,10 +56,10 @@ class Worker:
                     return 0
                 try:
                     code = self._run_trial(claim)
-                    if self.stop_signal or code == EXIT_PREEMPTED:
+                    if code == EXIT_PREEMPTED or (self.stop_signal and code != 0):
                         self.say(f"tune: trial {claim.number} stopped by a signal; it resumes from its checkpoint")
                         return EXIT_PREEMPTED
-                    self._record(claim, code)
+                    self._record(claim, code)  # finished before a signal could stop it: recorded
                 finally:
                     claim.release()
             return EXIT_PREEMPTED
@@ -122,11 +122,15 @@ class Worker:
         self.say(f"tune: {verb} trial {claim.number}: {shown} (log: {log})")
         if claim.resumed:
             self._wait_for_run_folder(claim.number)
+        if self.stop_signal:  # the signal came before the trial started: nothing to stop, nothing to lose
+            return EXIT_PREEMPTED
         with open(log, "a") as out:
             self.child = subprocess.Popen(
                 self.command(claim), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=_die_with_parent,
             )  # fmt: skip
+            if self.stop_signal:  # arrived while the child was being started: pass it on now
+                os.killpg(self.child.pid, self.stop_signal)
             code = self.child.wait()
         self.child = None
         return code
