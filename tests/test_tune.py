@@ -153,6 +153,20 @@ def test_a_study_folder_whose_locks_cannot_work_is_refused(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_baseline_study_runs_the_base_config_first(tmp_path):
+    base, space = study_files(tmp_path, space={**SPACE, "baseline": True})
+    study = tmp_path / "s"
+    assert_ok(cli("tune", "--config", str(base), "--space", str(space), "--study", str(study), "--trials", "2"))
+    first, second = trials(study)
+    # optim.lr is not in the base file: the config's default, 3e-3, lies in the space's range.
+    assert first.params == {"optim.lr": 3e-3, "model.hidden_size": 8}
+    assert second.params != first.params
+    outside = write(tmp_path / "outside.yaml", {**SPACE, "baseline": True, "params": {"model.hidden_size": {"choices": [4, 16]}}})
+    result = cli("tune", "--config", str(base), "--space", str(outside), "--study", str(tmp_path / "t"), "--trials", "2")
+    assert_refused(result, "baseline: true, but the base config's model.hidden_size=8 is outside choices [4, 16]")
+    assert not (tmp_path / "t").exists()
+
+
 # --- workers -------------------------------------------------------------------------------------
 
 

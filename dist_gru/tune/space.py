@@ -99,6 +99,9 @@ class Space(_Strict):
     direction: Literal["auto", "minimize", "maximize"] = "auto"
     sampler: Sampler = Field(default_factory=Sampler)
     pruner: Pruner = Field(default_factory=Pruner)
+    # The base config as the study's first trial: the best found is then never worse than it on
+    # the validation split (its searched keys' values must lie in the space).
+    baseline: bool = False
     params: dict[str, Param]
 
     @model_validator(mode="after")
@@ -156,8 +159,34 @@ def check_space(space: Space, config: str | Path | None, config_overrides: list[
             except ConfigError as exc:
                 reason = str(exc).removeprefix("invalid config:\n  ").replace("\n  ", "; ")
                 problems.append(f"params.{name}: the value {value!r} is outside what the key accepts ({reason})")
+    if space.baseline and not problems:
+        problems += baseline_problems(space, load_config(config, config_overrides).to_dict())
     if problems:
         raise ConfigError(f"{where}: invalid search space:\n  " + "\n  ".join(problems))
+
+
+def baseline_params(space: Space, base: dict[str, Any]) -> dict[str, Any]:
+    """The base config's values of the searched keys whose `when` holds there (trial 0 of `baseline`)."""
+    values = {name: _lookup(base, name) for name in space.params}
+    return {
+        name: values[name]
+        for name, p in space.params.items()
+        if all(_matches(values.get(key, _lookup(base, key)), want) for key, want in p.when.items())
+    }
+
+
+def baseline_problems(space: Space, base: dict[str, Any]) -> list[str]:
+    problems = []
+    for name, value in baseline_params(space, base).items():
+        p = space.params[name]
+        inside = value in p.choices if p.type == "categorical" else value is not None and p.low <= value <= p.high
+        if not inside:
+            where = f"choices {p.choices}" if p.type == "categorical" else f"[{p.low}, {p.high}]"
+            problems.append(
+                f"baseline: true, but the base config's {name}={value!r} is outside {where}: "
+                "widen the range, or set baseline: false"
+            )
+    return problems
 
 
 def suggest(trial: Any, space: Space, base: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 
 from dist_gru.config import Config, ConfigError, load_config
 from dist_gru.runtime import LaunchError
-from dist_gru.tune.space import Space, space_from_dict
+from dist_gru.tune.space import Space, baseline_params, space_from_dict
 
 STUDY_FILE = "study.json"
 BASE_FILE = "base.yaml"
@@ -318,9 +318,11 @@ def _create(path: Path, spec: dict[str, Any], cfg: Config) -> StudyFolder:
             return StudyFolder(path, existing)
         try:
             (path / BASE_FILE).write_text(cfg.to_yaml())
-            optuna.create_study(
+            study = optuna.create_study(
                 study_name=spec["name"], storage=folder.storage(), direction=spec["direction"], load_if_exists=True
             )
+            if folder.space.baseline:  # the first trial any worker asks for
+                study.enqueue_trial(baseline_params(folder.space, cfg.to_dict()))
         except Exception:
             if created:
                 import shutil
