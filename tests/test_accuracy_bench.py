@@ -72,7 +72,8 @@ def test_quick_run_writes_a_row_per_model_with_finite_scores(tmp_path):
     stocks = next(s for s in record["sets"] if s["set"] == "stocks")
     assert (stocks["series"], stocks["horizon"], stocks["origins"]) == (10, 12, 3)
     table = (out / "accuracy.md").read_text()
-    assert table.count("\n| stocks | ") == len(suite.FORECASTERS) and "| set | model | MASE |" in table
+    assert all(f"\n| stocks | {model} | " in table for model in suite.FORECASTERS) and "| set | model | MASE |" in table
+    assert "| stocks | matplotlib: sample_data/Stocks.csv | forecast, MS | 10 | 70-390 | 1 | 24 | 12 | 3 x 12 |" in table
     assert "| set | model | MASE |" in result.stdout
     assert not (out / "scratch").exists()  # the prepared folders and runs are removed
 
