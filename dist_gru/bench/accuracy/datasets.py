@@ -101,7 +101,7 @@ def taylor() -> ForecastSet:
     # the package ships the values only, so the grid is rebuilt from that documented start.
     values = require("pmdarima.datasets").load_taylor()
     return _single(
-        "taylor", "pmdarima: load_taylor", "30min", 48, 336, 48, values, "2000-06-05 00:00",
+        "taylor", "pmdarima: load_taylor", "30min", 48, 144, 48, values, "2000-06-05 00:00",
         calendar=["hour", "dayofweek"],
     )
 
