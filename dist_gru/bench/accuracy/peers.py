@@ -1,8 +1,9 @@
 """What users would pick instead of dist-gru, each through its own package (the `bench` extra):
 statsforecast's SeasonalNaive, AutoETS and AutoTheta, refitted at every origin; NeuralForecast's
 GRU and NHITS, trained once on the history before the first origin with dist-gru's budget
-(`max_steps`, `windows_batch_size` = the batch, `learning_rate`, `input_size` = the window).
-A missing package raises MissingPackage (a note in the table, never a crash).
+(`max_steps`, `windows_batch_size` = the batch, `learning_rate`, `input_size` = the window);
+for sequence classification, aeon's MiniRocket. A missing package raises MissingPackage (a note
+in the table, never a crash).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import time
 import numpy as np
 import pandas as pd
 
-from dist_gru.bench.accuracy.datasets import ForecastSet, require
+from dist_gru.bench.accuracy.datasets import ClassSet, ForecastSet, require
 from dist_gru.bench.accuracy.plain_gru import Budget
 
 STATS = ("SeasonalNaive", "AutoETS", "AutoTheta")
 NEURAL = ("NF-GRU", "NF-NHITS")
+CLASSIFIERS = ("MiniRocket",)
 
 
 def long_frame(fset: ForecastSet, k: int) -> pd.DataFrame:
@@ -86,3 +88,20 @@ def neural_forecast(name: str, fset: ForecastSet, budget: Budget, seed: int) -> 
     seconds = time.perf_counter() - started
     point = [_by_series(nf.predict(df=long_frame(fset, k)), name, fset) for k in range(fset.origins)]
     return {"point": np.stack(point, 1), "train_s": seconds}
+
+
+def minirocket(cset: ClassSet, seed: int) -> dict:
+    """aeon's MiniRocket classifier (random kernels + a ridge classifier); sequences of unequal
+    length are padded with their last value to the longest, as MiniRocket needs one length."""
+    require("aeon")
+    from aeon.classification.convolution_based import MiniRocketClassifier
+
+    length = max(len(x) for x in [*cset.train_x, *cset.test_x])
+
+    def panel(sequences: list[np.ndarray]) -> np.ndarray:  # [N, channels, length]
+        return np.stack([np.pad(x, ((0, length - len(x)), (0, 0)), mode="edge").T for x in sequences])
+
+    started = time.perf_counter()
+    model = MiniRocketClassifier(random_state=seed, n_jobs=1).fit(panel(cset.train_x), np.asarray(cset.train_y))
+    seconds = time.perf_counter() - started
+    return {"labels": model.predict(panel(cset.test_x)), "train_s": seconds}

@@ -14,7 +14,9 @@ from dist_gru.bench.accuracy.datasets import CLASSIFY, FORECAST, ClassSet, Forec
 from dist_gru.config import Config, ConfigError, load_config
 
 FORECASTERS = ("dist-gru", "plain-gru", *peers.STATS, *peers.NEURAL)
-CLASSIFIERS = ("dist-gru", "plain-gru")
+CLASSIFIERS = ("dist-gru", "plain-gru", *peers.CLASSIFIERS)
+MODELS = (*FORECASTERS, *peers.CLASSIFIERS)
+STEPPED = ("dist-gru", "plain-gru", *peers.NEURAL)  # trained by optimizer steps: seconds per step apply
 # Optimizer steps of every trained model in the default suite. The forecasting recipe's own budget
 # is 1500 (configs/forecast.yaml); at 1500, 8 forecasting sets x 4 trained models + 3 classification
 # sets x 2, 3 seeds each, is over an hour on 2 cores, at 1000 about 45 minutes. `--steps 1500` runs
@@ -28,18 +30,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dist-gru bench --accuracy", description=__doc__)
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     parser.add_argument("--sets", help=f"comma-separated, of {', '.join([*FORECAST, *CLASSIFY])} (default: all)")
-    parser.add_argument("--models", help=f"comma-separated, of {', '.join(FORECASTERS)} (default: all)")
+    parser.add_argument("--models", help=f"comma-separated, of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--seeds", type=int, help="seeds per trained model (default 3; --quick 1)")
     parser.add_argument("--steps", type=int, help=f"optimizer steps of every trained model (default {DEFAULT_STEPS}; --quick {QUICK['steps']})")
     parser.add_argument("--override", action="append", default=[], help="a dist-gru config override for its recipe (repeatable)")
     parser.add_argument("--out", default="runs/accuracy", help="folder for accuracy.json and accuracy.md")
     args = parser.parse_args(argv)
     sets = args.sets.split(",") if args.sets else (QUICK["sets"] if args.quick else [*FORECAST, *CLASSIFY])
-    models = args.models.split(",") if args.models else list(FORECASTERS)
-    unknown = [s for s in sets if s not in FORECAST and s not in CLASSIFY] + [m for m in models if m not in FORECASTERS]
+    models = args.models.split(",") if args.models else list(MODELS)
+    unknown = [s for s in sets if s not in FORECAST and s not in CLASSIFY] + [m for m in models if m not in MODELS]
     if unknown:
         raise ConfigError(f"bench --accuracy: unknown set or model {', '.join(unknown)}; sets: "
-                          f"{', '.join([*FORECAST, *CLASSIFY])}; models: {', '.join(FORECASTERS)}")
+                          f"{', '.join([*FORECAST, *CLASSIFY])}; models: {', '.join(MODELS)}")
     if (args.seeds is not None and args.seeds < 1) or (args.steps is not None and args.steps < 1):
         raise ConfigError(f"bench --accuracy: --seeds and --steps must be >= 1, got {args.seeds} and {args.steps}")
     args.sets, args.models = sets, models
@@ -85,6 +87,8 @@ def forecast_once(model: str, fset: ForecastSet, budget: plain_gru.Budget, seed:
 def classify_once(model: str, cset: ClassSet, budget: plain_gru.Budget, seed: int, work: Path, extra: list[str]) -> dict:
     if model == "dist-gru":
         return ours.classify(cset, work, seed, extra)
+    if model in peers.CLASSIFIERS:
+        return peers.minirocket(cset, seed)
     started = time.perf_counter()
     fitted, stats = plain_gru.fit_classifier(cset.train_x, cset.train_y, cset.num_classes, cset.per_step, budget, seed)
     seconds = time.perf_counter() - started
@@ -109,8 +113,8 @@ def model_row(name: str, model: str, data, args: argparse.Namespace, work: Path)
         seconds.append(result["train_s"])
     row = {"set": name, "kind": kind, "model": model, "seeds": len(runs), "runs": runs, "scores": metrics.summarise(runs)}
     row["train_s"] = float(np.mean(seconds))
-    row["steps"] = budget.steps if trained else None
-    row["s_per_step"] = row["train_s"] / budget.steps if trained else None
+    row["steps"] = budget.steps if model in STEPPED else None
+    row["s_per_step"] = row["train_s"] / budget.steps if model in STEPPED else None
     return row
 
 
@@ -131,7 +135,10 @@ def set_rows(name: str, args: argparse.Namespace, work: Path) -> tuple[list[dict
         data = (FORECAST.get(name) or CLASSIFY[name])()
     except MissingPackage as err:
         return [{"set": name, "model": "-", "note": f"set skipped: {err}"}], None
-    chosen = [m for m in args.models if isinstance(data, ForecastSet) or m in CLASSIFIERS]
+    if isinstance(data, ForecastSet):
+        chosen = [m for m in args.models if m in FORECASTERS]
+    else:  # MiniRocket labels whole sequences, not steps
+        chosen = [m for m in args.models if m in CLASSIFIERS and not (data.per_step and m in peers.CLASSIFIERS)]
     rows = []
     for model in chosen:
         print(f"bench --accuracy: {name} / {model}", flush=True)
