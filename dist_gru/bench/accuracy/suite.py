@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dist_gru.bench.accuracy import metrics, ours, peers, plain_gru, table
 from dist_gru.bench.accuracy.datasets import CLASSIFY, FORECAST, ClassSet, ForecastSet, MissingPackage
@@ -44,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                           f"{', '.join([*FORECAST, *CLASSIFY])}; models: {', '.join(MODELS)}")
     if (args.seeds is not None and args.seeds < 1) or (args.steps is not None and args.steps < 1):
         raise ConfigError(f"bench --accuracy: --seeds and --steps must be >= 1, got {args.seeds} and {args.steps}")
-    args.sets, args.models = sets, models
+    args.sets, args.models, args.threads = sets, models, torch.get_num_threads()
     args.seeds = args.seeds or (QUICK["seeds"] if args.quick else 3)
     args.steps = args.steps or (QUICK["steps"] if args.quick else DEFAULT_STEPS)
     return args
@@ -103,6 +104,9 @@ def model_row(name: str, model: str, data, args: argparse.Namespace, work: Path)
     budget = budget_of(cfg)
     trained = model not in peers.STATS
     runs, seconds = [], []
+    # Every model starts with the thread count the suite started with: a full run once ended with
+    # torch at 2 threads under OMP_NUM_THREADS=1, changed by one of the packages it had called.
+    torch.set_num_threads(args.threads)
     for seed in range(args.seeds if trained else 1):
         if is_forecast:
             result = forecast_once(model, data, budget, seed, work, extra)
@@ -159,7 +163,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     work = out / "scratch"  # prepared folders and runs, removed at the end
     shutil.rmtree(work, ignore_errors=True)
-    rows, sets, started = [], [], time.perf_counter()
+    rows, sets, started, host = [], [], time.perf_counter(), table.machine()
     for name in args.sets:
         found, described = set_rows(name, args, work)
         rows += found
@@ -167,7 +171,7 @@ def main(argv: list[str]) -> int:
     used = sorted({row["steps"] for row in rows if row.get("steps")})
     settings = {"steps": used[0] if len(used) == 1 else used, "seeds": args.seeds, "overrides": args.override,
                 "quick": args.quick, "wall_s": round(time.perf_counter() - started, 1)}
-    table.write(out, rows, sets, settings)
+    table.write(out, rows, sets, settings, host)
     print((out / "accuracy.md").read_text(), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0

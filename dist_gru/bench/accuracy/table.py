@@ -83,11 +83,11 @@ def markdown(rows: list[dict], header: dict, sets: list[dict]) -> str:
     return "\n".join([*lines, "", *sets_table(sets)]) + "\n"
 
 
-def write(out: Path, rows: list[dict], sets: list[dict], settings: dict) -> dict:
-    """`accuracy.json` and `accuracy.md` under `out`; returns the JSON record."""
+def write(out: Path, rows: list[dict], sets: list[dict], settings: dict, host: dict) -> dict:
+    """`accuracy.json` and `accuracy.md` under `out` (`host`: `machine()` taken before the runs); returns the JSON record."""
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": host,
         "versions": versions(),
         **settings,
     }
