@@ -6,6 +6,7 @@
     dist-gru bench train.precision=bf16 model.hidden_size=512
     dist-gru bench --config configs/files.yaml data.bucket_by_length=true
     dist-gru bench --inference --model runs/adding/model   # eager vs TorchScript vs onnxruntime
+    dist-gru bench --accuracy --quick                      # accuracy against peers (dist_gru.bench.accuracy)
     dist-gru bench --config configs/files.yaml train.tbptt=100 model.head=step ... --compare-window --checkpoint-every 10
 
 The reference workload: GRU 32 -> 128 x 2 layers, length 100, batch 64 per process, fp32,
@@ -255,6 +256,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of ours (and bare) to take medians over")
     parser.add_argument("--compare-bare", action="store_true", help="also time a hand-written PyTorch loop")
     parser.add_argument(
+        "--accuracy", action="store_true", help="the accuracy benchmark instead (its options: --accuracy --help)"
+    )
+    parser.add_argument(
         "--compare-window",
         action="store_true",
         help="stream mode: also time the same job in window mode (data.window = train.tbptt, no carried state)",
@@ -275,6 +279,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--accuracy" in argv:  # a benchmark of its own, with its own options
+        from dist_gru.bench.accuracy.suite import main as accuracy_main
+        return accuracy_main([a for a in argv if a != "--accuracy"])
     args = parse_args(argv)
     if args.inference:
         return inference_bench.main(args)
