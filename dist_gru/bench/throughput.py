@@ -256,7 +256,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of ours (and bare) to take medians over")
     parser.add_argument("--compare-bare", action="store_true", help="also time a hand-written PyTorch loop")
     parser.add_argument(
-        "--accuracy", action="store_true", help="the accuracy benchmark instead (its options: --accuracy --help)"
+        "--accuracy", action="store_true",
+        help="the accuracy benchmark instead; its options (--quick, --sets, --models, --seeds, --steps, --override, "
+        "--out) are listed by --accuracy --help"
     )
     parser.add_argument(
         "--compare-window",
