@@ -323,3 +323,25 @@ def test_training_with_revin_scaled_mae_loss_saves_a_folder_that_evaluates_the_s
     copied = assert_ok(cli("evaluate", "--model", str(tmp_path / "copy"), "--data", "seasonal")).json_last_line()
     assert copied == here
     assert len(here["mae_by_step"]) == 3 and "bias" in here
+
+
+# The recommended forecasting recipe on seasonal series with a trend (the `seasonal` task): the
+# forecasts must not over- or under-shoot as a whole. Per-window mean scaling pulled forecasts toward
+# the window's mean (half a window behind the origin) and every model over-shot a rising series.
+# Measured (seeds 0-2, 8 validation series): |bias| / MAE 0.23, 0.085, 0.006.
+BIAS_BOUND = 0.35  # |mean signed error| at most this share of the MAE
+
+
+def test_the_recommended_forecast_recipe_learns_a_trend_and_season_without_bias(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert_ok(
+        cli(
+            "train", "--config", "configs/forecast.yaml", "data.train_size=64", "data.val_size=8",
+            "train.global_batch_size=32", "train.max_steps=600", "train.eval_every=0",
+            "checkpoint.every=0", "log.mode=disabled", f"train.run_dir={run_dir}", "--quiet",
+        )  # fmt: skip
+    )
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    mae, bias = final["eval/mae"], final["eval/bias"]
+    assert mae < 0.5 * final["eval/naive_mae"], final  # it learned the season and the trend
+    assert abs(bias) <= BIAS_BOUND * mae, final
