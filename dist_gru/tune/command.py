@@ -51,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     folder = open_study(study_dir, args.config, args.overrides, args.space, args.storage)
     print(f"tune: study {folder.path} ({folder.metric}, {folder.direction}); worker pid {os.getpid()}", flush=True)
-    code = Worker(folder, args.trials, args.nproc, say=lambda line: print(line, flush=True)).run()
+    worker = Worker(folder, args.trials, args.nproc, say=lambda line: print(line, flush=True))
+    code = worker.run()
     if code == 0:
         from dist_gru.tune.report import best_trial, copy_best_model
 
         with folder.locked():
-            best = best_trial(folder.study())
+            best = best_trial(worker.study)  # the worker's study: no second replay of the journal
             if best is not None:
                 copy_best_model(folder, best.number)
                 print(f"tune: best so far: trial {best.number}, {folder.metric}={best.value:.6g}", flush=True)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from dist_gru.tune.space import overrides
-from dist_gru.tune.study import StudyFolder
+from dist_gru.tune.study import BASE_FILE, StudyFolder
 from dist_gru.tune.worker import final_value
 
 BEST_MODEL, BEST_CONFIG = "best", "best.yaml"
@@ -66,7 +66,7 @@ def best_config(folder: StudyFolder, params: dict[str, Any]) -> str:
     """The base config with `params` applied, as YAML, without the study's own keys."""
     from dist_gru.config import load_config
 
-    cfg = load_config(folder.path / "base.yaml", overrides(params)).to_dict()
+    cfg = load_config(folder.path / BASE_FILE, overrides(params)).to_dict()
     cfg.pop("tune", None)
     return yaml.safe_dump(cfg, sort_keys=False)
 

@@ -87,12 +87,12 @@ class Worker:
     def _claim_new(self) -> Claim | None:
         import optuna
 
-        states = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)
-        if len(self.study.get_trials(deepcopy=False, states=states)) >= self.target:
+        trials = self.study.get_trials(deepcopy=False)  # one read of the storage for both counts
+        if sum(t.state != optuna.trial.TrialState.WAITING for t in trials) >= self.target:
             return None
         # A sampler seeded by the trial's number: workers that share a seed would otherwise draw the
         # same parameters, and a study's draws repeat given its history, whatever worker asks.
-        self.study.sampler = make_sampler(self.folder.space, offset=len(self.study.get_trials(deepcopy=False)))
+        self.study.sampler = make_sampler(self.folder.space, offset=len(trials))
         trial = self.study.ask()
         fd = self.folder.try_claim(trial.number)
         assert fd is not None, "a trial just asked for is claimed by nobody else (the study lock is held)"
