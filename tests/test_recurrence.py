@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_gru.model import GRUModel
-from dist_gru.model.recurrence import _Recurrence, gru_direction, gru_layers, gru_time_major
+from dist_gru.model.recurrence import gru_direction, gru_layers, gru_recurrences
 
 
 def _grads(fn, inputs, params, seed=1):
@@ -20,13 +20,14 @@ def _grads(fn, inputs, params, seed=1):
     return out, h_n, torch.autograd.grad(loss, [*inputs, *params])
 
 
-def test_gradcheck_of_one_layer_in_double():
+@pytest.mark.parametrize("directions", [1, 2])
+def test_gradcheck_of_one_layer_in_double(directions):
     gen = torch.Generator().manual_seed(0)
     args = [
         torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-        for shape in ((5, 3, 12), (3, 4), (12, 4), (12,))
+        for shape in ((5, directions, 3, 12), (directions, 3, 4), (directions, 12, 4), (directions, 12))
     ]
-    assert torch.autograd.gradcheck(_Recurrence.apply, args)
+    assert torch.autograd.gradcheck(gru_recurrences, args)
 
 
 @pytest.mark.parametrize("layers", [1, 3])
@@ -105,21 +106,22 @@ def test_gru_model_training_path_equals_the_native_one(head, bidirectional, padd
         assert (a - b).abs().max().item() < 1e-12
 
 
-def test_the_reverse_recurrence_is_the_forward_one_over_the_flipped_sequence():
-    """``reverse=True`` runs from the last step to the first in place: outputs and every gradient
-    (inputs, initial state, weights) equal a forward pass over the time-flipped input, flipped back."""
+def test_two_recurrences_side_by_side_equal_each_run_alone():
+    """Both directions of a layer share one loop: outputs and every gradient (input projections,
+    initial states, weights) equal those of each recurrence run by itself."""
     torch.manual_seed(0)
-    x = torch.randn(7, 3, 4, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    weights = [w.double().requires_grad_() for w in nn.GRU(4, 5).parameters()]
-    target = torch.randn(7, 3, 5, dtype=torch.float64)
-    results = []
-    for reverse in (False, True):
-        inputs = [x, h0, *weights]
-        out = gru_time_major(x, h0, *weights, reverse=True) if reverse else gru_time_major(x.flip(0), h0, *weights).flip(0)
-        grads = torch.autograd.grad((out * target).sum(), inputs)
-        results.append((out.detach(), grads))
-    (out_a, grads_a), (out_b, grads_b) = results
-    assert (out_a - out_b).abs().max().item() < 1e-12
-    for a, b in zip(grads_a, grads_b, strict=True):
+    gi = torch.randn(7, 2, 3, 15, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w_hh = torch.randn(2, 15, 5, dtype=torch.float64, requires_grad=True)
+    b_hh = torch.randn(2, 15, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(7, 2, 3, 5, dtype=torch.float64)
+    inputs = [gi, h0, w_hh, b_hh]
+    together = gru_recurrences(gi, h0, w_hh, b_hh)
+    grads_together = torch.autograd.grad((together * target).sum(), inputs)
+    alone = torch.cat(
+        [gru_recurrences(gi[:, k : k + 1], h0[k : k + 1], w_hh[k : k + 1], b_hh[k : k + 1]) for k in range(2)], dim=1
+    )
+    grads_alone = torch.autograd.grad((alone * target).sum(), inputs)
+    assert (together - alone).abs().max().item() < 1e-12
+    for a, b in zip(grads_together, grads_alone, strict=True):
         assert (a - b).abs().max().item() < 1e-12

@@ -13,10 +13,10 @@ after step 0), ordered like ``nn.GRU``'s. A padded batch gives each sequence wha
 * ``seed``: ``SeedGRU``, which masks padded steps itself (both directions);
 * ``packed``: ``nn.GRU`` over a packed batch (cuDNN's native form): padded batches on a GPU, or
   wherever ``configure(packed=True)`` asks for it;
-* ``fused``: training on the CPU (``recurrence="fused"``): each layer and direction runs
+* ``fused``: training on the CPU (``recurrence="fused"``): each layer runs
   ``dist_gru.model.recurrence`` (one autograd node, several times fewer ops per step than
-  ``nn.GRU``'s CPU backward), the backward direction from the last step to the first in place, or
-  over each sequence reversed within its length when the batch is padded;
+  ``nn.GRU``'s CPU backward), both directions in one loop, the backward one over each sequence
+  reversed within its length;
 * ``native``: ``nn.GRU`` itself on an unpadded batch (inference, GPUs, ``recurrence="native"``, and
   traced or exported graphs, which must hold ``nn.GRU``'s own op);
 * ``padded``: a padded batch on the CPU outside training: ``nn.GRU``'s op per layer and direction,
@@ -35,19 +35,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from dist_gru.model.recurrence import gru_time_major
+from dist_gru.model.recurrence import gru_recurrences
 from dist_gru.model.seed import SeedGRU, reverse_within_lengths
 
 CELLS = ("torch", "seed")
 RECURRENCES = ("fused", "native")
 PATHS = ("seed", "packed", "fused", "native", "padded")
-# A direction kernel: (x [T, B, I], h0 [B, H], w_ih, w_hh, b_ih, b_hh) -> out [T, B, H].
-Kernel = Callable[..., Tensor]
-
-
-def native_direction(x: Tensor, h0: Tensor, *weights: Tensor, train: bool) -> Tensor:
-    """One layer, one direction, time major, through ``torch.gru`` (the op ``nn.GRU`` dispatches to)."""
-    return torch.gru(x, h0[None], list(weights), True, 1, 0.0, train, False, False)[0]
+# A layer: (x [T, B, I], h0 [D, B, H], each direction's [w_ih, w_hh, b_ih, b_hh], lengths)
+#   -> (out [T, B, D*H], final states [D, B, H]).
+Layer = Callable[[Tensor, Tensor, list[list[Tensor]], Tensor | None], tuple[Tensor, Tensor]]
 
 
 def last_valid(out: Tensor, lengths: Tensor | None) -> Tensor:
@@ -122,8 +118,8 @@ class Encoder(nn.Module):
         if path == "packed":
             packed_out, h_n = self._call_rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), h0)
             return pad_packed_sequence(packed_out, batch_first=True, total_length=x.shape[1])[0], h_n
-        kernel = gru_time_major if path == "fused" else partial(native_direction, train=self.training)
-        return self._by_direction(x, lengths, h0, kernel)
+        layer = fused_layer if path == "fused" else partial(native_layer, train=self.training)
+        return self._by_layer(x, lengths, h0, layer)
 
     def summary(self, h_n: Tensor) -> Tensor:
         """Per sequence ``[B, D*H]``: the top layer's final states of its directions side by side."""
@@ -159,40 +155,50 @@ class Encoder(nn.Module):
         weights = [getattr(self.rnn, name + suffix) for name in names]
         return weights if self.compute_dtype is None else [w.to(self.compute_dtype) for w in weights]
 
-    def _by_direction(self, x: Tensor, lengths: Tensor | None, h0: Tensor | None, kernel: Kernel) -> tuple[Tensor, Tensor]:
-        """Every layer and direction through ``kernel``, unpacked (``run_direction``)."""
+    def _by_layer(self, x: Tensor, lengths: Tensor | None, h0: Tensor | None, layer_fn: Layer) -> tuple[Tensor, Tensor]:
+        """Every layer through ``layer_fn`` (``fused_layer`` or ``native_layer``), unpacked."""
         # Time major inside: every step's slice is contiguous for the recurrence.
         layer_input, finals = x.transpose(0, 1), []
-        zeros = x.new_zeros(x.shape[0], self.hidden_size)
+        zeros = x.new_zeros(self.directions, x.shape[0], self.hidden_size)
         for layer in range(self.num_layers):
             if layer > 0 and self.rnn.dropout > 0:
                 layer_input = F.dropout(layer_input, self.rnn.dropout, self.training)
-            outputs = []
-            for direction in range(self.directions):
-                start = zeros if h0 is None else h0[layer * self.directions + direction]
-                reverse = direction == 1
-                out, final = run_direction(kernel, layer_input, start, self._weights(layer, reverse), lengths, reverse)
-                outputs.append(out)
-                finals.append(final)
-            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        return layer_input.transpose(0, 1), torch.stack(finals)
+            weights = [self._weights(layer, reverse=direction == 1) for direction in range(self.directions)]
+            start = zeros if h0 is None else h0[layer * self.directions : (layer + 1) * self.directions]
+            layer_input, final = layer_fn(layer_input, start, weights, lengths)
+            finals.append(final)
+        return layer_input.transpose(0, 1), torch.cat(finals)
 
 
-def run_direction(
-    kernel: Kernel, x: Tensor, h0: Tensor, weights: list[Tensor], lengths: Tensor | None, reverse: bool
-) -> tuple[Tensor, Tensor]:
-    """One layer and direction over time-major ``x``: ``(out [T, B, H], final state [B, H])``.
-
-    A backward direction over unpadded sequences runs the fused recurrence from the last step to
-    the first in place; otherwise it runs forward over each sequence reversed within its own
+def fused_layer(x: Tensor, h0: Tensor, weights: list[list[Tensor]], lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One layer's directions through one fused recurrence (``Layer``). Both input projections
+    are one product; the backward direction runs forward over each sequence reversed within its
     length (one gather each way), so it starts at the sequence's last valid step, not in the
     padding; reversed back, that is what packing gives."""
-    if not reverse:
-        out = kernel(x, h0, *weights)
-        return out, last_valid(out, lengths)
-    if lengths is None and kernel is gru_time_major:
-        out = gru_time_major(x, h0, *weights, reverse=True)
-        return out, out[0]
-    frame = partial(reverse_within_lengths, lengths=lengths, time_dim=0)
-    out = kernel(frame(x), h0, *weights)
-    return frame(out), last_valid(out, lengths)  # in the reversed frame: the state after step 0
+    if len(weights) == 1:
+        w_ih, w_hh, b_ih, b_hh = weights[0]
+        out = gru_recurrences(F.linear(x, w_ih, b_ih)[:, None], h0, w_hh[None], b_hh[None])[:, 0]
+        return out, last_valid(out, lengths)[None]
+    w_ih, w_hh, b_ih, b_hh = (torch.stack(pair) for pair in zip(*weights, strict=True))
+    gi = F.linear(x, w_ih.flatten(0, 1), b_ih.flatten())
+    reverse = partial(reverse_within_lengths, lengths=lengths, time_dim=0)
+    forward_gi, backward_gi = gi.chunk(2, dim=-1)
+    out = gru_recurrences(torch.stack([forward_gi, reverse(backward_gi)], dim=1), h0, w_hh, b_hh)
+    forward, backward = out.unbind(1)  # the backward direction in its reversed frame
+    finals = torch.stack([last_valid(forward, lengths), last_valid(backward, lengths)])
+    return torch.cat([forward, reverse(backward)], dim=-1), finals
+
+
+def native_layer(
+    x: Tensor, h0: Tensor, weights: list[list[Tensor]], lengths: Tensor | None, train: bool
+) -> tuple[Tensor, Tensor]:
+    """One layer's directions through ``torch.gru`` (``Layer``), each over unpacked sequences, the
+    backward one forward over each sequence reversed within its length (as ``fused_layer``)."""
+    reverse = partial(reverse_within_lengths, lengths=lengths, time_dim=0)
+    outputs, finals = [], []
+    for direction, direction_weights in enumerate(weights):
+        inputs = reverse(x) if direction == 1 else x
+        out = torch.gru(inputs, h0[direction][None], direction_weights, True, 1, 0.0, train, False, False)[0]
+        finals.append(last_valid(out, lengths))
+        outputs.append(reverse(out) if direction == 1 else out)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)), torch.stack(finals)

@@ -21,10 +21,11 @@ a layer is one autograd node:
 
 The math is ``nn.GRU``'s (reset gate after the recurrent product, ``h' = (1 - z) n + z h``) on
 ``nn.GRU``'s own parameters, so a model trains, saves, exports and evaluates the same; results
-agree with ``nn.GRU`` to rounding (the summation order of the weight gradients differs). Only
-unidirectional, unpacked inputs: the encoder (``dist_gru.model.encoder``) runs each direction of
-each layer through ``gru_time_major``, the backward one as a forward pass over each sequence
-reversed within its length, and never packs a batch on the CPU for training.
+agree with ``nn.GRU`` to rounding (the summation order of the weight gradients differs). Both
+directions of a bidirectional layer run in the same loop (``gru_recurrences``: each step's ops
+take both, a ``baddbmm`` in place of the ``addmm``), the backward one over each sequence reversed
+within its length (the encoder, ``dist_gru.model.encoder``, reverses them); a batch is never
+packed on the CPU for training.
 """
 
 from __future__ import annotations
@@ -37,53 +38,55 @@ from torch import Tensor, nn
 
 
 class _Recurrence(torch.autograd.Function):
-    """``out [T, B, H]`` of one GRU layer and direction from its input projection.
+    """``out [T, D, B, H]`` of D independent GRU recurrences (a layer's directions) run side by
+    side, each from its input projection.
 
-    Inputs: ``gi`` [T, B, 3H] = ``x W_ih^T + b_ih`` (gates r, z, n), ``h0`` [B, H], ``w_hh``
-    [3H, H], ``b_hh`` [3H]; ``reverse``: run from step T - 1 down to 0 (a backward direction,
-    without copying its input and output reversed). Time-major, so every step's slice is contiguous.
-    ``states`` holds h0 and every step's output: step t writes slot t + 1 (forward) or t (reverse)
-    and reads the other neighbour, so ``out`` is one slice of it either way."""
+    Inputs: ``gi`` [T, D, B, 3H] = ``x W_ih^T + b_ih`` per recurrence (gates r, z, n), ``h0``
+    [D, B, H], ``w_hh`` [D, 3H, H], ``b_hh`` [D, 3H]. Each runs from step 0 to T - 1; a backward
+    direction is a recurrence over its sequences reversed (the encoder reverses them), so both
+    directions of a layer share each step's ops: at the shapes people train, a step costs the
+    dispatch of its ops more than their arithmetic. Time major, so every step's slice is
+    contiguous; ``states`` holds h0 and every step's output (step t reads slot t, writes t + 1)."""
 
     @staticmethod
-    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, reverse: bool = False) -> Tensor:
-        steps, batch, gates = gi.shape
+    def forward(ctx, gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+        steps, directions, batch, gates = gi.shape
         hidden = gates // 3
         # The candidate is n = tanh(a) = 2 sigmoid(2a) - 1: on the CPU sigmoid costs a quarter of
         # tanh. So the candidate's rows of W_hh and b_hh, and its input term, enter doubled.
         doubled = torch.ones(gates, 1, dtype=w_hh.dtype, device=w_hh.device)
         doubled[2 * hidden :] = 2
-        w_t = (w_hh * doubled).t()
-        # pre[t] = [gi_r + b_hr | gi_z + b_hz | 2 b_hn]: one addmm per step adds h W_hh^T to it,
+        w_t = (w_hh * doubled).transpose(1, 2)
+        # pre[t] = [gi_r + b_hr | gi_z + b_hz | 2 b_hn]: one product per step adds h W_hh^T to it,
         # giving the r and z pre-activations beside the candidate's recurrent term 2 gh_n.
-        pre = torch.empty_like(gi)
-        torch.add(gi[..., : 2 * hidden], b_hh[: 2 * hidden], out=pre[..., : 2 * hidden])
-        pre[..., 2 * hidden :] = 2 * b_hh[2 * hidden :]
+        pre = gi.new_empty(gi.shape)
+        torch.add(gi[..., : 2 * hidden], b_hh[:, None, : 2 * hidden], out=pre[..., : 2 * hidden])
+        pre[..., 2 * hidden :] = 2 * b_hh[:, None, 2 * hidden :]
         gi_n = 2 * gi[..., 2 * hidden :]
         n = torch.empty_like(gi_n)
-        states = gi.new_empty(steps + 1, batch, hidden)  # h0 and every step's output
-        states[steps if reverse else 0] = h0
-        new, old = (0, 1) if reverse else (1, 0)  # step t writes states[t + new], reads states[t + old]
+        states = gi.new_empty(steps + 1, directions, batch, hidden)  # h0 and every step's output
+        states[0] = h0
         minus_one = gi.new_full((), -1.0)
-        rz, gh_n = pre[..., : 2 * hidden].unbind(0), pre[..., 2 * hidden :].unbind(0)
-        r, z = pre[..., :hidden].unbind(0), pre[..., hidden : 2 * hidden].unbind(0)
-        steps_pre, steps_gi_n, steps_n, h = pre.unbind(0), gi_n.unbind(0), n.unbind(0), states.unbind(0)
-        for t in range(steps - 1, -1, -1) if reverse else range(steps):
-            steps_pre[t].addmm_(h[t + old], w_t)
+        each, w_t = _per_step(directions, w_t)
+        accumulate = torch.Tensor.addmm_ if directions == 1 else torch.Tensor.baddbmm_
+        rz, gh_n = each(pre[..., : 2 * hidden]), each(pre[..., 2 * hidden :])
+        r, z = each(pre[..., :hidden]), each(pre[..., hidden : 2 * hidden])
+        steps_pre, steps_gi_n, steps_n, h = each(pre), each(gi_n), each(n), each(states)
+        for t in range(steps):
+            accumulate(steps_pre[t], h[t], w_t)
             rz[t].sigmoid_()
             torch.addcmul(steps_gi_n[t], r[t], gh_n[t], out=steps_n[t]).sigmoid_()
             torch.add(minus_one, steps_n[t], alpha=2, out=steps_n[t])
-            torch.lerp(steps_n[t], h[t + old], z[t], out=h[t + new])  # n + z (h - n)
+            torch.lerp(steps_n[t], h[t], z[t], out=h[t + 1])  # n + z (h - n)
         ctx.save_for_backward(w_hh, states, pre, n)
-        ctx.reverse = reverse
-        return states[:-1] if reverse else states[1:]
+        return states[1:]
 
     @staticmethod
-    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, None]:
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         w_hh, states, pre, n = ctx.saved_tensors
-        steps, batch, hidden = n.shape
+        steps, directions, batch, hidden = n.shape
         r, z, gh_n2 = pre[..., :hidden], pre[..., hidden : 2 * hidden], pre[..., 2 * hidden :]
-        h_prev = states[1:] if ctx.reverse else states[:-1]
+        h_prev = states[:-1]
         # With a = pre-activation and dh the gradient reaching h_t:
         #   da_n = dh (1 - z)(1 - n^2)    da_z = dh (h_prev - n) z (1 - z)
         #   da_r = da_n gh_n r (1 - r)    d gh_n = da_n r    dh_prev = dh z + [da_r da_z d gh_n] W_hh
@@ -96,42 +99,53 @@ class _Recurrence(torch.autograd.Function):
         to_r = torch.addcmul(r, r, r, value=-1).mul_(gh_n2).mul_(0.5)  # r (1 - r) gh_n, from 2 gh_n
         # Per step [d gh_n | da_r | da_z | da_n]: the first three are what the recurrent product
         # carries back (W_hh's rows reordered to n, r, z), the last three are d gi in its order.
-        grads = n.new_empty(steps, batch, 4, hidden)
-        w_nrz = torch.cat([w_hh[2 * hidden :], w_hh[: 2 * hidden]])
-        d_gh, d_r, d_z, d_n = (grads[:, :, k].unbind(0) for k in range(4))
-        carried = grads[:, :, :3].flatten(2)
-        steps_carried, steps_d_out = carried.unbind(0), d_out.unbind(0)
-        steps_to_n, steps_to_z, steps_to_r, steps_r, steps_z = (v.unbind(0) for v in (to_n, to_z, to_r, r, z))
-        # Back through the steps in the reverse of the forward pass's order; `before` is the step
-        # the forward pass took before t (None at its first step, whose h_prev is h0).
-        order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)
-        dh = steps_d_out[order[0]]
-        for t in order:
+        grads = n.new_empty(steps, directions, batch, 4, hidden)
+        w_nrz = torch.cat([w_hh[:, 2 * hidden :], w_hh[:, : 2 * hidden]], dim=1)
+        carried = grads[..., :3, :].flatten(-2)
+        each, w_nrz = _per_step(directions, w_nrz)
+        product = torch.addmm if directions == 1 else torch.baddbmm
+        d_gh, d_r, d_z, d_n = (each(grads[..., k, :]) for k in range(4))
+        steps_carried, steps_d_out = each(carried), each(d_out)
+        steps_to_n, steps_to_z, steps_to_r, steps_r, steps_z = (each(v) for v in (to_n, to_z, to_r, r, z))
+        dh = steps_d_out[steps - 1]
+        for t in range(steps - 1, -1, -1):
             torch.mul(dh, steps_to_n[t], out=d_n[t])
             torch.mul(dh, steps_to_z[t], out=d_z[t])
             torch.mul(d_n[t], steps_to_r[t], out=d_r[t])
             torch.mul(d_n[t], steps_r[t], out=d_gh[t])
-            before = t + 1 if ctx.reverse else t - 1
-            first = not 0 <= before < steps
-            if first and not ctx.needs_input_grad[1]:
+            if t == 0 and not ctx.needs_input_grad[1]:
                 break  # a zero initial state needs no gradient
-            below = dh * steps_z[t] if first else torch.addcmul(steps_d_out[before], dh, steps_z[t])
-            dh = torch.addmm(below, steps_carried[t], w_nrz)
-        flat = carried.reshape(steps * batch, 3 * hidden)
-        d_w = flat.t() @ h_prev.reshape(steps * batch, hidden)
-        d_b = flat.sum(0)
-        d_w_hh = torch.cat([d_w[hidden:], d_w[:hidden]])  # rows back to r, z, n
-        d_b_hh = torch.cat([d_b[hidden:], d_b[:hidden]])
-        d_gi = grads[:, :, 1:].flatten(2)
-        return d_gi, dh if ctx.needs_input_grad[1] else None, d_w_hh, d_b_hh, None
+            below = dh * steps_z[t] if t == 0 else torch.addcmul(steps_d_out[t - 1], dh, steps_z[t])
+            dh = product(below, steps_carried[t], w_nrz)
+        # The weight gradients: one product per recurrence over all steps.
+        flat = carried.transpose(0, 1).reshape(directions, steps * batch, 3 * hidden)
+        d_w = flat.transpose(1, 2) @ h_prev.transpose(0, 1).reshape(directions, steps * batch, hidden)
+        d_b = flat.sum(1)
+        d_w_hh = torch.cat([d_w[:, hidden:], d_w[:, :hidden]], dim=1)  # rows back to r, z, n
+        d_b_hh = torch.cat([d_b[:, hidden:], d_b[:, :hidden]], dim=1)
+        d_gi = grads[..., 1:, :].flatten(-2)
+        d_h0 = dh.view(directions, batch, hidden) if ctx.needs_input_grad[1] else None
+        return d_gi, d_h0, d_w_hh, d_b_hh
 
 
-def gru_time_major(
-    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, reverse: bool = False
-) -> Tensor:
-    """One layer, one direction: ``x`` [T, B, F], ``h0`` [B, H] -> outputs [T, B, H] (time major);
-    ``reverse``: the recurrence runs from the last step to the first (a backward direction)."""
-    return _Recurrence.apply(F.linear(x, w_ih, b_ih), h0, w_hh, b_hh, reverse)
+def _per_step(directions: int, weight: Tensor) -> tuple[Callable[[Tensor], tuple[Tensor, ...]], Tensor]:
+    """A function splitting a [T, D, ...] tensor into its steps, and ``weight`` [D, ...] as the
+    per-step product takes it: one recurrence drops the D axis (``addmm`` is faster than a
+    ``baddbmm`` batch of one)."""
+    if directions == 1:
+        return lambda v: v.select(1, 0).unbind(0), weight[0]
+    return lambda v: v.unbind(0), weight
+
+
+def gru_recurrences(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """D GRU recurrences side by side from their input projections: ``gi`` [T, D, B, 3H], ``h0``
+    [D, B, H], ``w_hh`` [D, 3H, H], ``b_hh`` [D, 3H] -> every step's state [T, D, B, H]."""
+    return _Recurrence.apply(gi, h0, w_hh, b_hh)
+
+
+def gru_time_major(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """One layer, one direction: ``x`` [T, B, F], ``h0`` [B, H] -> outputs [T, B, H] (time major)."""
+    return _Recurrence.apply(F.linear(x, w_ih, b_ih)[:, None], h0[None], w_hh[None], b_hh[None])[:, 0]
 
 
 def gru_direction(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
