@@ -167,6 +167,44 @@ def test_a_baseline_study_runs_the_base_config_first(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_a_worker_starting_while_another_creates_the_study_waits_and_joins_it(tmp_path):
+    """The creator holds the study lock from before it makes anything but the folder until
+    study.json is written; a second worker that finds the half-made folder waits for it instead of
+    refusing it as "not a study folder" (seen in CI when two workers started at once)."""
+    import fcntl
+    import shutil
+    import threading
+
+    from dist_gru.tune.study import open_study
+
+    base, space = study_files(tmp_path)
+    made = open_study(tmp_path / "made", str(base), [], str(space), None)  # what the creator will have written
+    study = tmp_path / "s"
+    (study / "trials").mkdir(parents=True)  # the creator, half way
+    lock = os.open(study / "study.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    outcome = {}
+
+    def second_worker() -> None:
+        try:
+            outcome["spec"] = open_study(study, str(base), [], str(space), None).spec
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=second_worker, daemon=True)
+    worker.start()
+    worker.join(timeout=2)
+    assert worker.is_alive() and not outcome, outcome  # waiting on the lock, not refusing
+    for item in (tmp_path / "made").iterdir():  # the creator finishes, then lets go of the lock
+        if item.is_dir():
+            shutil.copytree(item, study / item.name, dirs_exist_ok=True)
+        elif item.name != "study.lock":
+            shutil.copy(item, study / item.name)
+    os.close(lock)
+    worker.join(timeout=120)
+    assert outcome == {"spec": made.spec}
+
+
 # --- workers -------------------------------------------------------------------------------------
 
 

@@ -229,6 +229,8 @@ def open_study(path: Path, config: str | None, overrides: list[str], space_path:
     joined (the given config and space, if any, must be the ones it was made with). Everything is
     checked before the folder changes; two workers starting at once create it once."""
     spec = read_spec(path)
+    if spec is None and (path / STUDY_LOCK).is_file():
+        spec = _after_creation(path)
     if spec is not None:
         check_lockable(path)
     if spec is not None and space_path is None and config is None and not overrides:
@@ -300,23 +302,38 @@ def _check_same_study(path: Path, spec: dict[str, Any], wanted: dict[str, Any], 
         )
 
 
+def _after_creation(path: Path) -> dict[str, Any] | None:
+    """study.json once no worker is creating the study in `path` any more: the creator holds the
+    study lock from before it makes anything but the folder until study.json is written."""
+    fd = _open_lock_file(path / STUDY_LOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    finally:
+        os.close(fd)
+    return read_spec(path)
+
+
 def _create(path: Path, spec: dict[str, Any], cfg: Config) -> StudyFolder:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     created = not path.exists()
     try:
-        for sub in ("", TRIALS, LOGS, CLAIMS):
-            (path / sub).mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LaunchError(f"--study {path}: cannot create the study folder ({exc.strerror})") from None
     folder = StudyFolder(path, spec)
-    with folder.locked():
+    with folder.locked():  # before anything else is made here: see _after_creation
         existing = read_spec(path)  # another worker may have created it while this one checked
         if existing is not None:
             _check_same_study(path, existing, spec, cfg)
             return StudyFolder(path, existing)
         try:
+            try:
+                for sub in (TRIALS, LOGS, CLAIMS):
+                    (path / sub).mkdir(exist_ok=True)
+            except OSError as exc:
+                raise LaunchError(f"--study {path}: cannot create the study folder ({exc.strerror})") from None
             (path / BASE_FILE).write_text(cfg.to_yaml())
             study = optuna.create_study(
                 study_name=spec["name"], storage=folder.storage(), direction=spec["direction"], load_if_exists=True
