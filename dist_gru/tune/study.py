@@ -229,8 +229,6 @@ def open_study(path: Path, config: str | None, overrides: list[str], space_path:
     joined (the given config and space, if any, must be the ones it was made with). Everything is
     checked before the folder changes; two workers starting at once create it once."""
     spec = read_spec(path)
-    if spec is None and (path / STUDY_LOCK).is_file():
-        spec = _after_creation(path)
     if spec is not None:
         check_lockable(path)
     if spec is not None and space_path is None and config is None and not overrides:
@@ -243,11 +241,14 @@ def open_study(path: Path, config: str | None, overrides: list[str], space_path:
     cfg = load_config(config, overrides)
     check_space(space, config, overrides, f"--space {space_path}")
     wanted = new_spec(path, space, cfg, storage)
+    if spec is None and path.exists() and (not path.is_dir() or any(p.name != STUDY_LOCK for p in path.iterdir())):
+        # A worker creating the study here makes study.lock first and holds it until study.json is written.
+        spec = _after_creation(path) if (path / STUDY_LOCK).is_file() else None
+        if spec is None:
+            raise ConfigError(f"--study {path}: exists and is not a study folder (no {STUDY_FILE}); choose a new folder")
     if spec is not None:
         _check_same_study(path, spec, wanted, cfg)
         return StudyFolder(path, spec)
-    if path.exists() and (not path.is_dir() or any(p.name != STUDY_LOCK for p in path.iterdir())):
-        raise ConfigError(f"--study {path}: exists and is not a study folder (no {STUDY_FILE}); choose a new folder")
     if path.exists():
         check_lockable(path)
     return _create(path, wanted, cfg)
