@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from dist_gru.model.recurrence import gru_recurrences
+from dist_gru.model.recurrence import gru_recurrences, gru_time_major
 from dist_gru.model.seed import SeedGRU, reverse_within_lengths
 
 CELLS = ("torch", "seed")
@@ -176,8 +176,7 @@ def fused_layer(x: Tensor, h0: Tensor, weights: list[list[Tensor]], lengths: Ten
     length (one gather each way), so it starts at the sequence's last valid step, not in the
     padding; reversed back, that is what packing gives."""
     if len(weights) == 1:
-        w_ih, w_hh, b_ih, b_hh = weights[0]
-        out = gru_recurrences(F.linear(x, w_ih, b_ih)[:, None], h0, w_hh[None], b_hh[None])[:, 0]
+        out = gru_time_major(x, h0[0], *weights[0])
         return out, last_valid(out, lengths)[None]
     w_ih, w_hh, b_ih, b_hh = (torch.stack(pair) for pair in zip(*weights, strict=True))
     gi = F.linear(x, w_ih.flatten(0, 1), b_ih.flatten())
