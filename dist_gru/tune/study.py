@@ -125,15 +125,9 @@ class StudyFolder:
 
     # --- locks --------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the study lock: one worker at a time asks for or claims a trial."""
-        fd = _open_lock_file(self.path / STUDY_LOCK)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return study_lock(self.path)
 
     def try_claim(self, number: int) -> int | None:
         """The held claim file of trial `number`, or None when a live worker holds it."""
@@ -144,6 +138,17 @@ class StudyFolder:
             os.close(fd)
             return None
         return fd
+
+
+@contextlib.contextmanager
+def study_lock(path: Path) -> Iterator[None]:
+    """Hold the study lock of the folder `path` (blocking until it is free)."""
+    fd = _open_lock_file(path / STUDY_LOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _open_lock_file(path: Path) -> int:
@@ -306,12 +311,16 @@ def _check_same_study(path: Path, spec: dict[str, Any], wanted: dict[str, Any], 
 def _after_creation(path: Path) -> dict[str, Any] | None:
     """study.json once no worker is creating the study in `path` any more: the creator holds the
     study lock from before it makes anything but the folder until study.json is written."""
-    fd = _open_lock_file(path / STUDY_LOCK)
+    with study_lock(path):
+        return read_spec(path)
+
+
+def _make_folder(path: Path, sub: str = "") -> None:
+    """The study folder `path`, or its subfolder `sub`; LaunchError naming the study if it cannot be made."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    finally:
-        os.close(fd)
-    return read_spec(path)
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LaunchError(f"--study {path}: cannot create the study folder ({exc.strerror})") from None
 
 
 def _create(path: Path, spec: dict[str, Any], cfg: Config) -> StudyFolder:
@@ -319,10 +328,7 @@ def _create(path: Path, spec: dict[str, Any], cfg: Config) -> StudyFolder:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LaunchError(f"--study {path}: cannot create the study folder ({exc.strerror})") from None
+    _make_folder(path)
     folder = StudyFolder(path, spec)
     with folder.locked():  # before anything else is made here: see _after_creation
         existing = read_spec(path)  # another worker may have created it while this one checked
@@ -330,11 +336,8 @@ def _create(path: Path, spec: dict[str, Any], cfg: Config) -> StudyFolder:
             _check_same_study(path, existing, spec, cfg)
             return StudyFolder(path, existing)
         try:
-            try:
-                for sub in (TRIALS, LOGS, CLAIMS):
-                    (path / sub).mkdir(exist_ok=True)
-            except OSError as exc:
-                raise LaunchError(f"--study {path}: cannot create the study folder ({exc.strerror})") from None
+            for sub in (TRIALS, LOGS, CLAIMS):
+                _make_folder(path, sub)
             (path / BASE_FILE).write_text(cfg.to_yaml())
             study = optuna.create_study(
                 study_name=spec["name"], storage=folder.storage(), direction=spec["direction"], load_if_exists=True
