@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help=f"optimizer steps of every trained model (default {DEFAULT_STEPS}; --quick {QUICK['steps']})")
     parser.add_argument("--override", action="append", default=[], help="a dist-gru config override for its recipe (repeatable)")
     parser.add_argument("--out", default="runs/accuracy", help="folder for accuracy.json and accuracy.md")
+    parser.add_argument("--join", help="comma-separated folders of earlier runs (e.g. parts of the suite run side by "
+                        "side): their accuracy.json joined into one table in --out; trains nothing")
     args = parser.parse_args(argv)
     sets = args.sets.split(",") if args.sets else (QUICK["sets"] if args.quick else [*FORECAST, *CLASSIFY])
     models = args.models.split(",") if args.models else list(MODELS)
@@ -158,9 +161,33 @@ def set_rows(name: str, args: argparse.Namespace, work: Path) -> tuple[list[dict
     return rows, describe(name, data)
 
 
+def join_runs(folders: list[str], out: Path) -> int:
+    """`--join`: the records of earlier runs as one table; a missing or foreign record changes nothing."""
+    parts = []
+    for folder in folders:
+        path = Path(folder) / "accuracy.json"
+        try:
+            record = json.loads(path.read_text())
+            missing = sorted(table.RECORD_KEYS - set(record))
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError(f"bench --accuracy --join: cannot read {path} ({err}); expected the --out folder of a finished run") from None
+        if missing:
+            raise ConfigError(f"bench --accuracy --join: {path} is not a record of bench --accuracy (no {', '.join(missing)})")
+        parts.append(record)
+    try:
+        rows, sets, header = table.join(parts, [*FORECAST, *CLASSIFY])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    table.write_record(out, rows, sets, header)
+    print((out / "accuracy.md").read_text(), flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.join:
+        return join_runs(args.join.split(","), out)
     work = out / "scratch"  # prepared folders and runs, removed at the end
     shutil.rmtree(work, ignore_errors=True)
     rows, sets, started, host = [], [], time.perf_counter(), table.machine()

@@ -14,6 +14,8 @@ import torch
 
 PACKAGES = ("dist-gru", "torch", "numpy", "pandas", "statsforecast", "neuralforecast", "aeon", "statsmodels", "pmdarima")
 COLUMNS = ("MASE", "MAE", "bias", "cov95", "accuracy")
+# What every run's accuracy.json holds (--join reads these).
+RECORD_KEYS = {"date", "machine", "versions", "steps", "seeds", "overrides", "wall_s", "sets", "rows"}
 KEYS = {"MASE": "mase", "MAE": "mae", "bias": "bias", "cov95": "coverage95", "accuracy": "accuracy"}
 
 
@@ -64,7 +66,8 @@ def markdown(rows: list[dict], header: dict, sets: list[dict]) -> str:
     """The results (a row per (set, model); metrics as mean [min, max] over seeds), then the sets."""
     lines = [
         f"Accuracy benchmark, {header['date']}, {header['machine']['cpu']} ({header['machine']['torch_threads']} threads); "
-        f"optimizer steps {header['steps']}; {header['seeds']} seed(s); mean [min, max] over seeds.",
+        f"optimizer steps {header['steps']}; {header['seeds']} seed(s); mean [min, max] over seeds"
+        + (f"; {header['joined']} runs side by side, joined." if header.get("joined") else "."),
         "",
         "MASE: the forecast's MAE over the horizon / the in-sample MAE of the seasonal naive forecast, per series "
         "and origin, averaged. MAE and bias (forecast - actual) in the data's units; cov95: the share of actuals "
@@ -91,8 +94,31 @@ def write(out: Path, rows: list[dict], sets: list[dict], settings: dict, host: d
         "versions": versions(),
         **settings,
     }
+    return write_record(out, rows, sets, header)
+
+
+def join(parts: list[dict], order: list[str]) -> tuple[list[dict], list[dict], dict]:
+    """One table from the records of runs made apart (e.g. two halves of the suite side by side):
+    rows and sets in the suite's set `order`, the newest date, the longest wall time. Records of
+    another budget (steps, seeds, overrides) or another machine would mislead side by side: refused."""
+    budget = [(p["steps"], p["seeds"], p["overrides"], p["machine"]["cpu"]) for p in parts]
+    if len(set(map(repr, budget))) > 1:
+        raise ValueError(f"bench --accuracy --join: the runs differ in (steps, seeds, overrides, cpu): {budget}")
+    named = [s["set"] for p in parts for s in p["sets"]]
+    if len(set(named)) < len(named):
+        raise ValueError(f"bench --accuracy --join: a set is in more than one run: {sorted(named)}")
+    rank = {name: i for i, name in enumerate(order)}
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: rank.get(r["set"], len(rank)))
+    sets = sorted((s for p in parts for s in p["sets"]), key=lambda s: rank.get(s["set"], len(rank)))
+    header = {k: v for k, v in parts[0].items() if k not in ("rows", "sets")}
+    header |= {"date": max(p["date"] for p in parts), "wall_s": max(p["wall_s"] for p in parts), "joined": len(parts)}
+    return rows, sets, header
+
+
+def write_record(out: Path, rows: list[dict], sets: list[dict], header: dict) -> dict:
     record = {**header, "sets": sets, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "accuracy.md").write_text(markdown(rows, header, sets))
     return record
+
