@@ -87,11 +87,11 @@ def test_bad_options_are_refused_in_one_line(tmp_path):
     assert "--quick" in assert_ok(cli("bench", "--accuracy", "--help")).stdout
 
 
-def written_run(folder, sets: list[str], seeds: int = 3) -> dict:
-    """A finished run's record as the suite writes it: a dist-gru row per set, MASE 1.0, 2.0, ..."""
+def written_run(folder, sets: list[str], seeds: int = 3, model: str = "dist-gru") -> dict:
+    """A finished run's record as the suite writes it: a row of `model` per set, MASE 1.0, 2.0, ..."""
     from dist_gru.bench.accuracy import table
 
-    rows = [{"set": name, "kind": "forecast", "model": "dist-gru", "seeds": seeds, "runs": [],
+    rows = [{"set": name, "kind": "forecast", "model": model, "seeds": seeds, "runs": [],
              "scores": {"mase": {"mean": 1.0 + i, "min": 1.0 + i, "max": 1.0 + i}}, "train_s": 1.0,
              "steps": 10, "s_per_step": 0.1} for i, name in enumerate(sets)]
     described = [{"set": name, "source": "test", "freq": "D", "season": 1, "window": 2, "horizon": 1, "origins": 3,
@@ -103,14 +103,17 @@ def written_run(folder, sets: list[str], seeds: int = 3) -> dict:
 def test_join_makes_one_table_of_runs_made_side_by_side_in_the_suites_set_order(tmp_path):
     written_run(tmp_path / "a", ["sunspots", "stocks"])
     written_run(tmp_path / "b", ["elnino"])
+    written_run(tmp_path / "c", ["stocks"], model="Darts-GRU")  # one more model's rows on a set of run a
     out = tmp_path / "joined"
-    result = assert_ok(cli("bench", "--accuracy", "--join", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(out)))
+    runs = ",".join(str(tmp_path / name) for name in "abc")
+    result = assert_ok(cli("bench", "--accuracy", "--join", runs, "--out", str(out)))
     record = json.loads((out / "accuracy.json").read_text())
-    assert [row["set"] for row in record["rows"]] == ["stocks", "elnino", "sunspots"]  # the suite's order
+    assert [(row["set"], row["model"]) for row in record["rows"]] == [
+        ("stocks", "dist-gru"), ("stocks", "Darts-GRU"), ("elnino", "dist-gru"), ("sunspots", "dist-gru")]  # the suite's order
     assert [s["set"] for s in record["sets"]] == ["stocks", "elnino", "sunspots"]
-    assert record["joined"] == 2 and record["seeds"] == 3
+    assert record["joined"] == 3 and record["seeds"] == 3
     table = (out / "accuracy.md").read_text()
-    assert "2 runs side by side, joined." in table and "| stocks | dist-gru | 2 |" in table
+    assert "3 runs joined." in table and "| stocks | dist-gru | 2 |" in table
     assert table in result.stdout
 
 
@@ -119,6 +122,6 @@ def test_join_refuses_runs_of_another_budget_or_a_folder_without_a_record(tmp_pa
     written_run(tmp_path / "b", ["elnino"], seeds=5)
     out = tmp_path / "joined"
     assert_refused(cli("bench", "--accuracy", "--join", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(out)), "seeds")
-    assert_refused(cli("bench", "--accuracy", "--join", f"{tmp_path / 'a'},{tmp_path / 'a'}", "--out", str(out)), "more than one run")
+    assert_refused(cli("bench", "--accuracy", "--join", f"{tmp_path / 'a'},{tmp_path / 'a'}", "--out", str(out)), "(set, model)")
     assert_refused(cli("bench", "--accuracy", "--join", f"{tmp_path / 'a'},{tmp_path / 'c'}", "--out", str(out)), "c/accuracy.json")
     assert not out.exists()

@@ -2,7 +2,7 @@
 statsforecast's SeasonalNaive, AutoETS and AutoTheta, refitted at every origin; NeuralForecast's
 GRU and NHITS, trained once on the history before the first origin with dist-gru's budget
 (`max_steps`, `windows_batch_size` = the batch, `learning_rate`, `input_size` = the window);
-for sequence classification, aeon's MiniRocket. A missing package raises MissingPackage (a note
+Darts' `BlockRNNModel` with a GRU of dist-gru's size, likewise; for sequence classification, aeon's MiniRocket. A missing package raises MissingPackage (a note
 in the table, never a crash).
 """
 
@@ -20,6 +20,7 @@ from dist_gru.bench.accuracy.plain_gru import Budget
 
 STATS = ("SeasonalNaive", "AutoETS", "AutoTheta")
 NEURAL = ("NF-GRU", "NF-NHITS")
+DARTS = ("Darts-GRU",)
 CLASSIFIERS = ("MiniRocket",)
 
 
@@ -87,6 +88,50 @@ def neural_forecast(name: str, fset: ForecastSet, budget: Budget, seed: int) -> 
     nf.fit(df=long_frame(fset, fset.origins - 1), val_size=0)
     seconds = time.perf_counter() - started
     point = [_by_series(nf.predict(df=long_frame(fset, k)), name, fset) for k in range(fset.origins)]
+    return {"point": np.stack(point, 1), "train_s": seconds}
+
+
+def _darts_series(fset: ForecastSet, k: int, least: int = 0) -> list:
+    """The history before origin k of every series as Darts `TimeSeries` (float32, as it trains),
+    one shorter than `least` steps padded at its start with its first value (as the plain GRU pads)."""
+    from darts import TimeSeries
+
+    out = []
+    for i, (y, start) in enumerate(zip(fset.series, fset.starts, strict=True)):
+        values = np.pad(y[: fset.cut(i, k)], (max(0, least - fset.cut(i, k)), 0), mode="edge").astype(np.float32)
+        end = pd.date_range(start, periods=fset.cut(i, k), freq=fset.freq)[-1]
+        out.append(TimeSeries.from_times_and_values(pd.date_range(end=end, periods=len(values), freq=fset.freq), values))
+    return out
+
+
+def darts_forecast(fset: ForecastSet, budget: Budget, seed: int) -> dict:
+    """Darts' BlockRNNModel (a GRU of dist-gru's size, a linear map to the horizon) at dist-gru's
+    budget, as its documentation has it: each series min-max scaled by Darts' `Scaler` fitted on the
+    training history, plus the model's reversible instance normalisation; trained once on the history
+    before the first origin, `max_steps` optimizer steps."""
+    require("darts")
+    _quiet_lightning()
+    from darts.dataprocessing.transformers import Scaler
+    from darts.models import BlockRNNModel
+
+    trainer = dict(accelerator="cpu", devices=1, max_steps=budget.steps, enable_progress_bar=False,
+                   enable_model_summary=False, logger=False, enable_checkpointing=False)
+    model = BlockRNNModel(
+        input_chunk_length=fset.window, output_chunk_length=fset.horizon, model="GRU", hidden_dim=budget.hidden,
+        n_rnn_layers=budget.layers, batch_size=budget.batch, n_epochs=budget.steps, optimizer_kwargs={"lr": budget.lr},
+        use_reversible_instance_norm=True, random_state=seed, pl_trainer_kwargs=trainer,
+    )
+    scaler = Scaler()
+    started = time.perf_counter()
+    scaled = scaler.fit_transform(_darts_series(fset, fset.origins - 1))
+    # Training takes the series that hold one window and its horizon (as the plain GRU's does).
+    model.fit([s for s in scaled if len(s) >= fset.window + fset.horizon], verbose=False)
+    seconds = time.perf_counter() - started
+    point = []
+    for k in range(fset.origins):
+        contexts = scaler.transform(_darts_series(fset, k, fset.window))
+        predicted = scaler.inverse_transform(model.predict(fset.horizon, series=contexts, verbose=False))
+        point.append(np.stack([s.values()[:, 0] for s in predicted]))
     return {"point": np.stack(point, 1), "train_s": seconds}
 
 

@@ -15,10 +15,10 @@ from dist_gru.bench.accuracy import metrics, ours, peers, plain_gru, table
 from dist_gru.bench.accuracy.datasets import CLASSIFY, FORECAST, ClassSet, ForecastSet, MissingPackage
 from dist_gru.config import Config, ConfigError, load_config
 
-FORECASTERS = ("dist-gru", "plain-gru", *peers.STATS, *peers.NEURAL)
+FORECASTERS = ("dist-gru", "plain-gru", *peers.STATS, *peers.NEURAL, *peers.DARTS)
 CLASSIFIERS = ("dist-gru", "plain-gru", *peers.CLASSIFIERS)
 MODELS = (*FORECASTERS, *peers.CLASSIFIERS)
-STEPPED = ("dist-gru", "plain-gru", *peers.NEURAL)  # trained by optimizer steps: seconds per step apply
+STEPPED = ("dist-gru", "plain-gru", *peers.NEURAL, *peers.DARTS)  # trained by optimizer steps: seconds per step apply
 # Optimizer steps of every trained model in the default suite. The forecasting recipe's own budget
 # is 1500 (configs/forecast.yaml); at 1500, 8 forecasting sets x 4 trained models + 3 classification
 # sets x 2, 3 seeds each, is over an hour on 2 cores, at 1000 about 45 minutes. `--steps 1500` runs
@@ -85,6 +85,8 @@ def forecast_once(model: str, fset: ForecastSet, budget: plain_gru.Budget, seed:
         return plain_forecast(fset, budget, seed)
     if model in peers.STATS:
         return peers.stats_forecast(model, fset)
+    if model in peers.DARTS:
+        return peers.darts_forecast(fset, budget, seed)
     return peers.neural_forecast(model, fset, budget, seed)
 
 

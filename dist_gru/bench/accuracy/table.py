@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("dist-gru", "torch", "numpy", "pandas", "statsforecast", "neuralforecast", "aeon", "statsmodels", "pmdarima")
+PACKAGES = ("dist-gru", "torch", "numpy", "pandas", "statsforecast", "neuralforecast", "darts", "aeon", "statsmodels", "pmdarima")
 COLUMNS = ("MASE", "MAE", "bias", "cov95", "accuracy")
 # What every run's accuracy.json holds (--join reads these).
 RECORD_KEYS = {"date", "machine", "versions", "steps", "seeds", "overrides", "wall_s", "sets", "rows"}
@@ -67,7 +67,7 @@ def markdown(rows: list[dict], header: dict, sets: list[dict]) -> str:
     lines = [
         f"Accuracy benchmark, {header['date']}, {header['machine']['cpu']} ({header['machine']['torch_threads']} threads); "
         f"optimizer steps {header['steps']}; {header['seeds']} seed(s); mean [min, max] over seeds"
-        + (f"; {header['joined']} runs side by side, joined." if header.get("joined") else "."),
+        + (f"; {header['joined']} runs joined." if header.get("joined") else "."),
         "",
         "MASE: the forecast's MAE over the horizon / the in-sample MAE of the seasonal naive forecast, per series "
         "and origin, averaged. MAE and bias (forecast - actual) in the data's units; cov95: the share of actuals "
@@ -98,20 +98,26 @@ def write(out: Path, rows: list[dict], sets: list[dict], settings: dict, host: d
 
 
 def join(parts: list[dict], order: list[str]) -> tuple[list[dict], list[dict], dict]:
-    """One table from the records of runs made apart (e.g. two halves of the suite side by side):
-    rows and sets in the suite's set `order`, the newest date, the longest wall time. Records of
-    another budget (steps, seeds, overrides) or another machine would mislead side by side: refused."""
+    """One table from the records of runs made apart (two halves of the suite side by side, or one
+    more model's rows): rows and sets in the suite's set `order`, the newest date, the longest wall
+    time, every package version any run found. Records of another budget (steps, seeds, overrides)
+    or machine would mislead side by side, and a (set, model) row twice would be ambiguous: refused."""
     budget = [(p["steps"], p["seeds"], p["overrides"], p["machine"]["cpu"]) for p in parts]
     if len(set(map(repr, budget))) > 1:
         raise ValueError(f"bench --accuracy --join: the runs differ in (steps, seeds, overrides, cpu): {budget}")
-    named = [s["set"] for p in parts for s in p["sets"]]
-    if len(set(named)) < len(named):
-        raise ValueError(f"bench --accuracy --join: a set is in more than one run: {sorted(named)}")
+    pairs = [(r["set"], r["model"]) for p in parts for r in p["rows"]]
+    if len(set(pairs)) < len(pairs):
+        raise ValueError(f"bench --accuracy --join: a (set, model) row is in more than one run: {sorted(pairs)}")
+    described = {}
+    for s in (s for p in parts for s in p["sets"]):
+        if described.setdefault(s["set"], s) != s:
+            raise ValueError(f"bench --accuracy --join: set {s['set']} is described differently in two runs")
     rank = {name: i for i, name in enumerate(order)}
     rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: rank.get(r["set"], len(rank)))
-    sets = sorted((s for p in parts for s in p["sets"]), key=lambda s: rank.get(s["set"], len(rank)))
+    sets = sorted(described.values(), key=lambda s: rank.get(s["set"], len(rank)))
     header = {k: v for k, v in parts[0].items() if k not in ("rows", "sets")}
-    header |= {"date": max(p["date"] for p in parts), "wall_s": max(p["wall_s"] for p in parts), "joined": len(parts)}
+    found = {name: next((p["versions"].get(name) for p in parts if p["versions"].get(name)), None) for name in dict.fromkeys(n for p in parts for n in p["versions"])}
+    header |= {"date": max(p["date"] for p in parts), "wall_s": max(p["wall_s"] for p in parts), "joined": len(parts), "versions": found}
     return rows, sets, header
 
 
