@@ -20,9 +20,9 @@ CLASSIFIERS = ("dist-gru", "plain-gru", *peers.CLASSIFIERS)
 MODELS = (*FORECASTERS, *peers.CLASSIFIERS)
 STEPPED = ("dist-gru", "plain-gru", *peers.NEURAL, *peers.DARTS)  # trained by optimizer steps: seconds per step apply
 # Optimizer steps of every trained model in the default suite. The forecasting recipe's own budget
-# is 1500 (configs/forecast.yaml); at 1500, 8 forecasting sets x 4 trained models + 3 classification
-# sets x 2, 3 seeds each, is over an hour on 2 cores, at 1000 about 45 minutes. `--steps 1500` runs
-# the reference budget.
+# is 1500 (configs/forecast.yaml); at 1500, 8 forecasting sets x 5 trained models + 3 classification
+# sets x 2, 3 seeds each, is over 45 minutes on 2 cores, at 1000 about 23 (two halves side by side,
+# joined: docs/accuracy.md). `--steps 1500` runs the reference budget.
 DEFAULT_STEPS = 1000
 # The smoke run: a set that needs no extra package (matplotlib ships it), and one classification set.
 QUICK = {"sets": ["stocks", "ItalyPowerDemand"], "steps": 40, "seeds": 1}
