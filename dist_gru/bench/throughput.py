@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--accuracy", action="store_true",
         help="the accuracy benchmark instead; its options (--quick, --sets, --models, --seeds, --steps, --override, "
-        "--out) are listed by --accuracy --help"
+        "--out, --join) are listed by --accuracy --help"
     )
     parser.add_argument(
         "--compare-window",
