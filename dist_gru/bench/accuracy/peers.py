@@ -2,8 +2,8 @@
 statsforecast's SeasonalNaive, AutoETS and AutoTheta, refitted at every origin; NeuralForecast's
 GRU and NHITS, trained once on the history before the first origin with dist-gru's budget
 (`max_steps`, `windows_batch_size` = the batch, `learning_rate`, `input_size` = the window);
-Darts' `BlockRNNModel` with a GRU of dist-gru's size, likewise; for sequence classification, aeon's MiniRocket. A missing package raises MissingPackage (a note
-in the table, never a crash).
+Darts' `BlockRNNModel` with a GRU of dist-gru's size, likewise; for sequence classification,
+aeon's MiniRocket. A missing package raises MissingPackage (a note in the table, never a crash).
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def darts_forecast(fset: ForecastSet, budget: Budget, seed: int) -> dict:
 
     trainer = dict(accelerator="cpu", devices=1, max_steps=budget.steps, enable_progress_bar=False,
                    enable_model_summary=False, logger=False, enable_checkpointing=False)
+    # n_epochs: Darts' own stop; every epoch takes at least one step, so max_steps ends the training.
     model = BlockRNNModel(
         input_chunk_length=fset.window, output_chunk_length=fset.horizon, model="GRU", hidden_dim=budget.hidden,
         n_rnn_layers=budget.layers, batch_size=budget.batch, n_epochs=budget.steps, optimizer_kwargs={"lr": budget.lr},
