@@ -51,6 +51,12 @@ class ForecastSet:
         """The first forecast step of origin k (0 = the last origin) of series i."""
         return len(self.series[i]) - self.horizon - k * self.step
 
+    def context(self, i: int, k: int) -> np.ndarray:
+        """The `window` steps of series i before origin k; a shorter history padded at its start with
+        its first value."""
+        y = self.series[i][: self.cut(i, k)][-self.window :]
+        return np.pad(y, (self.window - len(y), 0), mode="edge")
+
 
 @dataclass
 class ClassSet:

@@ -91,17 +91,12 @@ def neural_forecast(name: str, fset: ForecastSet, budget: Budget, seed: int) -> 
     return {"point": np.stack(point, 1), "train_s": seconds}
 
 
-def _darts_series(fset: ForecastSet, k: int, least: int = 0) -> list:
-    """The history before origin k of every series as Darts `TimeSeries` (float32, as it trains),
-    one shorter than `least` steps padded at its start with its first value (as the plain GRU pads)."""
+def _darts_series(fset: ForecastSet, i: int, k: int, values: np.ndarray):
+    """`values`, the last steps of series i before origin k, as a Darts `TimeSeries` (float32, as it trains)."""
     from darts import TimeSeries
 
-    out = []
-    for i, (y, start) in enumerate(zip(fset.series, fset.starts, strict=True)):
-        values = np.pad(y[: fset.cut(i, k)], (max(0, least - fset.cut(i, k)), 0), mode="edge").astype(np.float32)
-        end = pd.date_range(start, periods=fset.cut(i, k), freq=fset.freq)[-1]
-        out.append(TimeSeries.from_times_and_values(pd.date_range(end=end, periods=len(values), freq=fset.freq), values))
-    return out
+    last = pd.date_range(fset.starts[i], periods=fset.cut(i, k), freq=fset.freq)[-1]
+    return TimeSeries.from_times_and_values(pd.date_range(end=last, periods=len(values), freq=fset.freq), values.astype(np.float32))
 
 
 def darts_forecast(fset: ForecastSet, budget: Budget, seed: int) -> dict:
@@ -124,13 +119,14 @@ def darts_forecast(fset: ForecastSet, budget: Budget, seed: int) -> dict:
     )
     scaler = Scaler()
     started = time.perf_counter()
-    scaled = scaler.fit_transform(_darts_series(fset, fset.origins - 1))
+    first = fset.origins - 1
+    scaled = scaler.fit_transform([_darts_series(fset, i, first, y[: fset.cut(i, first)]) for i, y in enumerate(fset.series)])
     # Training takes the series that hold one window and its horizon (as the plain GRU's does).
     model.fit([s for s in scaled if len(s) >= fset.window + fset.horizon], verbose=False)
     seconds = time.perf_counter() - started
     point = []
-    for k in range(fset.origins):
-        contexts = scaler.transform(_darts_series(fset, k, fset.window))
+    for k in range(fset.origins):  # the model reads the last window; a shorter history is padded as the plain GRU's is
+        contexts = scaler.transform([_darts_series(fset, i, k, fset.context(i, k)) for i in range(len(fset.series))])
         predicted = scaler.inverse_transform(model.predict(fset.horizon, series=contexts, verbose=False))
         point.append(np.stack([s.values()[:, 0] for s in predicted]))
     return {"point": np.stack(point, 1), "train_s": seconds}

@@ -72,8 +72,7 @@ def plain_forecast(fset: ForecastSet, budget: plain_gru.Budget, seed: int) -> di
     seconds = time.perf_counter() - started
     point = np.empty((len(fset.series), fset.origins, fset.horizon))
     for k in range(fset.origins):
-        contexts = [y[: fset.cut(i, k)][-fset.window :] for i, y in enumerate(fset.series)]
-        contexts = np.stack([np.pad(c, (fset.window - len(c), 0), mode="edge") for c in contexts])
+        contexts = np.stack([fset.context(i, k) for i in range(len(fset.series))])
         point[:, k] = plain_gru.forecast(model, contexts)
     return {"point": point, "train_s": seconds}
 
