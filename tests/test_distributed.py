@@ -190,10 +190,14 @@ def files(tmp_path_factory) -> dict[str, object]:
     write_sequences(root / "train", *split(200), task="regression")
     write_sequences(root / "val", *split(61), task="regression")
     data = ["data.name=files", f"data.train_path={root / 'train'}", f"data.val_path={root / 'val'}"]
+    dropout = [*data, "model.num_layers=2", "model.dropout=0.5"]
     return {
         "val": root / "val",
         "1x1": _train(root / "1x1", 1, *data),
         "2x1": _train(root / "2x1", 2, *data),
+        "dropout-1x1": _train(root / "dropout-1x1", 1, *dropout),
+        "dropout-2x1": _train(root / "dropout-2x1", 2, *dropout),
+        "no-dropout-1x1": _train(root / "no-dropout-1x1", 1, *dropout, "model.dropout=0"),
     }
 
 
@@ -207,6 +211,17 @@ def test_variable_length_files_two_processes_train_like_one(files):
     diff = max_abs_diff(_weights(one_dir), _weights(two_dir))
     print(f"\nfile-backed variable length, {STEPS} steps: max |w(1 proc) - w(2 procs)| = {diff:.3g}")
     assert diff <= WEIGHT_TOL
+
+
+@pytest.mark.timeout(300)
+def test_dropout_between_layers_trains_the_same_on_two_processes_as_on_one(files):
+    # Each sequence's mask is drawn from (seed, step, sample index), not from its rank's RNG.
+    one, two = _weights(files["dropout-1x1"][0]), _weights(files["dropout-2x1"][0])
+    diff, effect = max_abs_diff(one, two), max_abs_diff(one, _weights(files["no-dropout-1x1"][0]))
+    print(f"\ndropout 0.5, 2 layers, variable length, {STEPS} steps: max |w(1 proc) - w(2 procs)| = {diff:.3g}"
+          f" (dropout's own effect on the weights: {effect:.3g})")
+    assert diff <= WEIGHT_TOL
+    assert effect > 100 * WEIGHT_TOL
 
 
 @pytest.mark.timeout(300)

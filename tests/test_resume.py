@@ -4,8 +4,8 @@
 
 Every interrupted run is compared with an uninterrupted run of the same command: final weights equal
 (max abs difference 0 on CPU fp32 for the same world size; within 1e-5 across world sizes, where the
-gradient all-reduce sums in another order; the model has one layer, so no dropout, whose masks
-depend on the rank). A run is interrupted for real: the test watches the run folder and kills or
+gradient all-reduce sums in another order). The model has two layers with dropout between them: its
+masks are keyed by (seed, step, sample), so they survive a resume on any world size. A run is interrupted for real: the test watches the run folder and kills or
 signals the processes once a checkpoint has appeared, so the stop lands mid-epoch at whatever step
 the processes had reached.
 
@@ -37,6 +37,8 @@ RUN = [
     *(arg for arg in TINY if not arg.startswith("train.max_steps")),
     "data.train_size=1024",
     f"train.max_steps={MAX_STEPS}",
+    "model.num_layers=2",
+    "model.dropout=0.3",
     "checkpoint.every=8",
     "train.record_samples=true",
     "log.mode=disabled",

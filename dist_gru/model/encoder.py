@@ -20,7 +20,12 @@ after step 0), ordered like ``nn.GRU``'s. A padded batch gives each sequence wha
 * ``native``: ``nn.GRU`` itself on an unpadded batch (inference, GPUs, ``recurrence="native"``, and
   traced or exported graphs, which must hold ``nn.GRU``'s own op);
 * ``padded``: a padded batch on the CPU outside training: ``nn.GRU``'s op per layer and direction,
-  arranged like ``fused`` (packing ran 2x slower on the CPU).
+  arranged like ``fused`` (packing ran 2x slower on the CPU); also any training call with keyed
+  dropout that ``fused`` does not take (the masks must be applied between the layers).
+
+Training calls that pass ``keys`` (the trainer does: ``dropout.sample_keys``) draw the dropout
+between layers per sample (``dropout.KeyedDropout``), so N processes train what 1 process trains;
+without keys it is ``F.dropout`` (or ``nn.GRU``'s own) on the process's RNG.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from dist_gru.model.dropout import KeyedDropout
 from dist_gru.model.recurrence import gru_recurrences, gru_time_major
 from dist_gru.model.seed import SeedGRU, reverse_within_lengths
 
@@ -93,33 +99,42 @@ class Encoder(nn.Module):
             raise ValueError(f"recurrence={recurrence!r}: expected one of {', '.join(RECURRENCES)}")
         self.compute_dtype, self.recurrence, self.packed = dtype, recurrence, packed
 
-    def path(self, x: Tensor, lengths: Tensor | None) -> str:
-        """Which of ``PATHS`` a call on ``x`` with ``lengths`` (None: unpadded) takes (see the module doc)."""
+    def path(self, x: Tensor, lengths: Tensor | None, keyed: bool = False) -> str:
+        """Which of ``PATHS`` a call on ``x`` with ``lengths`` (None: unpadded) takes (see the module
+        doc); ``keyed``: the call applies keyed dropout between the layers."""
         if isinstance(self.rnn, SeedGRU):
             return "seed"
         packed = x.device.type == "cuda" if self.packed is None else self.packed
-        if lengths is not None and packed:
+        if lengths is not None and packed and not keyed:
             return "packed"
         if self.recurrence == "fused" and x.device.type == "cpu" and torch.is_grad_enabled() and not _tracing():
             return "fused"
-        return "native" if lengths is None else "padded"
+        return "native" if lengths is None and not keyed else "padded"
 
     def forward(
-        self, x: Tensor, lengths: Tensor | None = None, state: Tensor | None = None
+        self, x: Tensor, lengths: Tensor | None = None, state: Tensor | None = None, keys: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(out [B, T, D*H], h_n [L*D, B, H])``; ``lengths`` on the CPU, None when nothing is padded."""
-        path = self.path(x, lengths)
+        """``(out [B, T, D*H], h_n [L*D, B, H])``; ``lengths`` on the CPU, None when nothing is
+        padded; ``keys`` int64 [B]: each sequence's dropout key (``dropout.sample_keys``)."""
+        drop = self.keyed_dropout(keys, lengths)
+        path = self.path(x, lengths, keyed=drop is not None)
         x = x if self.compute_dtype is None else x.to(self.compute_dtype)
         h0 = None if state is None else state.to(x.dtype)
         if path == "seed":
-            return self._call_rnn(x, h0, lengths=lengths)
+            return self._call_rnn(x, h0, lengths=lengths, drop=drop)
         if path == "native":
             return self._call_rnn(x, h0)
         if path == "packed":
             packed_out, h_n = self._call_rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), h0)
             return pad_packed_sequence(packed_out, batch_first=True, total_length=x.shape[1])[0], h_n
         layer = fused_layer if path == "fused" else partial(native_layer, train=self.training)
-        return self._by_layer(x, lengths, h0, layer)
+        return self._by_layer(x, lengths, h0, layer, drop)
+
+    def keyed_dropout(self, keys: Tensor | None, lengths: Tensor | None) -> KeyedDropout | None:
+        """The per-sample dropout of a training call with ``keys`` (None: no dropout to key)."""
+        if keys is None or not self.training or self.num_layers < 2 or self.rnn.dropout == 0:
+            return None
+        return KeyedDropout(self.rnn.dropout, keys, lengths)
 
     def summary(self, h_n: Tensor) -> Tensor:
         """Per sequence ``[B, D*H]``: the top layer's final states of its directions side by side."""
@@ -155,13 +170,17 @@ class Encoder(nn.Module):
         weights = [getattr(self.rnn, name + suffix) for name in names]
         return weights if self.compute_dtype is None else [w.to(self.compute_dtype) for w in weights]
 
-    def _by_layer(self, x: Tensor, lengths: Tensor | None, h0: Tensor | None, layer_fn: Layer) -> tuple[Tensor, Tensor]:
+    def _by_layer(
+        self, x: Tensor, lengths: Tensor | None, h0: Tensor | None, layer_fn: Layer, drop: KeyedDropout | None
+    ) -> tuple[Tensor, Tensor]:
         """Every layer through ``layer_fn`` (``fused_layer`` or ``native_layer``), unpacked."""
         # Time major inside: every step's slice is contiguous for the recurrence.
         layer_input, finals = x.transpose(0, 1), []
         zeros = x.new_zeros(self.directions, x.shape[0], self.hidden_size)
         for layer in range(self.num_layers):
-            if layer > 0 and self.rnn.dropout > 0:
+            if layer > 0 and drop is not None:
+                layer_input = drop(layer, layer_input)
+            elif layer > 0 and self.rnn.dropout > 0:
                 layer_input = F.dropout(layer_input, self.rnn.dropout, self.training)
             weights = [self._weights(layer, reverse=direction == 1) for direction in range(self.directions)]
             start = zeros if h0 is None else h0[layer * self.directions : (layer + 1) * self.directions]

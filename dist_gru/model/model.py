@@ -322,6 +322,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         future: Tensor | None = None,
         static_categories: Tensor | None = None,
         static_values: Tensor | None = None,
+        dropout_keys: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``x`` [B, T, F] (token ids [B, T] with ``vocab_size``), ``lengths`` [B] (None: all T),
         ``state`` (None: zeros) -> ``(outputs, state)``; outputs as the class docstring says, state
@@ -331,6 +332,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         ``static_categories`` [B, Sc] (codes into the training vocabularies; -1: unseen) and
         ``static_values`` [B, Sn]: each sequence's static columns, which set its initial state (a
         model built with ``static_categories`` / ``static_values`` needs them, any other takes none).
+        ``dropout_keys`` int64 [B] (``dropout.sample_keys``; the trainer passes them): in training,
+        each sequence's dropout between layers is drawn from its key, not from the process's RNG.
 
         Streams: a ``state`` from ``initial_state`` or a previous call continues each sequence where
         that call left it, so feeding a sequence chunk by chunk gives what one call on the whole
@@ -343,7 +346,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             self.scaler.check_stream()
         state = self._static_state(state, static_categories, static_values)
         x, lengths, affine = self.scaler(x, lengths)
-        out, state = self.encoder(x, lengths, state)
+        out, state = self.encoder(x, lengths, state, dropout_keys)
         summary = self.encoder.summary(state)
         if self.future_channels or future is not None:  # the forecast also reads the planned values
             planned = self.scaler.future(future, self.future_channels, self.horizon)

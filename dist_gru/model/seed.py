@@ -168,8 +168,11 @@ class SeedGRU(nn.Module):
         x: Tensor,
         h0: Tensor | None = None,
         lengths: Tensor | None = None,
+        drop: Callable[[int, Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``x`` [B, T, I] -> ``(out [B, T, D*H], h_n [num_layers * D, B, H])``, D = 2 if bidirectional.
+        ``drop(layer, x)``: the dropout of a time-major layer input in place of ``F.dropout`` (the
+        encoder passes a ``KeyedDropout``).
 
         With ``lengths`` [B], steps at ``t >= length`` leave the state unchanged, so
         ``h_n`` is each sequence's state after its last valid step (backwards: after step 0), and
@@ -195,7 +198,9 @@ class SeedGRU(nn.Module):
         layer_input = x.transpose(0, 1)
         last_states = []
         for index in range(self.num_layers):
-            if index > 0 and self.dropout > 0:
+            if index > 0 and drop is not None:
+                layer_input = drop(index, layer_input)
+            elif index > 0 and self.dropout > 0:
                 layer_input = F.dropout(layer_input, self.dropout, self.training)
             out, h = _seed_layer(self.cells[index], layer_input, h0[directions * index], valid, self.scan)
             last_states.append(h)

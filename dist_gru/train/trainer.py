@@ -38,6 +38,7 @@ from dist_gru.data.moments import moment_sums, moments_from_sums
 from dist_gru.data.sources import Source, build_source
 from dist_gru.infer.evaluate import evaluate
 from dist_gru.model import GRUModel
+from dist_gru.model.dropout import sample_keys
 from dist_gru.runtime import compute_precision, exit_process, main_decides, make_accelerator, summary
 from dist_gru.tasks import Task, data_info, model_kwargs, task_for
 from dist_gru.train import checkpoint as ckpt_lib
@@ -67,7 +68,8 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """The RNG seed of (step, rank): dropout is reproducible and resumable without saved RNG state."""
+    """The RNG seed of (step, rank): anything that draws from torch's RNG in a step is reproducible
+    and resumable without saved RNG state (dropout draws from keys of its own: ``sample_keys``)."""
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
@@ -322,7 +324,10 @@ def forward_backward(job: Job, step: int, batches: Iterator, guard: LossGuard, m
         y = batch["y"].to(acc.device, non_blocking=True)
         with acc.accumulate(model):
             inputs = model_inputs(batch, acc.device)
-            output, state = model(**inputs, state=job.source.carried(batch))
+            # Dropout masks keyed by (seed, step, sample), not drawn from this rank's RNG: any
+            # world size, micro-batching or resume point draws the same mask for a sample.
+            keys = sample_keys(job.cfg.train.seed, step, batch["index"])
+            output, state = model(**inputs, state=job.source.carried(batch), dropout_keys=keys)
             job.source.keep(state)  # stream mode: carried into the lane's next chunk, detached
             units = job.task.loss_units(plain, inputs["x"], inputs["lengths"])  # None: the data's units
             total, _ = job.task.loss_sum(output, y, batch["lengths"], units)
