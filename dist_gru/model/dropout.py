@@ -14,6 +14,7 @@ padding. The cost is one small generator call per sequence and layer.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,8 +25,9 @@ _LAYER = 0xBF58476D1CE4E5B9
 
 def sample_keys(seed: int, step: int, index: Tensor) -> Tensor:
     """int64 [B]: the key of each sample ``index`` [B] (global ids) at optimizer step ``step``."""
-    base = (seed * 1_000_003 + step) * 4099
-    return torch.tensor([(base + int(i) * _SAMPLE) & _MASK for i in index.tolist()], dtype=torch.int64)
+    base = np.uint64(((seed * 1_000_003 + step) * 4099) & _MASK)
+    ids = index.numpy().astype(np.uint64)  # uint64 arithmetic wraps modulo 2**64, by definition
+    return torch.from_numpy(((ids * np.uint64(_SAMPLE) + base) & np.uint64(_MASK)).astype(np.int64))
 
 
 class KeyedDropout:
