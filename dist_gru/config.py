@@ -67,7 +67,13 @@ class ModelConfig(_Section):
     )
     hidden_size: int = Field(128, ge=1, le=65536, description="GRU hidden state size")
     num_layers: int = Field(2, ge=1, le=64, description="stacked GRU layers")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between GRU layers (needs num_layers > 1); masks keyed by (seed, step, sample), so N processes train like 1")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout between GRU layers (needs num_layers > 1); masks keyed by (seed, step, sample), "
+        "so N processes train like 1",
+    )
     head: Literal["last", "step", "forecast"] = Field(
         "last",
         description="last (one output per sequence) | step (one per valid step) | forecast (data.horizon steps ahead)",
