@@ -4,9 +4,10 @@ command-line errors of stream mode.
 
     .venv/bin/pytest -q tests/test_streams_distributed.py -s     # -s prints the measured differences
 
-A byte-level model on a small generated text: 4 lanes of 16-byte chunks, 11 steps per epoch, 14
-steps (the runs cross into epoch 1). Each run checkpoints every 6 steps; a copy of its folder
-without the checkpoints after step 6 (and without the final model) resumes at step 6, mid-epoch.
+A byte-level model (2 layers, dropout 0.3 between them) on a small generated text: 4 lanes of
+16-byte chunks, 11 steps per epoch, 14 steps (the runs cross into epoch 1). Each run checkpoints
+every 6 steps; a copy of its folder without the checkpoints after step 6 (and without the final
+model) resumes at step 6, mid-epoch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ BASE = [
     "model.vocab_size=256",
     "model.embedding_dim=8",
     "model.hidden_size=16",
-    "model.num_layers=1",
+    "model.num_layers=2",
+    "model.dropout=0.3",  # keyed by (seed, step, chunk position): the same masks on any world size
     "model.head=step",
     "data.name=files",
     "data.targets=next",
@@ -40,7 +42,10 @@ BASE = [
     "log.mode=disabled",
     "--quiet",
 ]
-TOL = 1e-6
+# Measured: 1.7e-6, one element of weight_hh_l1, the same after 1, 2 and 4 steps: Adam's first update
+# of a weight whose gradient is near zero (about its eps) turns a summation-order difference of the
+# gradient into that. Masks drawn from each rank's RNG instead: 6.4e-3 after 4 steps.
+TOL = 1e-5
 
 
 def _text(n: int, seed: int) -> np.ndarray:
@@ -129,7 +134,7 @@ def test_stream_checkpoint_holds_every_lane(runs):
     ckpt = runs["full2"] / "checkpoints" / f"step-{STOP:06d}"
     lanes = load_file(str(ckpt / "lanes.safetensors"))["lane_state"]
     state = json.loads((ckpt / "state.json").read_text())
-    assert tuple(lanes.shape) == (4, 1, 16)  # every global lane, saved by 2 ranks
+    assert tuple(lanes.shape) == (4, 2, 16)  # every global lane (2 layers), saved by 2 ranks
     assert float(lanes.abs().sum()) > 0
     assert [p[1] for p in state["lanes"]["positions"]] == [(lane * 11 + STOP) * 16 for lane in range(4)]
 
