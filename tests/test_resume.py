@@ -5,9 +5,9 @@
 Every interrupted run is compared with an uninterrupted run of the same command: final weights equal
 (max abs difference 0 on CPU fp32 for the same world size; within 1e-5 across world sizes, where the
 gradient all-reduce sums in another order). The model has two layers with dropout between them: its
-masks are keyed by (seed, step, sample), so they survive a resume on any world size. A run is interrupted for real: the test watches the run folder and kills or
-signals the processes once a checkpoint has appeared, so the stop lands mid-epoch at whatever step
-the processes had reached.
+masks are keyed by (seed, step, sample), so they survive a resume on any world size. A run is
+interrupted for real: the test watches the run folder and kills or signals the processes once a
+checkpoint has appeared, so the stop lands mid-epoch at whatever step the processes had reached.
 
 The sample audit (`train.record_samples=true`): a killed run may have trained steps after its last
 checkpoint; their updates died with the process and the resumed run trains them again. So the

@@ -42,9 +42,10 @@ BASE = [
     "log.mode=disabled",
     "--quiet",
 ]
-# Measured: 1.7e-6, one element of weight_hh_l1, the same after 1, 2 and 4 steps: Adam's first update
-# of a weight whose gradient is near zero (about its eps) turns a summation-order difference of the
-# gradient into that. Masks drawn from each rank's RNG instead: 6.4e-3 after 4 steps.
+# Measured: 1.7e-6, one element of weight_hh_l1 ([23, 12]), the same after 1, 2 and 4 steps. Its
+# gradient at step 0 is 3.1e-9 (the median element's: 2.2e-4), under Adam's eps of 1e-8, where the
+# first update turns a summation-order difference of the gradient into that. Masks drawn from each
+# rank's RNG instead: 6.4e-3 after 4 steps.
 TOL = 1e-5
 
 
