@@ -341,3 +341,15 @@ def test_a_copy_moved_aside_counts_only_while_its_step_has_no_folder_and_is_prun
     assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path)] == ["step-000003", "step-000005"]
     _save(tmp_path, 6)
     assert not stale.exists()
+
+
+def test_a_save_failure_names_the_first_line_that_says_something(tmp_path):
+    from dist_gru.train.checkpoint import save_failure
+
+    # safetensors' refusal of tensors that share memory opens with a blank line.
+    shared = RuntimeError("\n            Some tensors share memory, this will lead to duplicate memory on disk\n")
+    message = save_failure(tmp_path / "step-000010", shared)
+    assert message.startswith(
+        f"cannot save checkpoint {tmp_path / 'step-000010'}: Some tensors share memory, this will lead to duplicate"
+    ), message
+    assert save_failure(tmp_path / "s", RuntimeError()).startswith(f"cannot save checkpoint {tmp_path / 's'}: RuntimeError()")

@@ -220,7 +220,10 @@ def save_failure(final: Path, exc: Exception, what: str = "checkpoint") -> str:
 
     safetensors and torch.save report a full disk without its errno (`file write failed`, an
     `inline_container.cc` line), so the free space is what tells."""
-    reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    # The first line that says something: some messages open with a blank line (safetensors' refusal
+    # of tensors that share memory), and an empty reason would leave only the free space to blame.
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else (lines or [repr(exc)])[0]
     try:
         free = shutil.disk_usage(final.parent).free
     except OSError:
