@@ -106,6 +106,11 @@ class ModelConfig(_Section):
         description="forecast loss units: raw (the data's: windows of large spread weigh more) | scaled (each "
         "window's own scaler units, data.scaling: every window weighs the same; model.head=forecast)",
     )
+    naive_terms: bool = Field(
+        False,
+        description="forecast head: add the context's seasonal-naive forecast (season data.season), drift and drift "
+        "over the last season, each weighted per step by learned weights starting at 0, to the GRU's forecast",
+    )
 
     @model_validator(mode="after")
     def _quantile_levels(self) -> ModelConfig:
@@ -412,6 +417,11 @@ class Config(_Section):
             problems.append(
                 f"model.head=forecast needs data.window (the context length) and data.horizon >= 1 (the steps to "
                 f"forecast); got data.window={data.window}, data.horizon={data.horizon}"
+            )
+        if model.naive_terms and model.head != "forecast":
+            problems.append(
+                f"model.naive_terms=true with model.head={model.head}: the naive terms extend a forecast "
+                "(model.head=forecast)"
             )
         problems += loss_problems(self)
         if model.head == "forecast" and data.window is not None and data.season > data.window:

@@ -40,6 +40,10 @@ def save_model(folder: Path, **kwargs) -> GRUModel:
         with torch.no_grad():
             model.scaler.revin_raw_weight.copy_(torch.tensor([1.5, -2.0, 0.3]))
             model.scaler.revin_bias.copy_(torch.tensor([0.4, -0.7, 1.1]))
+    if args.get("naive_season"):  # naive terms away from their zero start, as after training
+        with torch.no_grad():
+            for weights in model.head.naive.parameters():
+                weights.normal_()
     model.save_pretrained(folder)
     return GRUModel.from_pretrained(folder)
 
@@ -51,6 +55,7 @@ CASES = {
     "forecast-gaussian-window": {"head": "forecast", "output": "gaussian", "scaling": "window"},
     "bidirectional-step-window": {"head": "step", "bidirectional": True, "scaling": "window"},
     "forecast-quantile-last": {"head": "forecast", "output": "quantile", "scaling": "last"},
+    "forecast-naive-terms-last": {"head": "forecast", "scaling": "last", "naive_season": 4},
     "forecast-gaussian-robust": {"head": "forecast", "output": "gaussian", "scaling": "robust"},
     "forecast-point-revin": {"head": "forecast", "scaling": "revin"},
     "forecast-quantile-revin": {"head": "forecast", "output": "quantile", "scaling": "revin"},
@@ -138,6 +143,11 @@ def test_cli_exports_checks_and_reports(tmp_path: Path, capsys: pytest.CaptureFi
         ({"bidirectional": True}, ["--format", "onnx", "--stateful"], "--stateful with a bidirectional model"),
         ({"scaling": "window"}, ["--format", "torchscript", "--stateful"], "--stateful with data.scaling=window"),
         ({"scaling": "robust"}, ["--format", "onnx", "--stateful"], "--stateful with data.scaling=robust: per-window"),
+        (
+            {"head": "forecast", "naive_season": 2},
+            ["--format", "onnx", "--stateful"],
+            "--stateful with naive terms (model.naive_terms): they read the whole context",
+        ),
     ],
 )
 def test_bad_input_is_one_error_and_writes_nothing(

@@ -104,7 +104,7 @@ def forecast_runs(tmp_path_factory) -> dict[str, Path]:
 # resume test's runs): the loss in scaled units and the MAE keep N ranks computing what 1 does.
 SCALER_RUNS = {
     "window": [],
-    "last": ["model.loss_units=scaled"],
+    "last": ["model.loss_units=scaled", "model.point_loss=mae", "model.naive_terms=true"],  # the recipe's
     "robust": ["model.point_loss=mae"],
     "revin": ["model.loss_units=scaled", "model.point_loss=mae"],
 }

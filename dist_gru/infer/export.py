@@ -82,6 +82,8 @@ def export_problems(model: GRUModel, fmt: str, opset: int | None, stateful: bool
         )
     if stateful and model.statics is not None:
         problems.append("--stateful with static covariates: they set a sequence's first state, a stream carries its own")
+    if stateful and model.naive_season:
+        problems.append("--stateful with naive terms (model.naive_terms): they read the whole context, a stream one chunk")
     return problems
 
 
@@ -207,7 +209,7 @@ class OnnxGraph(nn.Module):
             layer_input = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], directions * model.hidden_size)
         # h_n holds the forward direction's last valid state and the backward one's at step 0.
         h_n = torch.cat(states)
-        out = model.head(layer_input.transpose(0, 1), model.encoder.summary(h_n), affine)
+        out = model.head(layer_input.transpose(0, 1), model.encoder.summary(h_n), affine, x, lengths)
         return (out, h_n) if self.stateful else out
 
 

@@ -97,6 +97,12 @@ def checked_arguments(args: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"future_channels with head={head!r}: only head='forecast' reads future covariates")
     if args["vocab_size"] is not None:
         integer("vocab_size", 2)
+    integer("naive_season", 0)
+    if args["naive_season"] and (head != "forecast" or args["vocab_size"] is not None):
+        problems.append(
+            f"naive_season={args['naive_season']!r} with head={head!r}, vocab_size={args['vocab_size']!r}: the naive "
+            "terms extend a forecast's target history (head='forecast', float inputs)"
+        )
     problems += _static_problems(args) + _loss_problems(args)
     if args["data"] is not None and not isinstance(args["data"], dict):
         problems.append(f"data={args['data']!r}: expected a dict (what inference needs to know of the data) or None")
@@ -169,7 +175,7 @@ def saved_config(args: dict[str, Any]) -> dict[str, Any]:
     config = {name: args[name] for name in first}
     signature = inspect.signature(GRUModel.__init__).parameters
     later = ("head", "bidirectional", "output", "quantiles", "horizon", "scaling", "vocab_size", "future_channels")
-    later += ("static_categories", "static_values", "loss_units", "point_loss")
+    later += ("static_categories", "static_values", "loss_units", "point_loss", "naive_season")
     for name in (*later, "data"):
         default = signature[name].default
         if args[name] != (list(default) if name == "quantiles" else default):
@@ -209,6 +215,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
     ``set_normalization`` buffers, which apply always; "window", "last", "robust" and "revin" also
     scale each sample by statistics of its own valid steps: see ``dist_gru.model.scaler``).
     ``loss_units`` and ``point_loss`` change no output: they say how the task computes the loss.
+    ``naive_season`` > 0 adds the forecast head's learned seasonal-naive and drift terms of that
+    season (``heads.NaiveTerms``) to its forecast.
 
     ``save_pretrained(dir)`` writes ``config.json`` (the init arguments) and
     ``model.safetensors``; ``GRUModel.from_pretrained(dir)`` reads them back (a local
@@ -237,6 +245,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         loss_units: str = "raw",
         point_loss: str = "mse",
         data: dict[str, Any] | None = None,
+        naive_season: int = 0,
     ) -> None:
         super().__init__()
         args = checked_arguments({
@@ -245,6 +254,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
             "output": output, "quantiles": quantiles, "horizon": horizon, "scaling": scaling,
             "vocab_size": vocab_size, "future_channels": future_channels, "static_categories": static_categories,
             "static_values": static_values, "loss_units": loss_units, "point_loss": point_loss, "data": data,
+            "naive_season": naive_season,
         })
         args.update(dropout=float(dropout), horizon=int(args["horizon"]), quantiles=[float(q) for q in quantiles])
         # What save_pretrained writes to config.json. The mixin records the raw call
@@ -270,7 +280,8 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         self.encoder = Encoder(self.input_size, self.hidden_size, self.num_layers, self.dropout, cell, bidirectional)
         layout = build_layout(output, self.output_size, self.quantiles)
         head_inputs = self.encoder.output_size + self.horizon * len(self.future_channels)
-        self.head = build_head(head, head_inputs, layout, self.horizon)
+        self.naive_season: int = args["naive_season"]
+        self.head = build_head(head, head_inputs, layout, self.horizon, self.naive_season)
         # Static covariates set the initial state; a model without them has no such module (and
         # the state-dict keys it always had).
         self.static_categories: list[int] = list(args["static_categories"] or [])
@@ -344,6 +355,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         if state is not None:
             self.encoder.check_state(state, x.shape[0])
             self.scaler.check_stream()
+            self.head.check_stream()
         state = self._static_state(state, static_categories, static_values)
         x, lengths, affine = self.scaler(x, lengths)
         out, state = self.encoder(x, lengths, state, dropout_keys)
@@ -351,7 +363,7 @@ class GRUModel(nn.Module, PyTorchModelHubMixin):
         if self.future_channels or future is not None:  # the forecast also reads the planned values
             planned = self.scaler.future(future, self.future_channels, self.horizon)
             summary = torch.cat([summary, planned.to(summary.dtype)], -1)
-        return self.head(out, summary, affine), state
+        return self.head(out, summary, affine, x, lengths), state
 
     @torch.no_grad()
     def target_scale(self, x: Tensor, lengths: Tensor | None = None) -> Affine:

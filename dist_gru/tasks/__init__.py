@@ -158,6 +158,7 @@ def model_kwargs(cfg: Config, dataset: Any) -> dict[str, Any]:
         "scaling": data.scaling,
         "loss_units": model.loss_units,
         "point_loss": model.point_loss,
+        "naive_season": data.season if model.naive_terms else 0,
         "vocab_size": model.vocab_size if tokens else None,
         "future_channels": getattr(dataset, "future_channels", None) or None,
         # What inference needs to know of the data: window, season, names ...
