@@ -328,7 +328,7 @@ def test_training_with_revin_scaled_mae_loss_saves_a_folder_that_evaluates_the_s
 # The recommended forecasting recipe on seasonal series with a trend (the `seasonal` task): the
 # forecasts must not over- or under-shoot as a whole. Per-window mean scaling pulled forecasts toward
 # the window's mean (half a window behind the origin) and every model over-shot a rising series.
-# Measured (seeds 0-2, 8 validation series, lr 1e-3 decayed to 0): |bias| / MAE 0.002, 0.015, 0.005.
+# Measured (seeds 0-2, 8 validation series, lr 1e-3 decayed to 0, naive terms): |bias| / MAE 0.009, 0.014, 0.001.
 BIAS_BOUND = 0.35  # |mean signed error| at most this share of the MAE
 
 
