@@ -157,3 +157,23 @@ def test_init_from_a_checkpoint_loads_the_head_too_when_it_means_the_same(tmp_pa
     ours, theirs = target.state_dict(), source.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith(("rnn.", "head.")))
     assert ours["input_mean"].tolist() == [1.0, 2.0]  # the scaling is this job's own
+
+
+@pytest.mark.parametrize(("before", "after"), [(0, 4), (4, 0), (4, 2)])
+def test_a_forecast_model_fine_tuned_with_other_naive_terms_keeps_its_head_and_forecasts_the_same(
+    tmp_path, before: int, after: int
+) -> None:
+    torch.manual_seed(1)
+    kwargs = {"head": "forecast", "horizon": 3, "scaling": "last"}
+    source = GRUModel(2, 8, **kwargs, naive_season=before).eval()
+    source.save_pretrained(tmp_path / "model")
+    torch.manual_seed(2)
+    target = GRUModel(2, 8, **kwargs, naive_season=after).eval()
+    record = finetune.init_weights(str(tmp_path / "model"), target, {**target.config})
+    assert (record["loaded"], record["head_reinitialised"]) == (["rnn", "head"], None)
+    assert finetune.describe(record).endswith(f"rnn and head loaded; naive terms start at 0 (naive_season {before} -> {after})")
+    if after:
+        assert all(not p.any() for p in target.head.naive.parameters())
+    x = torch.randn(5, 6, 2)
+    with torch.no_grad():  # the source's terms start at 0 too, so both forecast what the GRU does
+        assert torch.equal(target(x)[0], source(x)[0])

@@ -7,7 +7,9 @@ or a checkpoint folder (`RUN/checkpoints/step-N`, verified against its COMPLETE 
 weights come from it: the optimizer, the schedule and the step counter start anew, as in a fresh
 run. The encoder (`rnn.*`) must have the same shape (input size, hidden size, layers, cell,
 direction); the head is loaded only when it means the same thing (task, number of outputs, head,
-output kind, quantiles, horizon), else it keeps its fresh initialisation and one line says why.
+output kind, quantiles, horizon), else it keeps its fresh initialisation and one line says why;
+a forecast head's naive terms (`model.naive_terms`) of another season than the source's start at
+0, as in a new model, so the loaded model forecasts what the source's GRU and head do.
 Input scaling is a property of the data, so it is the new job's own (`data.scaling`), not the
 source's. `train.freeze: [rnn]` leaves the encoder untrained: the optimizer holds only the head.
 
@@ -100,6 +102,9 @@ def init_weights(given: str, model: torch.nn.Module, model_config: dict[str, Any
     ]
     parts = ("rnn.",) if head_changes else ("rnn.", "head.")
     own = {name: t for name, t in model.state_dict().items() if name.startswith(parts)}
+    naive = [_value(source, "naive_season"), _value(model_config, "naive_season")]
+    if naive[0] != naive[1]:  # new naive terms start at 0, as in a new model: the forecast is the source's
+        own = {name: t for name, t in own.items() if not name.startswith("head.naive.")}
     wrong = [
         f"{name}: {'missing' if name not in weights else list(weights[name].shape)}, expected {list(t.shape)}"
         for name, t in own.items()
@@ -120,6 +125,7 @@ def init_weights(given: str, model: torch.nn.Module, model_config: dict[str, Any
         "sha256": ckpt_lib.sha256_file(weights_file),
         "loaded": [p.rstrip(".") for p in parts],
         "head_reinitialised": ", ".join(head_changes) or None,
+        "naive_terms_new": f"naive_season {naive[0]} -> {naive[1]}" if naive[0] != naive[1] else None,
     }
 
 
@@ -136,6 +142,8 @@ def describe(record: dict[str, Any]) -> str:
         loaded = f"rnn loaded; head re-initialised ({record['head_reinitialised']})"
     else:
         loaded = "rnn and head loaded"
+    if record.get("naive_terms_new"):
+        loaded += f"; naive terms start at 0 ({record['naive_terms_new']})"
     return f"dist-gru: train.init_from: weights from {source}: {loaded}"
 
 
