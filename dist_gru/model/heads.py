@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dist_gru.model.scaler import Affine
+from dist_gru.model.scaler import Affine, last_values, valid_counts
 
 HEADS = ("last", "step", "forecast")
 OUTPUTS = ("point", "gaussian", "quantile")
@@ -165,29 +165,26 @@ class NaiveTerms(nn.Module):
         reads from its first step."""
         horizon, channels = self.seasonal.shape
         target = x[..., :channels].to(self.seasonal.dtype)
-        if lengths is None:
-            last = torch.full((x.shape[0],), x.shape[1] - 1, device=x.device, dtype=torch.int64)
-        else:
-            last = lengths.to(device=x.device, dtype=torch.int64) - 1
+        last = valid_counts(target, lengths)[:, 0, 0] - 1
+        final = last_values(target, lengths)
         ahead = torch.arange(horizon, device=x.device)
         # Step h repeats the value at last + 1 - season + (h mod season).
         seasonal = (last[:, None] + 1 - self.season + ahead % self.season).clamp(min=0)
         copies = target.gather(1, seasonal.unsqueeze(-1).expand(-1, -1, channels))
         steps_ahead = (ahead + 1).to(target.dtype).view(1, -1, 1)
-        drift = _change_per_step(target, last, torch.zeros_like(last))
-        recent = _change_per_step(target, last, (last - self.season).clamp(min=0))
+        drift = _change_per_step(target, final, last, torch.zeros_like(last))
+        recent = _change_per_step(target, final, last, (last - self.season).clamp(min=0))
         return self.seasonal * copies + steps_ahead * (self.drift * drift + self.recent_drift * recent)
 
     def extra_repr(self) -> str:
         return f"season={self.season}"
 
 
-def _change_per_step(target: Tensor, last: Tensor, first: Tensor) -> Tensor:
-    """(target[last] - target[first]) / (last - first) per sequence, [B, 1, O]; 0 where last == first."""
-    channels = target.shape[-1]
-    ends = torch.stack([first, last], dim=1).unsqueeze(-1).expand(-1, -1, channels)
-    start, end = target.gather(1, ends).unbind(1)
-    return ((end - start) / (last - first).clamp(min=1).unsqueeze(-1).to(target.dtype)).unsqueeze(1)
+def _change_per_step(target: Tensor, final: Tensor, last: Tensor, first: Tensor) -> Tensor:
+    """(``final`` - target[first]) / (last - first) per sequence, [B, 1, O] (``final``: the values
+    at ``last``); 0 where last == first."""
+    start = target.gather(1, first.view(-1, 1, 1).expand(-1, 1, target.shape[-1]))
+    return (final - start) / (last - first).clamp(min=1).view(-1, 1, 1).to(target.dtype)
 
 
 class ForecastHead(Head):

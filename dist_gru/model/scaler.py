@@ -84,7 +84,7 @@ def window_moments(x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
     return mean, var.sqrt().clamp_min(MIN_STD)
 
 
-def _valid_counts(x: Tensor, lengths: Tensor | None) -> Tensor:
+def valid_counts(x: Tensor, lengths: Tensor | None) -> Tensor:
     """int64 [B, 1, 1]: the valid steps of every sample."""
     if lengths is None:
         return torch.full((x.shape[0], 1, 1), x.shape[1], dtype=torch.int64, device=x.device)
@@ -93,7 +93,7 @@ def _valid_counts(x: Tensor, lengths: Tensor | None) -> Tensor:
 
 def last_values(x: Tensor, lengths: Tensor | None) -> Tensor:
     """[B, 1, F]: each sample's value at its last valid step (not the last padded one)."""
-    index = (_valid_counts(x, lengths) - 1).expand(-1, 1, x.shape[-1])
+    index = (valid_counts(x, lengths) - 1).expand(-1, 1, x.shape[-1])
     return x.gather(1, index)
 
 
@@ -105,7 +105,7 @@ def window_quantiles(x: Tensor, lengths: Tensor | None, levels: tuple[float, ...
         mask = step_mask(lengths, x.shape[0], x.shape[1], x.device).unsqueeze(-1)
         x = torch.where(mask, x, math.inf)
     ordered = x.sort(dim=1).values
-    count = _valid_counts(x, lengths)
+    count = valid_counts(x, lengths)
     found = []
     for level in levels:
         position = level * (count - 1).to(x.dtype)
