@@ -125,3 +125,20 @@ def test_join_refuses_runs_of_another_budget_or_a_folder_without_a_record(tmp_pa
     assert_refused(cli("bench", "--accuracy", "--join", f"{tmp_path / 'a'},{tmp_path / 'a'}", "--out", str(out)), "(set, model)")
     assert_refused(cli("bench", "--accuracy", "--join", f"{tmp_path / 'a'},{tmp_path / 'c'}", "--out", str(out)), "c/accuracy.json")
     assert not out.exists()
+
+
+def test_a_sets_static_categories_reach_dist_grus_prepared_folders(tmp_path):
+    """What a series measures (macro: which indicator) is given to dist-gru as a static category of
+    every origin's prepared folder, one code per series in the order of the set's series."""
+    from dist_gru.bench.accuracy import ours
+    from dist_gru.data.files import SequenceFileDataset
+
+    two = ForecastSet("two", "test", "D", 1, 2, 1, [np.arange(8.0), np.arange(8.0) * 2],
+                      [pd.Timestamp("2024-01-01")] * 2, origins=2, static={"indicator": ["rate", "level"]})
+    folders = ours.origin_folders(two, tmp_path)
+    assert len(folders) == 2
+    for folder in folders:
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["static"] == [{"name": "indicator", "kind": "category", "vocabulary": ["level", "rate"]}]
+        assert SequenceFileDataset(folder).static_categories.tolist() == [[1], [0]]
+    assert "static" in suite.describe("two", two) and suite.describe("two", two)["static"] == ["indicator"]

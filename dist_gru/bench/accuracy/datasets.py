@@ -42,6 +42,9 @@ class ForecastSet:
     origins: int = 3
     stride: int = 0  # 0: the horizon (origins whose forecasts do not overlap)
     calendar: list[str] = field(default_factory=list)  # future-known calendar covariates for dist-gru
+    # Static categories for dist-gru, per column each series' value: what a series measures, where a
+    # set mixes different quantities (macro: GDP in dollars, rates in percent, population in people).
+    static: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -129,7 +132,8 @@ def macro() -> ForecastSet:
     columns = ["realgdp", "realcons", "realinv", "realgovt", "realdpi", "cpi", "m1", "tbilrate", "unemp", "pop"]
     series = [frame[c].to_numpy(np.float64) for c in columns]
     start = pd.Timestamp("1959-01-01")
-    return ForecastSet("macro", "statsmodels: macrodata (10 columns)", "QS", 4, 16, 8, series, [start] * len(series))
+    return ForecastSet("macro", "statsmodels: macrodata (10 columns)", "QS", 4, 16, 8, series, [start] * len(series),
+                       static={"indicator": columns})
 
 
 def sunspots() -> ForecastSet:

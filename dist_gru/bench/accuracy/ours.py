@@ -61,12 +61,14 @@ def origin_folders(fset: ForecastSet, work: Path) -> list[Path]:
             for i, (y, start) in enumerate(zip(fset.series, fset.starts, strict=True)):
                 cut = fset.cut(i, k)
                 times = pd.date_range(start, periods=cut, freq=fset.freq)
-                rows.append(pd.DataFrame({"id": i, "ds": times, "y": y[:cut]}))
+                statics = {column: values[i] for column, values in fset.static.items()}
+                rows.append(pd.DataFrame({"id": i, "ds": times, "y": y[:cut], **statics}))
             table = work / f"origin{k}.csv"
             pd.concat(rows).to_csv(table, index=False)
-            calendar = ["--calendar", ",".join(fset.calendar)] if fset.calendar else []
+            extra = ["--calendar", ",".join(fset.calendar)] if fset.calendar else []
+            extra += ["--static-columns", ",".join(fset.static)] if fset.static else []
             command("prepare", "--table", str(table), "--id-column", "id", "--time-column", "ds", "--target-columns",
-                    "y", "--freq", fset.freq, *calendar, "--out", str(folder))
+                    "y", "--freq", fset.freq, *extra, "--out", str(folder))
         folders.append(folder)
     return folders
 

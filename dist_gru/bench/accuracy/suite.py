@@ -131,7 +131,8 @@ def describe(name: str, data: ForecastSet | ClassSet) -> dict:
         lengths = [len(y) for y in data.series]
         keys = ("source", "freq", "season", "window", "horizon", "origins")
         return {"set": name, **{k: getattr(data, k) for k in keys}, "stride": data.step, "series": len(lengths),
-                "length_min": min(lengths), "length_max": max(lengths), "future_known": data.calendar}
+                "length_min": min(lengths), "length_max": max(lengths), "future_known": data.calendar,
+                "static": list(data.static)}
     return {"set": name, "source": data.source, "per_step": data.per_step, "classes": data.num_classes,
             "train": len(data.train_x), "test": len(data.test_x), "features": int(data.train_x[0].shape[1]),
             "length_min": min(len(x) for x in data.test_x), "length_max": max(len(x) for x in data.test_x)}

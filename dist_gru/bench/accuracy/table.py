@@ -54,6 +54,7 @@ def sets_table(sets: list[dict]) -> list[str]:
         length = f"{s['length_min']}-{s['length_max']}" if s["length_min"] != s["length_max"] else str(s["length_min"])
         if "horizon" in s:
             extra = f" + calendar {','.join(s['future_known'])}" if s["future_known"] else ""
+            extra += f" + static {','.join(s['static'])}" if s.get("static") else ""  # runs saved before statics: none
             lines.append(f"| {s['set']} | {s['source']} | forecast, {s['freq']}{extra} | {s['series']} | {length} | "
                          f"{s['season']} | {s['window']} | {s['horizon']} | {s['origins']} x {s['stride']} |")
         else:
