@@ -190,10 +190,16 @@ def test_export_refuses_non_finite_weights_and_outputs(tmp_path: Path, fmt: str,
     assert "(head.weight)" in err
 
     # Finite weights whose outputs overflow: each output is inf in both runtimes, and inf - inf is
-    # NaN, which a running max() took for a difference of 0.0.
+    # NaN, which a running max() took for a difference of 0.0. Every hidden unit is 0.5 after the
+    # first step (zero weights, a candidate gate bias of 10: tanh saturates), so every term of the
+    # head's sum is +1.5e38 and the sum overflows in any order the CPU's kernel adds them (with
+    # random weights, terms of both signs overflowed on one CPU and not on another).
     torch.manual_seed(0)
     huge = GRUModel(2, 8)
     with torch.no_grad():
+        for parameter in huge.encoder.rnn.parameters():
+            parameter.zero_()
+        huge.encoder.rnn.bias_ih_l0[16:].fill_(10.0)  # gates r, z, n: the candidate's input bias
         huge.head.weight.fill_(3e38)
     huge.save_pretrained(tmp_path / "huge")
     code = dist_gru_cli.main(["export", "--model", str(tmp_path / "huge"), "--format", fmt, "--out", str(out)])
